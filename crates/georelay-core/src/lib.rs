@@ -1,0 +1,20 @@
+//! georelay-core: the types every georelay process agrees on, with no I/O.
+//!
+//! - [`ids`]: device ids and sequence numbers, validated once at the edge so
+//!   everything behind it can trust them (they appear in AADs, broker message
+//!   ids and URLs).
+//! - [`record`]: the telemetry record as plug computers send it and its
+//!   AES-256-GCM sealing, with the AAD `"{device_id}/{seq}"` of the HTTP
+//!   contract. A record opens only under the key, device id and seq it was
+//!   sealed for.
+//! - [`secret`]: sealing of secrets at rest (device keys, SAS keys) with the
+//!   master key. A sealed secret names the master key that sealed it, so a
+//!   wrong master key is a clear error and the key can be rotated later.
+
+pub mod ids;
+pub mod record;
+pub mod secret;
+
+pub use ids::{DeviceId, IdError, MAX_SEQ};
+pub use record::{DeviceKey, RecordBody, RecordError, SealedRecord, KEY_LEN, NONCE_LEN, TAG_LEN};
+pub use secret::{KeyId, MasterKey, SecretError};

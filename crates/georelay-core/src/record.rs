@@ -1,0 +1,345 @@
+//! The telemetry record and its AES-256-GCM sealing.
+//!
+//! A plug computer seals a JSON object under its 256-bit device key with a
+//! 12-byte nonce and the AAD `"{device_id}/{seq}"`, and sends
+//! `{"seq", "nonce", "ciphertext"}` (base64, the ciphertext carrying its
+//! 16-byte tag). Binding device id and seq in the AAD means a record cannot be
+//! replayed under another device or another seq: it opens only where it was
+//! sealed for.
+//!
+//! Nonces must never repeat under one key. This module does not pick them: the
+//! sender does (the agent derives them from the seq it has persisted).
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use zeroize::Zeroizing;
+
+use crate::ids::{DeviceId, MAX_SEQ};
+
+pub const KEY_LEN: usize = 32;
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+
+/// Why a record is refused. The HTTP layer maps these to status codes in one
+/// place; the drain worker maps them to dead-letter reasons.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("seq must be between 1 and {MAX_SEQ}")]
+    SeqOutOfRange,
+    #[error("{field} is not valid base64")]
+    Base64 { field: &'static str },
+    #[error("nonce must be {NONCE_LEN} bytes, got {0}")]
+    NonceLength(usize),
+    #[error("ciphertext must be at least the {TAG_LEN}-byte tag")]
+    CiphertextTooShort,
+    /// Wrong key, wrong device id or seq, or tampered bytes: GCM cannot tell
+    /// which, and neither should the caller's answer.
+    #[error("record does not authenticate")]
+    Authentication,
+    #[error("plaintext is not a JSON object")]
+    NotJsonObject,
+}
+
+/// A device's AES-256 key. Zeroed on drop; never printed by `Debug`.
+#[derive(Clone)]
+pub struct DeviceKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl DeviceKey {
+    /// A fresh random key from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        rand::rngs::OsRng.fill_bytes(key.as_mut());
+        Self(key)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let arr: [u8; KEY_LEN] = bytes.try_into().ok()?;
+        Some(Self(Zeroizing::new(arr)))
+    }
+
+    pub fn from_base64(s: &str) -> Option<Self> {
+        let bytes = Zeroizing::new(B64.decode(s.trim()).ok()?);
+        Self::from_bytes(&bytes)
+    }
+
+    /// The key as base64, for printing once to the operator who provisions
+    /// the device.
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        Zeroizing::new(B64.encode(self.0.as_ref()))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(self.0.as_ref().into())
+    }
+}
+
+impl fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeviceKey(..)")
+    }
+}
+
+/// The JSON body of one record, as it travels over HTTP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordBody {
+    pub seq: u64,
+    /// base64 of 12 bytes
+    pub nonce: String,
+    /// base64 of the AES-256-GCM ciphertext followed by its 16-byte tag
+    pub ciphertext: String,
+}
+
+/// A decoded, well-formed (not yet authenticated) record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedRecord {
+    pub seq: u64,
+    pub nonce: [u8; NONCE_LEN],
+    /// ciphertext with the tag appended
+    pub ciphertext: Vec<u8>,
+}
+
+impl SealedRecord {
+    /// Decodes and checks the shape of a wire record: seq range, base64,
+    /// nonce length, room for the tag.
+    pub fn from_body(body: &RecordBody) -> Result<Self, RecordError> {
+        check_seq(body.seq)?;
+        let nonce = B64
+            .decode(&body.nonce)
+            .map_err(|_| RecordError::Base64 { field: "nonce" })?;
+        let nonce: [u8; NONCE_LEN] = nonce
+            .as_slice()
+            .try_into()
+            .map_err(|_| RecordError::NonceLength(nonce.len()))?;
+        let ciphertext = B64
+            .decode(&body.ciphertext)
+            .map_err(|_| RecordError::Base64 {
+                field: "ciphertext",
+            })?;
+        if ciphertext.len() < TAG_LEN {
+            return Err(RecordError::CiphertextTooShort);
+        }
+        Ok(Self {
+            seq: body.seq,
+            nonce,
+            ciphertext,
+        })
+    }
+
+    pub fn to_body(&self) -> RecordBody {
+        RecordBody {
+            seq: self.seq,
+            nonce: B64.encode(self.nonce),
+            ciphertext: B64.encode(&self.ciphertext),
+        }
+    }
+
+    /// Seals `plaintext` for `device` at `seq`. The caller guarantees that
+    /// `nonce` is never used twice with `key`.
+    pub fn seal(
+        key: &DeviceKey,
+        device: &DeviceId,
+        seq: u64,
+        nonce: [u8; NONCE_LEN],
+        plaintext: &[u8],
+    ) -> Result<Self, RecordError> {
+        check_seq(seq)?;
+        let aad = device.record_id(seq);
+        let ciphertext = key
+            .cipher()
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| RecordError::Authentication)?;
+        Ok(Self {
+            seq,
+            nonce,
+            ciphertext,
+        })
+    }
+
+    /// Checks the tag under `key` and the AAD `"{device}/{seq}"` and returns
+    /// the plaintext.
+    pub fn open(
+        &self,
+        key: &DeviceKey,
+        device: &DeviceId,
+    ) -> Result<Zeroizing<Vec<u8>>, RecordError> {
+        let aad = device.record_id(self.seq);
+        key.cipher()
+            .decrypt(
+                Nonce::from_slice(&self.nonce),
+                Payload {
+                    msg: &self.ciphertext,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| RecordError::Authentication)
+    }
+
+    /// [`open`](Self::open), then requires the plaintext to be a JSON object.
+    pub fn open_object(
+        &self,
+        key: &DeviceKey,
+        device: &DeviceId,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, RecordError> {
+        let plaintext = self.open(key, device)?;
+        match serde_json::from_slice(&plaintext) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            _ => Err(RecordError::NotJsonObject),
+        }
+    }
+}
+
+fn check_seq(seq: u64) -> Result<(), RecordError> {
+    if (1..=MAX_SEQ).contains(&seq) {
+        Ok(())
+    } else {
+        Err(RecordError::SeqOutOfRange)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    fn sealed() -> (DeviceKey, DeviceId, SealedRecord) {
+        let key = DeviceKey::generate();
+        let dev = device("plug-1");
+        let rec = SealedRecord::seal(&key, &dev, 7, [9; NONCE_LEN], br#"{"t":21.5}"#).unwrap();
+        (key, dev, rec)
+    }
+
+    #[test]
+    fn seal_open_round_trip_through_the_wire_body() {
+        let (key, dev, rec) = sealed();
+        let wire = serde_json::to_string(&rec.to_body()).unwrap();
+        let body: RecordBody = serde_json::from_str(&wire).unwrap();
+        let back = SealedRecord::from_body(&body).unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(back.open(&key, &dev).unwrap().as_slice(), br#"{"t":21.5}"#);
+        assert_eq!(back.open_object(&key, &dev).unwrap()["t"], 21.5);
+    }
+
+    #[test]
+    fn any_flipped_bit_fails_to_open() {
+        let (key, dev, rec) = sealed();
+        for byte in 0..NONCE_LEN {
+            let mut r = rec.clone();
+            r.nonce[byte] ^= 1;
+            assert_eq!(
+                r.open(&key, &dev),
+                Err(RecordError::Authentication),
+                "nonce byte {byte}"
+            );
+        }
+        let tag_start = rec.ciphertext.len() - TAG_LEN;
+        for byte in 0..rec.ciphertext.len() {
+            let mut r = rec.clone();
+            r.ciphertext[byte] ^= 0x80;
+            let part = if byte < tag_start {
+                "ciphertext"
+            } else {
+                "tag"
+            };
+            assert_eq!(
+                r.open(&key, &dev),
+                Err(RecordError::Authentication),
+                "{part} byte {byte}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_device_or_seq_or_key_fails_to_open() {
+        let (key, dev, rec) = sealed();
+        // "plug-1" and "plug-0" differ in one bit of the last byte.
+        assert_eq!(
+            rec.open(&key, &device("plug-0")),
+            Err(RecordError::Authentication)
+        );
+        let other_seq = SealedRecord {
+            seq: 6,
+            ..rec.clone()
+        };
+        assert_eq!(other_seq.open(&key, &dev), Err(RecordError::Authentication));
+        assert_eq!(
+            rec.open(&DeviceKey::generate(), &dev),
+            Err(RecordError::Authentication)
+        );
+        assert!(rec.open(&key, &dev).is_ok());
+    }
+
+    #[test]
+    fn plaintext_must_be_a_json_object() {
+        let key = DeviceKey::generate();
+        let dev = device("plug-1");
+        for bad in [&b"[1,2]"[..], b"42", b"\"s\"", b"not json", b""] {
+            let rec = SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], bad).unwrap();
+            assert_eq!(rec.open_object(&key, &dev), Err(RecordError::NotJsonObject));
+        }
+    }
+
+    #[test]
+    fn malformed_wire_bodies_are_refused_by_kind() {
+        let ok = sealed().2.to_body();
+        let with = |f: &dyn Fn(&mut RecordBody)| {
+            let mut b = ok.clone();
+            f(&mut b);
+            SealedRecord::from_body(&b)
+        };
+        assert_eq!(with(&|b| b.seq = 0), Err(RecordError::SeqOutOfRange));
+        assert_eq!(
+            with(&|b| b.seq = MAX_SEQ + 1),
+            Err(RecordError::SeqOutOfRange)
+        );
+        assert_eq!(
+            with(&|b| b.nonce = "!!".into()),
+            Err(RecordError::Base64 { field: "nonce" })
+        );
+        assert_eq!(
+            with(&|b| b.nonce = B64.encode([0u8; 8])),
+            Err(RecordError::NonceLength(8))
+        );
+        assert_eq!(
+            with(&|b| b.ciphertext = "%%".into()),
+            Err(RecordError::Base64 {
+                field: "ciphertext"
+            })
+        );
+        assert_eq!(
+            with(&|b| b.ciphertext = B64.encode([0u8; TAG_LEN - 1])),
+            Err(RecordError::CiphertextTooShort)
+        );
+        assert!(with(&|_| ()).is_ok());
+    }
+
+    #[test]
+    fn device_key_debug_does_not_show_the_key() {
+        let key = DeviceKey::generate();
+        assert_eq!(format!("{key:?}"), "DeviceKey(..)");
+        let b64 = key.to_base64();
+        assert_eq!(
+            DeviceKey::from_base64(&b64).unwrap().as_bytes(),
+            key.as_bytes()
+        );
+        assert!(DeviceKey::from_base64("c2hvcnQ=").is_none());
+    }
+}

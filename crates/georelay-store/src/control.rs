@@ -1,0 +1,366 @@
+//! Control-plane queries: namespaces, routing groups and their trail, devices.
+//!
+//! Names (of namespaces, groups, devices) are what operators type; ids stay
+//! inside the database. Writes that move senders set `georelay.actor` and
+//! `georelay.reason` for the trigger that audits them, in the same transaction.
+
+use chrono::{DateTime, Utc};
+use georelay_core::secret::{device_key_context, namespace_key_context};
+use georelay_core::{DeviceId, DeviceKey, KeyId, MasterKey, SecretError};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::StoreError;
+
+/// Who the audit trail names for a change, and why.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub actor: String,
+    pub reason: Option<String>,
+}
+
+/// Sets the session settings the move trigger reads, for this transaction only.
+pub async fn set_actor(
+    tx: &mut Transaction<'_, Postgres>,
+    actor: &Actor,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "SELECT set_config('georelay.actor', $1, true), set_config('georelay.reason', $2, true)",
+    )
+    .bind(&actor.actor)
+    .bind(actor.reason.as_deref().unwrap_or(""))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Nats,
+    ServiceBus,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nats => "nats",
+            Self::ServiceBus => "servicebus",
+        }
+    }
+}
+
+/// A namespace to register. `key` is the plaintext SAS/issuer key; it is
+/// sealed before it reaches the database.
+#[derive(Debug)]
+pub struct NewNamespace<'a> {
+    pub name: &'a str,
+    pub region: &'a str,
+    pub transport: Transport,
+    pub endpoint: &'a str,
+    pub priority: i32,
+    pub key_name: Option<&'a str>,
+    pub key: Option<&'a [u8]>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Namespace {
+    pub id: i64,
+    pub name: String,
+    pub region: String,
+    pub transport: String,
+    pub endpoint: String,
+    pub key_name: Option<String>,
+    pub priority: i32,
+    pub enabled: bool,
+    pub health: String,
+    pub health_changed_at: DateTime<Utc>,
+}
+
+pub async fn add_namespace(
+    pool: &PgPool,
+    master: &MasterKey,
+    ns: &NewNamespace<'_>,
+) -> Result<i64, StoreError> {
+    let sealed = ns
+        .key
+        .map(|k| master.seal(&namespace_key_context(ns.name), k))
+        .transpose()?;
+    sqlx::query_scalar(
+        "INSERT INTO namespaces (name, region, transport, endpoint, priority, key_name, key_sealed)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+    )
+    .bind(ns.name)
+    .bind(ns.region)
+    .bind(ns.transport.as_str())
+    .bind(ns.endpoint)
+    .bind(ns.priority)
+    .bind(ns.key_name)
+    .bind(sealed)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| StoreError::from_sqlx(e, "namespace", ns.name))
+}
+
+pub async fn list_namespaces(pool: &PgPool) -> Result<Vec<Namespace>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, name, region, transport, endpoint, key_name, priority, enabled, health, health_changed_at
+         FROM namespaces ORDER BY priority, name",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Takes a namespace in or out of rotation. Returns whether anything changed.
+pub async fn set_namespace_enabled(
+    pool: &PgPool,
+    name: &str,
+    enabled: bool,
+) -> Result<bool, StoreError> {
+    let row: Option<(bool,)> = sqlx::query_as(
+        "UPDATE namespaces n SET enabled = $2 FROM namespaces old
+         WHERE n.id = old.id AND n.name = $1 RETURNING old.enabled",
+    )
+    .bind(name)
+    .bind(enabled)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some((was,)) => Ok(was != enabled),
+        None => Err(StoreError::NotFound {
+            what: "namespace",
+            name: name.to_owned(),
+        }),
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Group {
+    pub id: i64,
+    pub name: String,
+    pub queue: String,
+    pub failover_enabled: bool,
+    pub epoch: i64,
+    pub sender_namespace: String,
+    pub drain_namespace: String,
+    pub moved_at: DateTime<Utc>,
+}
+
+impl Group {
+    /// Senders and worker are on different namespaces: a failover is being
+    /// drained.
+    pub fn failover_in_progress(&self) -> bool {
+        self.sender_namespace != self.drain_namespace
+    }
+}
+
+/// Creates a group whose senders start on `namespace`, as `actor`.
+pub async fn add_group(
+    pool: &PgPool,
+    name: &str,
+    queue: &str,
+    namespace: &str,
+    actor: &Actor,
+) -> Result<i64, StoreError> {
+    let mut tx = pool.begin().await?;
+    set_actor(&mut tx, actor).await?;
+    let ns_id = namespace_id(&mut tx, namespace).await?;
+    let id = sqlx::query_scalar("INSERT INTO routing_groups (name, queue, sender_namespace_id) VALUES ($1, $2, $3) RETURNING id")
+        .bind(name)
+        .bind(queue)
+        .bind(ns_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| StoreError::from_sqlx(e, "group", name))?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+pub async fn list_groups(pool: &PgPool) -> Result<Vec<Group>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT g.id, g.name, g.queue, g.failover_enabled, g.epoch,
+                s.name AS sender_namespace, d.name AS drain_namespace, g.moved_at
+         FROM routing_groups g
+         JOIN namespaces s ON s.id = g.sender_namespace_id
+         JOIN namespaces d ON d.id = g.drain_namespace_id
+         ORDER BY g.name",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+async fn namespace_id(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<i64, StoreError> {
+    sqlx::query_scalar("SELECT id FROM namespaces WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "namespace",
+            name: name.to_owned(),
+        })
+}
+
+/// What a manual failover did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub from: String,
+    pub to: String,
+    /// The group's epoch after the call.
+    pub epoch: i64,
+    /// False when the senders were already on `to`: nothing changed.
+    pub moved: bool,
+}
+
+/// Moves a group's senders to namespace `to`. The database trigger bumps the
+/// epoch, opens the trail row, audits and notifies; it refuses a disabled
+/// namespace. The worker follows once the old epochs are drained.
+pub async fn move_senders(
+    pool: &PgPool,
+    group: &str,
+    to: &str,
+    actor: &Actor,
+) -> Result<Move, StoreError> {
+    let mut tx = pool.begin().await?;
+    set_actor(&mut tx, actor).await?;
+    let (group_id, from): (i64, String) = sqlx::query_as(
+        "SELECT g.id, n.name FROM routing_groups g JOIN namespaces n ON n.id = g.sender_namespace_id
+         WHERE g.name = $1 FOR UPDATE OF g",
+    )
+    .bind(group)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| StoreError::NotFound { what: "group", name: group.to_owned() })?;
+    let to_id = namespace_id(&mut tx, to).await?;
+    let epoch: i64 = sqlx::query_scalar(
+        "UPDATE routing_groups SET sender_namespace_id = $2 WHERE id = $1 RETURNING epoch",
+    )
+    .bind(group_id)
+    .bind(to_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| StoreError::from_sqlx(e, "group", group))?;
+    tx.commit().await?;
+    Ok(Move {
+        moved: from != to,
+        from,
+        to: to.to_owned(),
+        epoch,
+    })
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TrailEpoch {
+    pub group: String,
+    pub epoch: i64,
+    pub namespace: String,
+    pub opened_at: DateTime<Utc>,
+    pub sealed_at: Option<DateTime<Utc>>,
+}
+
+/// Every trail epoch not yet drained, per group in epoch order.
+pub async fn undrained_trail(pool: &PgPool) -> Result<Vec<TrailEpoch>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT g.name AS \"group\", t.epoch, n.name AS namespace, t.opened_at, t.sealed_at
+         FROM routing_trail t
+         JOIN routing_groups g ON g.id = t.group_id
+         JOIN namespaces n ON n.id = t.namespace_id
+         WHERE t.drained_at IS NULL
+         ORDER BY g.name, t.epoch",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Device {
+    pub id: String,
+    pub group: String,
+    pub enabled: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Registers a device with a fresh random key, stored sealed. The key is
+/// returned once, for the operator to install on the plug computer.
+pub async fn add_device(
+    pool: &PgPool,
+    master: &MasterKey,
+    id: &DeviceId,
+    group: &str,
+) -> Result<DeviceKey, StoreError> {
+    let key = DeviceKey::generate();
+    let sealed = master.seal(&device_key_context(id.as_str()), key.as_bytes())?;
+    let inserted = sqlx::query(
+        "INSERT INTO devices (id, group_id, key_sealed) SELECT $1, id, $3 FROM routing_groups WHERE name = $2",
+    )
+    .bind(id.as_str())
+    .bind(group)
+    .bind(sealed)
+    .execute(pool)
+    .await
+    .map_err(|e| StoreError::from_sqlx(e, "device", id.as_str()))?;
+    if inserted.rows_affected() == 0 {
+        return Err(StoreError::NotFound {
+            what: "group",
+            name: group.to_owned(),
+        });
+    }
+    Ok(key)
+}
+
+pub async fn list_devices(pool: &PgPool, group: Option<&str>) -> Result<Vec<Device>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT d.id, g.name AS \"group\", d.enabled, d.created_at
+         FROM devices d JOIN routing_groups g ON g.id = d.group_id
+         WHERE $1::text IS NULL OR g.name = $1
+         ORDER BY d.id",
+    )
+    .bind(group)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Enables or disables a device. Returns whether anything changed.
+pub async fn set_device_enabled(
+    pool: &PgPool,
+    id: &str,
+    enabled: bool,
+) -> Result<bool, StoreError> {
+    let row: Option<(bool,)> = sqlx::query_as(
+        "UPDATE devices d SET enabled = $2 FROM devices old
+         WHERE d.id = old.id AND d.id = $1 RETURNING old.enabled",
+    )
+    .bind(id)
+    .bind(enabled)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some((was,)) => Ok(was != enabled),
+        None => Err(StoreError::NotFound {
+            what: "device",
+            name: id.to_owned(),
+        }),
+    }
+}
+
+/// Refuses to go on with a master key that did not seal the secrets already
+/// in the database: with the wrong key every device would fail to
+/// authenticate.
+pub async fn check_master_key(pool: &PgPool, master: &MasterKey) -> Result<(), StoreError> {
+    let other: Option<Vec<u8>> = sqlx::query_scalar(
+        "SELECT head FROM (
+             SELECT substring(key_sealed FROM 1 FOR 5) AS head FROM devices
+             UNION ALL
+             SELECT substring(key_sealed FROM 1 FOR 5) FROM namespaces WHERE key_sealed IS NOT NULL
+         ) s WHERE head IS DISTINCT FROM $1 LIMIT 1",
+    )
+    .bind(master.id().sealed_header().to_vec())
+    .fetch_optional(pool)
+    .await?;
+    match other.as_deref().map(KeyId::of_sealed) {
+        None => Ok(()),
+        Some(Some(sealed_with)) => Err(SecretError::WrongMasterKey {
+            sealed_with,
+            configured: master.id(),
+        }
+        .into()),
+        Some(None) => Err(SecretError::Format.into()),
+    }
+}

@@ -1,0 +1,66 @@
+//! georelay-store: everything georelay keeps in PostgreSQL.
+//!
+//! - [`MIGRATOR`] embeds `migrations/` at build time; `georelay migrate` and
+//!   the test kit apply it. Applying it twice is a no-op.
+//! - [`control`]: the control plane the admin CLI, the senders and the worker
+//!   share: namespaces, routing groups and their trail, devices.
+//!
+//! Every statement that moves senders goes through the database trigger on
+//! `routing_groups.sender_namespace_id` (see `migrations/0001_control_plane.sql`):
+//! this crate sets the actor and reason for it and never writes the trail,
+//! the epoch or the audit itself.
+
+pub mod control;
+mod error;
+
+pub use error::{ErrorKind, StoreError};
+pub use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::Connection as _;
+pub use sqlx::PgPool;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The schema, embedded from `migrations/` at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// How long to wait for a connection before calling the database unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a pool to `url` and checks that the database answers. Errors name
+/// host, port and database, never the password.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(url).map_err(|_| {
+        StoreError::Config("DATABASE_URL is not a valid postgres:// URL".to_owned())
+    })?;
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default database)")
+    );
+    let unavailable = |why: String| {
+        StoreError::Unavailable(format!("cannot connect to PostgreSQL at {target}: {why}"))
+    };
+    // One plain connection first: a pool retries until its timeout and then
+    // reports only that it timed out, hiding "connection refused" or "password
+    // authentication failed".
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
+        Err(_) => return Err(unavailable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+        Ok(Err(e)) => return Err(unavailable(error::describe(&e))),
+        Ok(Ok(conn)) => drop(conn.close().await),
+    }
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(|e| unavailable(error::describe(&e)))
+}
+
+/// Applies pending migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Migration(e.to_string()))
+}

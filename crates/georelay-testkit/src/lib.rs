@@ -1,0 +1,52 @@
+//! georelay-testkit: the real parts tests run against.
+//!
+//! - [`TestDb`]: a fresh, migrated PostgreSQL database per test, dropped
+//!   (with its connections) when the guard goes out of scope.
+//! - [`georelay_command`]: the built `georelay` binary as a `Command`, for
+//!   tests that run it the way a user does.
+//!
+//! The server comes from `GEORELAY_TEST_DATABASE_URL`, else `DATABASE_URL`,
+//! else `postgres://georelay:georelay@127.0.0.1:5432/georelay` (what `./dev`
+//! creates). That role needs `CREATEDB`.
+
+mod db;
+
+pub use db::TestDb;
+
+use anyhow::{bail, Context as _};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The default server, as `./dev up` sets it up.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://georelay:georelay@127.0.0.1:5432/georelay";
+
+/// Path of the `georelay` binary built in the same target directory as the
+/// running test (`cargo build --bins` puts it there; `./dev test` does that
+/// first).
+pub fn georelay_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    // target/<profile>/deps/<test> -> target/<profile>/georelay
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable is not inside a cargo target directory")?;
+    let bin = profile_dir.join("georelay");
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --bins` first (./dev test does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A `georelay` command with `DATABASE_URL` pointing at `db`, nothing else
+/// from the test's environment that georelay reads (no master key, no log
+/// filter), so each test states what it gives.
+pub fn georelay_command(db: &TestDb) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(georelay_bin()?);
+    cmd.env_remove("GEORELAY_MASTER_KEY")
+        .env_remove("RUST_LOG")
+        .env("DATABASE_URL", db.url());
+    Ok(cmd)
+}

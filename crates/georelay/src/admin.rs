@@ -1,0 +1,273 @@
+//! `georelay admin …`: the operator's commands. Each prints what it did in
+//! words; `status` prints the whole control plane at a glance.
+
+use anyhow::{bail, Context as _};
+use chrono::{DateTime, Utc};
+use georelay_core::DeviceId;
+use georelay_store::control::{self, Actor, NewNamespace, Transport};
+use std::io::Read as _;
+use zeroize::Zeroizing;
+
+use crate::cli::{Admin, DeviceCmd, GroupCmd, NamespaceCmd, TransportArg};
+use crate::config;
+use crate::table::Table;
+
+pub async fn run(cmd: Admin) -> anyhow::Result<()> {
+    let pool = config::database().await?;
+    match cmd {
+        Admin::Namespace(NamespaceCmd::Add(a)) => {
+            let master = config::master_key()?;
+            control::check_master_key(&pool, &master).await?;
+            let key = match a.key.as_deref() {
+                Some("-") => Some(read_secret_from_stdin()?),
+                Some(k) => Some(Zeroizing::new(k.to_owned())),
+                None => None,
+            };
+            let transport = match a.transport {
+                TransportArg::Nats => Transport::Nats,
+                TransportArg::Servicebus => Transport::ServiceBus,
+            };
+            control::add_namespace(
+                &pool,
+                &master,
+                &NewNamespace {
+                    name: &a.name,
+                    region: &a.region,
+                    transport,
+                    endpoint: &a.endpoint,
+                    priority: a.priority,
+                    key_name: a.key_name.as_deref(),
+                    key: key.as_ref().map(|k| k.as_bytes()),
+                },
+            )
+            .await?;
+            println!(
+                "namespace {} added: region {}, {} at {}, priority {}",
+                a.name,
+                a.region,
+                transport.as_str(),
+                a.endpoint,
+                a.priority
+            );
+        }
+        Admin::Namespace(NamespaceCmd::List) => print!(
+            "{}",
+            namespaces_table(&control::list_namespaces(&pool).await?)
+        ),
+        Admin::Namespace(NamespaceCmd::Enable(n)) => {
+            let changed = control::set_namespace_enabled(&pool, &n.name, true).await?;
+            println!(
+                "namespace {} {}",
+                n.name,
+                if changed {
+                    "enabled"
+                } else {
+                    "was already enabled"
+                }
+            );
+        }
+        Admin::Namespace(NamespaceCmd::Disable(n)) => {
+            let changed = control::set_namespace_enabled(&pool, &n.name, false).await?;
+            println!(
+                "namespace {} {}",
+                n.name,
+                if changed {
+                    "disabled: out of rotation"
+                } else {
+                    "was already disabled"
+                }
+            );
+        }
+        Admin::Group(GroupCmd::Add(g)) => {
+            control::add_group(&pool, &g.name, &g.queue, &g.namespace, &actor(None)).await?;
+            println!(
+                "group {} added: queue {}, senders on {} (epoch 1)",
+                g.name, g.queue, g.namespace
+            );
+        }
+        Admin::Group(GroupCmd::List) => {
+            print!("{}", groups_table(&control::list_groups(&pool).await?))
+        }
+        Admin::Device(DeviceCmd::Add(d)) => {
+            let id =
+                DeviceId::parse(&d.id).with_context(|| format!("invalid device id {:?}", d.id))?;
+            let master = config::master_key()?;
+            control::check_master_key(&pool, &master).await?;
+            let key = control::add_device(&pool, &master, &id, &d.group).await?;
+            eprintln!(
+                "device {id} added to group {}; its key (shown once, keep it secret):",
+                d.group
+            );
+            println!("{}", key.to_base64().as_str());
+        }
+        Admin::Device(DeviceCmd::List(l)) => {
+            let mut t = Table::new(&["DEVICE", "GROUP", "ENABLED", "CREATED"]);
+            for d in control::list_devices(&pool, l.group.as_deref()).await? {
+                t.row(vec![d.id, d.group, yes_no(d.enabled), time(d.created_at)]);
+            }
+            print!("{}", t.render(0));
+        }
+        Admin::Device(DeviceCmd::Disable(d)) => {
+            let changed = control::set_device_enabled(&pool, &d.id, false).await?;
+            println!(
+                "device {} {}",
+                d.id,
+                if changed {
+                    "disabled"
+                } else {
+                    "was already disabled"
+                }
+            );
+        }
+        Admin::Failover(f) => {
+            let reason = f
+                .reason
+                .clone()
+                .or_else(|| Some("manual failover".to_owned()));
+            let m = control::move_senders(&pool, &f.group, &f.to, &actor(reason)).await?;
+            if m.moved {
+                println!(
+                    "group {}: senders moved {} -> {} (epoch {}); the worker drains {} and then follows",
+                    f.group, m.from, m.to, m.epoch, m.from
+                );
+            } else {
+                println!(
+                    "group {}: senders already on {} (epoch {}); nothing changed",
+                    f.group, m.to, m.epoch
+                );
+            }
+        }
+        Admin::Status => print!("{}", status(&pool).await?),
+    }
+    Ok(())
+}
+
+/// The audit actor for commands run by a person: `cli:USER@HOST`.
+fn actor(reason: Option<String>) -> Actor {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| match std::fs::metadata("/proc/self") {
+            Ok(m) => format!("uid{}", std::os::unix::fs::MetadataExt::uid(&m)),
+            Err(_) => "unknown".to_owned(),
+        });
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    Actor {
+        actor: format!("cli:{user}@{host}"),
+        reason,
+    }
+}
+
+fn read_secret_from_stdin() -> anyhow::Result<Zeroizing<String>> {
+    let mut s = Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("cannot read the key from stdin")?;
+    let trimmed = Zeroizing::new(s.trim().to_owned());
+    if trimmed.is_empty() {
+        bail!("--key - read an empty key from stdin");
+    }
+    Ok(trimmed)
+}
+
+async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
+    let groups = control::list_groups(pool).await?;
+    let trail = control::undrained_trail(pool).await?;
+    let namespaces = control::list_namespaces(pool).await?;
+    let mut out = String::from("GROUPS\n");
+    if groups.is_empty() {
+        out.push_str("  (none: georelay admin group add --name G --queue Q --namespace N)\n");
+    }
+    for g in &groups {
+        let state = if g.failover_in_progress() {
+            format!(
+                "FAILOVER IN PROGRESS: senders on {}, worker draining {}",
+                g.sender_namespace, g.drain_namespace
+            )
+        } else {
+            format!("steady on {}", g.sender_namespace)
+        };
+        out.push_str(&format!(
+            "  {}  queue {}  epoch {}  {}  (automatic failover {})\n",
+            g.name,
+            g.queue,
+            g.epoch,
+            state,
+            if g.failover_enabled { "on" } else { "OFF" }
+        ));
+        let mut t = Table::new(&["EPOCH", "NAMESPACE", "OPENED", "STATE"]);
+        for e in trail.iter().filter(|e| e.group == g.name) {
+            let what = if e.epoch == g.epoch {
+                "current (senders write here)".to_owned()
+            } else if let Some(at) = e.sealed_at {
+                format!("sealed {}, draining", time(at))
+            } else {
+                "waiting for senders to leave (not sealed)".to_owned()
+            };
+            t.row(vec![
+                e.epoch.to_string(),
+                e.namespace.clone(),
+                time(e.opened_at),
+                what,
+            ]);
+        }
+        out.push_str("    undrained trail:\n");
+        out.push_str(&t.render(6));
+    }
+    out.push_str("\nNAMESPACES\n");
+    out.push_str(&namespaces_table(&namespaces));
+    Ok(out)
+}
+
+fn namespaces_table(namespaces: &[control::Namespace]) -> String {
+    let mut t = Table::new(&[
+        "NAME",
+        "REGION",
+        "TRANSPORT",
+        "PRIORITY",
+        "ENABLED",
+        "HEALTH",
+        "SINCE",
+        "ENDPOINT",
+    ]);
+    for n in namespaces {
+        t.row(vec![
+            n.name.clone(),
+            n.region.clone(),
+            n.transport.clone(),
+            n.priority.to_string(),
+            yes_no(n.enabled),
+            n.health.clone(),
+            time(n.health_changed_at),
+            n.endpoint.clone(),
+        ]);
+    }
+    t.render(2)
+}
+
+fn groups_table(groups: &[control::Group]) -> String {
+    let mut t = Table::new(&[
+        "GROUP", "QUEUE", "EPOCH", "SENDERS", "WORKER", "FAILOVER", "MOVED",
+    ]);
+    for g in groups {
+        t.row(vec![
+            g.name.clone(),
+            g.queue.clone(),
+            g.epoch.to_string(),
+            g.sender_namespace.clone(),
+            g.drain_namespace.clone(),
+            if g.failover_enabled { "on" } else { "off" }.to_owned(),
+            time(g.moved_at),
+        ]);
+    }
+    t.render(0)
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%SZ").to_string()
+}

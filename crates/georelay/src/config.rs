@@ -1,0 +1,22 @@
+//! Configuration from the environment, validated with messages that say what
+//! to fix. Secrets are read here and never printed.
+
+use anyhow::bail;
+use georelay_core::MasterKey;
+use georelay_store::PgPool;
+
+/// Connects to `DATABASE_URL`.
+pub async fn database() -> anyhow::Result<PgPool> {
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        bail!("DATABASE_URL is not set (for example postgres://georelay:georelay@127.0.0.1:5432/georelay)");
+    };
+    Ok(georelay_store::connect(&url, 4).await?)
+}
+
+/// Reads `GEORELAY_MASTER_KEY` (base64 of 32 bytes).
+pub fn master_key() -> anyhow::Result<MasterKey> {
+    let Ok(value) = std::env::var("GEORELAY_MASTER_KEY") else {
+        bail!("GEORELAY_MASTER_KEY is not set (base64 of 32 random bytes, e.g. from `head -c 32 /dev/urandom | base64`)");
+    };
+    Ok(MasterKey::from_base64(&value)?)
+}

@@ -1,0 +1,74 @@
+//! `georelay`: the one binary. Thin: it parses the command line and the
+//! environment, picks concrete backends and hands over to the library crates.
+//!
+//! Exit codes: 0 success; 1 error; 2 usage (from clap); 3 the thing already
+//! exists; 4 the thing named does not exist; 69 the database is unreachable.
+//! Errors are printed as one line on stderr, never as a panic or debug dump.
+
+mod admin;
+mod cli;
+mod config;
+mod table;
+
+use clap::Parser;
+use georelay_store::{ErrorKind, StoreError};
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Migrate => {
+            let pool = config::database().await?;
+            georelay_store::migrate(&pool).await?;
+            println!(
+                "migrations up to date ({} known)",
+                georelay_store::MIGRATOR.iter().count()
+            );
+            Ok(())
+        }
+        Command::Admin(cmd) => admin::run(cmd).await,
+    }
+}
+
+/// Logs go to stderr, so command output on stdout stays clean for scripts.
+/// `RUST_LOG` overrides the default level (warn for the CLI).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<StoreError>().map(StoreError::kind) {
+        Some(ErrorKind::AlreadyExists) => 3,
+        Some(ErrorKind::NotFound) => 4,
+        Some(ErrorKind::Unavailable) => 69,
+        _ => 1,
+    }
+}
