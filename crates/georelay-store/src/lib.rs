@@ -29,9 +29,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Opens a pool to `url` and checks that the database answers. Errors name
 /// host, port and database, never the password.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
-    let options = PgConnectOptions::from_str(url).map_err(|_| {
-        StoreError::Config("DATABASE_URL is not a valid postgres:// URL".to_owned())
-    })?;
+    let invalid = || StoreError::Config("DATABASE_URL is not a valid postgres:// URL".to_owned());
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(invalid());
+    }
+    let options = PgConnectOptions::from_str(url).map_err(|_| invalid())?;
     let target = format!(
         "{}:{}/{}",
         options.get_host(),

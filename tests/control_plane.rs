@@ -1,0 +1,368 @@
+//! The SQL control plane against a real PostgreSQL: migrations, and the one
+//! trigger every move of senders goes through, exercised with raw SQL the
+//! way an SRE would run it.
+
+use georelay_testkit::{georelay_command, TestDb};
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Row};
+use std::time::Duration;
+
+const TABLES: [&str; 9] = [
+    "namespaces",
+    "routing_groups",
+    "routing_trail",
+    "instances",
+    "instance_epochs",
+    "failover_events",
+    "devices",
+    "telemetry",
+    "dead_letters",
+];
+
+#[tokio::test]
+async fn migrate_applies_on_an_empty_database_and_again_is_a_no_op() {
+    let db = TestDb::empty().await.unwrap();
+    let count_tables = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_name = ANY($1)",
+        )
+        .bind(TABLES)
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+    };
+    assert_eq!(count_tables().await, 0);
+    for run in 1..=2 {
+        let out = georelay_command(&db)
+            .unwrap()
+            .arg("migrate")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(count_tables().await, TABLES.len() as i64, "run {run}");
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(applied, georelay_store::MIGRATOR.iter().count() as i64);
+}
+
+/// Three namespaces in three regions and one group on the first, all by raw SQL.
+async fn control_plane(pool: &PgPool) -> (i64, [i64; 3]) {
+    let mut ids = [0; 3];
+    for (i, (name, prio)) in [("eu-west", 10), ("eu-north", 20), ("us-east", 30)]
+        .into_iter()
+        .enumerate()
+    {
+        ids[i] = sqlx::query_scalar(
+            "INSERT INTO namespaces (name, region, transport, endpoint, priority)
+             VALUES ($1, $1, 'nats', 'nats://127.0.0.1:1', $2) RETURNING id",
+        )
+        .bind(name)
+        .bind(prio)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    }
+    let group = sqlx::query_scalar(
+        "INSERT INTO routing_groups (name, queue, sender_namespace_id) VALUES ('g', 'q', $1) RETURNING id",
+    )
+    .bind(ids[0])
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (group, ids)
+}
+
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    epoch: i64,
+    sender: i64,
+    drain: i64,
+    trail: Vec<(i64, i64)>,
+    moves: i64,
+}
+
+async fn snapshot(pool: &PgPool, group: i64) -> Snapshot {
+    let g = sqlx::query(
+        "SELECT epoch, sender_namespace_id, drain_namespace_id FROM routing_groups WHERE id = $1",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let trail = sqlx::query_as(
+        "SELECT epoch, namespace_id FROM routing_trail WHERE group_id = $1 ORDER BY epoch",
+    )
+    .bind(group)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let moves = sqlx::query_scalar(
+        "SELECT count(*) FROM failover_events WHERE group_id = $1 AND kind = 'sender_moved'",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    Snapshot {
+        epoch: g.get(0),
+        sender: g.get(1),
+        drain: g.get(2),
+        trail,
+        moves,
+    }
+}
+
+#[tokio::test]
+async fn a_new_group_starts_at_epoch_one_with_its_trail_and_worker_on_the_sender_namespace() {
+    let db = TestDb::migrated().await.unwrap();
+    let (group, [a, ..]) = control_plane(db.pool()).await;
+    assert_eq!(
+        snapshot(db.pool(), group).await,
+        Snapshot {
+            epoch: 1,
+            sender: a,
+            drain: a,
+            trail: vec![(1, a)],
+            moves: 0
+        }
+    );
+    let created: (String, Option<i64>, i64) = sqlx::query_as(
+        "SELECT kind, from_namespace_id, to_namespace_id FROM failover_events WHERE group_id = $1",
+    )
+    .bind(group)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(created, ("group_created".to_owned(), None, a));
+}
+
+#[tokio::test]
+async fn a_raw_update_of_the_sender_namespace_bumps_epoch_opens_trail_audits_and_notifies() {
+    let db = TestDb::migrated().await.unwrap();
+    let (group, [a, b, _]) = control_plane(db.pool()).await;
+    let mut listener = PgListener::connect_with(db.pool()).await.unwrap();
+    listener.listen("georelay").await.unwrap();
+
+    // Exactly what an SRE types in psql, with the optional audit settings.
+    let mut conn = db.pool().acquire().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN;
+         SET LOCAL georelay.actor = 'sre:alice';
+         SET LOCAL georelay.reason = 'planned maintenance of eu-west';
+         UPDATE routing_groups SET sender_namespace_id = {b} WHERE name = 'g';
+         COMMIT;"
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+
+    let after = snapshot(db.pool(), group).await;
+    assert_eq!(
+        after,
+        Snapshot {
+            epoch: 2,
+            sender: b,
+            drain: a,
+            trail: vec![(1, a), (2, b)],
+            moves: 1
+        }
+    );
+    let event: (Option<i64>, i64, i64, String, Option<String>) = sqlx::query_as(
+        "SELECT from_namespace_id, to_namespace_id, epoch, actor, reason FROM failover_events
+         WHERE group_id = $1 AND kind = 'sender_moved'",
+    )
+    .bind(group)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        event,
+        (
+            Some(a),
+            b,
+            2,
+            "sre:alice".to_owned(),
+            Some("planned maintenance of eu-west".to_owned())
+        )
+    );
+
+    let note = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_str(note.payload()).unwrap();
+    assert_eq!(payload["table"], "routing_groups");
+    assert_eq!(payload["name"], "g");
+    assert_eq!(payload["epoch"], 2);
+    assert_eq!(payload["sender_namespace_id"], b);
+
+    // Without the settings the actor is the database user.
+    sqlx::query("UPDATE routing_groups SET sender_namespace_id = $1 WHERE id = $2")
+        .bind(a)
+        .bind(group)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let actor: String =
+        sqlx::query_scalar("SELECT actor FROM failover_events WHERE group_id = $1 AND epoch = 3")
+            .bind(group)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    let user: String = sqlx::query_scalar("SELECT session_user::text")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(actor, user);
+    assert_eq!(
+        snapshot(db.pool(), group).await.trail,
+        vec![(1, a), (2, b), (3, a)],
+        "failback opens a new epoch"
+    );
+}
+
+#[tokio::test]
+async fn an_update_that_keeps_the_namespace_changes_nothing() {
+    let db = TestDb::migrated().await.unwrap();
+    let (group, [a, ..]) = control_plane(db.pool()).await;
+    let before = snapshot(db.pool(), group).await;
+    let updated = sqlx::query("UPDATE routing_groups SET sender_namespace_id = $1 WHERE id = $2")
+        .bind(a)
+        .bind(group)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(updated.rows_affected(), 1);
+    assert_eq!(snapshot(db.pool(), group).await, before);
+}
+
+#[tokio::test]
+async fn moves_to_a_disabled_or_unknown_namespace_are_refused_and_change_nothing() {
+    let db = TestDb::migrated().await.unwrap();
+    let (group, [_, b, _]) = control_plane(db.pool()).await;
+    sqlx::query("UPDATE namespaces SET enabled = false WHERE id = $1")
+        .bind(b)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let before = snapshot(db.pool(), group).await;
+
+    let err = sqlx::query("UPDATE routing_groups SET sender_namespace_id = $1 WHERE id = $2")
+        .bind(b)
+        .bind(group)
+        .execute(db.pool())
+        .await
+        .unwrap_err();
+    let db_err = err.as_database_error().unwrap();
+    assert_eq!(db_err.code().as_deref(), Some("GR001"));
+    assert_eq!(
+        db_err.message(),
+        "cannot move group \"g\" to namespace \"eu-north\": it is disabled"
+    );
+
+    let err = sqlx::query("UPDATE routing_groups SET sender_namespace_id = 999 WHERE id = $1")
+        .bind(group)
+        .execute(db.pool())
+        .await
+        .unwrap_err();
+    let db_err = err.as_database_error().unwrap();
+    assert_eq!(db_err.code().as_deref(), Some("23503"));
+    assert!(
+        db_err.message().contains("no such namespace"),
+        "{}",
+        db_err.message()
+    );
+
+    assert_eq!(snapshot(db.pool(), group).await, before);
+}
+
+#[tokio::test]
+async fn epoch_is_not_edited_by_hand_and_the_audit_is_append_only() {
+    let db = TestDb::migrated().await.unwrap();
+    let (group, _) = control_plane(db.pool()).await;
+    let err = sqlx::query("UPDATE routing_groups SET epoch = 7 WHERE id = $1")
+        .bind(group)
+        .execute(db.pool())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_database_error().unwrap().code().as_deref(),
+        Some("GR002")
+    );
+    for stmt in [
+        "UPDATE failover_events SET actor = 'mallory'",
+        "DELETE FROM failover_events",
+    ] {
+        let err = sqlx::query(stmt).execute(db.pool()).await.unwrap_err();
+        assert_eq!(
+            err.as_database_error().unwrap().code().as_deref(),
+            Some("GR003"),
+            "{stmt}"
+        );
+    }
+    assert_eq!(snapshot(db.pool(), group).await.epoch, 1);
+}
+
+#[tokio::test]
+async fn failover_bit_namespace_switch_and_health_changes_notify() {
+    let db = TestDb::migrated().await.unwrap();
+    let (group, [a, ..]) = control_plane(db.pool()).await;
+    let mut listener = PgListener::connect_with(db.pool()).await.unwrap();
+    listener.listen("georelay").await.unwrap();
+    let changed_at = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT health_changed_at::text FROM namespaces WHERE id = $1",
+        )
+        .bind(a)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let health_before = changed_at(db.pool().clone()).await;
+
+    let steps = [
+        (
+            format!("UPDATE routing_groups SET failover_enabled = false WHERE id = {group}"),
+            "routing_groups",
+            "failover_enabled",
+            serde_json::json!(false),
+        ),
+        (
+            format!("UPDATE namespaces SET enabled = false WHERE id = {a}"),
+            "namespaces",
+            "enabled",
+            serde_json::json!(false),
+        ),
+        (
+            format!("UPDATE namespaces SET health = 'down' WHERE id = {a}"),
+            "namespaces",
+            "health",
+            serde_json::json!("down"),
+        ),
+    ];
+    for (stmt, table, field, value) in steps {
+        sqlx::query(&stmt).execute(db.pool()).await.unwrap();
+        let note = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let payload: serde_json::Value = serde_json::from_str(note.payload()).unwrap();
+        assert_eq!(
+            (payload["table"].as_str(), &payload[field]),
+            (Some(table), &value),
+            "{stmt}"
+        );
+    }
+    assert_ne!(
+        changed_at(db.pool().clone()).await,
+        health_before,
+        "health_changed_at follows health"
+    );
+}
