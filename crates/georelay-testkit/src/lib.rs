@@ -2,6 +2,7 @@
 //!
 //! - [`TestDb`]: a fresh, migrated PostgreSQL database per test, dropped
 //!   (with its connections) when the guard goes out of scope.
+//! - [`NatsRegion`]: a real `nats-server` region to kill, freeze and restart.
 //! - [`georelay_command`]: the built `georelay` binary as a `Command`, for
 //!   tests that run it the way a user does.
 //!
@@ -10,8 +11,10 @@
 //! creates). That role needs `CREATEDB`.
 
 mod db;
+mod region;
 
 pub use db::TestDb;
+pub use region::NatsRegion;
 
 use anyhow::{bail, Context as _};
 use std::path::PathBuf;
@@ -49,4 +52,23 @@ pub fn georelay_command(db: &TestDb) -> anyhow::Result<Command> {
         .env_remove("RUST_LOG")
         .env("DATABASE_URL", db.url());
     Ok(cmd)
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns
+/// whether it held. Tests wait for conditions, never for fixed sleeps.
+pub async fn wait_until<F, Fut>(timeout: std::time::Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

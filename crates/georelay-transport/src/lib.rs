@@ -1,0 +1,195 @@
+//! georelay-transport: the queue contract, and the brokers behind it.
+//!
+//! One regional namespace is one [`Namespace`]: a NATS JetStream server or an
+//! Azure Service Bus namespace. Senders and the worker use it through the same
+//! handful of calls, at least once, in order:
+//!
+//! - [`Namespace::ensure_queue`] creates a queue if it is missing (senders do
+//!   it in a region they fail over to). Idempotent.
+//! - [`Namespace::publish`] returns `Ok` once the broker has the message
+//!   durably. `id` (`"{device_id}/{seq}"`) is the broker's duplicate-detection
+//!   id, so a re-publish of the same record is stored once. **The whole call is
+//!   bounded by the publish deadline**, including the client's own buffering: a
+//!   hung server yields [`ErrorKind::Timeout`], never a hang. A timed-out
+//!   publish may still land later; callers must treat that as possible.
+//! - [`Namespace::receive`] returns up to `max` messages in queue order;
+//!   [`Namespace::ack`] removes them, and is called only after the caller's
+//!   database commit; [`Namespace::nack`] gives back what was not stored, to be
+//!   received again, in the same order, before anything newer. A poison
+//!   message is recorded by the caller (in `dead_letters`) and acked like the
+//!   rest: it never blocks the queue.
+//! - [`Namespace::depth`] counts what is in a queue and not yet acked;
+//!   [`Namespace::probe`] is one cheap round trip, timed, for health.
+//!
+//! Errors carry an [`ErrorKind`], so a breaker can tell slow ([`ErrorKind::Timeout`])
+//! from down ([`ErrorKind::Unreachable`]) from "my fault"
+//! ([`ErrorKind::Rejected`], [`ErrorKind::Auth`]) without reading messages.
+//!
+//! Dispatch is an enum, not a trait object: there are exactly two brokers, the
+//! calls are async (no boxed futures on the publish path), and a `match` keeps
+//! every call site monomorphic and easy to read.
+
+pub mod nats;
+
+use bytes::Bytes;
+use std::fmt;
+use std::time::Duration;
+
+/// What went wrong, for decisions: retry, trip a breaker, fail over, or give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No answer within the deadline: the broker may be slow or hung. The
+    /// operation may still take effect later.
+    Timeout,
+    /// Cannot reach the broker: connection refused, reset or not established.
+    Unreachable,
+    /// The broker answered and refused the request (no such queue, message
+    /// too large, bad request). Retrying the same request will not help.
+    Rejected,
+    /// The broker refused our credentials.
+    Auth,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::Rejected => "rejected",
+            Self::Auth => "auth",
+        })
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct TransportError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl TransportError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub(crate) fn timeout(what: &str, after: Duration) -> Self {
+        Self::new(
+            ErrorKind::Timeout,
+            format!("{what}: no answer within {after:?}"),
+        )
+    }
+}
+
+/// Limits every broker call obeys.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bound on one publish, from the call to the broker's durable ack.
+    pub publish_deadline: Duration,
+    /// Bound on management calls (ensure queue, depth, probe, ack flush) and
+    /// on the connect attempt.
+    pub request_deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            publish_deadline: Duration::from_secs(2),
+            request_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One message received from a queue. Ack or nack it through the
+/// [`Namespace`] it came from.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The publisher's id (`"{device_id}/{seq}"`), if the message had one.
+    pub id: Option<String>,
+    pub payload: Bytes,
+    handle: Handle,
+}
+
+#[derive(Debug)]
+enum Handle {
+    Nats(Box<async_nats::jetstream::Message>),
+}
+
+/// A connection to one regional namespace.
+#[derive(Debug, Clone)]
+pub enum Namespace {
+    Nats(nats::NatsNamespace),
+}
+
+impl Namespace {
+    /// Creates `queue` if it does not exist. Idempotent.
+    pub async fn ensure_queue(&self, queue: &str) -> Result<(), TransportError> {
+        match self {
+            Self::Nats(n) => n.ensure_queue(queue).await,
+        }
+    }
+
+    /// Publishes `payload` under duplicate-detection `id`; `Ok` means durably
+    /// queued. Bounded by [`Limits::publish_deadline`] as a whole.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<(), TransportError> {
+        match self {
+            Self::Nats(n) => n.publish(queue, id, payload).await,
+        }
+    }
+
+    /// Up to `max` messages in queue order, waiting up to `wait` for the
+    /// first. An empty batch means the queue had nothing for `wait`.
+    pub async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, TransportError> {
+        match self {
+            Self::Nats(n) => n.receive(queue, max, wait).await,
+        }
+    }
+
+    /// Removes `batch` from the queue, in order. Call only after the records
+    /// are committed to the database: a failed or lost ack redelivers, which
+    /// the database's `(device_id, seq)` key makes harmless.
+    pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        match self {
+            Self::Nats(n) => n.ack(batch).await,
+        }
+    }
+
+    /// Gives `batch` back unstored: the next [`receive`](Self::receive) of
+    /// `queue` starts again at the oldest unacked message, in order.
+    pub async fn nack(&self, queue: &str, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        match self {
+            Self::Nats(n) => n.nack(queue, batch).await,
+        }
+    }
+
+    /// Messages in `queue` not yet acked (exact on NATS).
+    pub async fn depth(&self, queue: &str) -> Result<u64, TransportError> {
+        match self {
+            Self::Nats(n) => n.depth(queue).await,
+        }
+    }
+
+    /// One cheap round trip to the broker; returns how long it took.
+    pub async fn probe(&self) -> Result<Duration, TransportError> {
+        match self {
+            Self::Nats(n) => n.probe().await,
+        }
+    }
+}

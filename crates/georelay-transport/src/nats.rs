@@ -1,0 +1,330 @@
+//! NATS JetStream: one namespace is one `nats-server` (a region).
+//!
+//! - A queue is a stream named after it, subject `georelay.{queue}`, work-queue
+//!   retention (an acked message is gone, so the stream's first message is the
+//!   oldest unacked one), file storage, a two-minute duplicate window keyed by
+//!   `Nats-Msg-Id`.
+//! - The worker reads through one durable pull consumer per queue,
+//!   [`CONSUMER`], with explicit acks: nats-server 2.9 refuses `AckPolicy::All`
+//!   on a work-queue stream (error 10098).
+//! - **Order across crashes and nacks.** A durable consumer redelivers an
+//!   unacked message only after its ack wait, and meanwhile hands out newer
+//!   ones: a reorder. So a process that starts reading a queue, and every
+//!   [`nack`](NatsNamespace::nack), deletes the consumer and creates it afresh
+//!   at the start of the stream. Only the drain worker holding the group's
+//!   lease reads a queue, so nobody else's position is lost.
+//! - One connection per namespace, shared by clones. Pings every second so a
+//!   hung server is noticed; reconnects forever with capped back-off; a
+//!   disconnected client fails publishes at once ([`ErrorKind::Unreachable`])
+//!   instead of buffering them until the deadline.
+
+use async_nats::connection::State;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::Publish;
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, Context};
+use async_nats::{Client, ConnectOptions};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+use crate::{Delivery, ErrorKind, Handle, Limits, TransportError};
+
+/// The worker's durable consumer on every queue stream.
+pub const CONSUMER: &str = "georelay-drain";
+
+/// Broker-side duplicate detection window for `Nats-Msg-Id`.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How long a delivered message may stay unacked before the server would
+/// redeliver it to the same consumer. The worker commits a batch well within it.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+
+/// The subject a queue's stream listens on.
+pub fn subject(queue: &str) -> String {
+    format!("georelay.{queue}")
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsNamespace {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    js: Context,
+    limits: Limits,
+    consumers: Mutex<HashMap<String, PullConsumer>>,
+}
+
+impl NatsNamespace {
+    /// Connects to `url` (`nats://host:port`). Returns at once even when the
+    /// server is down: the client keeps connecting in the background, and
+    /// calls fail as [`ErrorKind::Unreachable`] until it is up.
+    pub async fn connect(url: &str, limits: Limits) -> Result<Self, TransportError> {
+        // The client's own timeouts sit behind ours, so a slow server is
+        // always reported by our deadline as a Timeout.
+        let backstop =
+            limits.request_deadline.max(limits.publish_deadline) + Duration::from_secs(1);
+        let client = ConnectOptions::new()
+            .name("georelay")
+            .ping_interval(Duration::from_secs(1))
+            .connection_timeout(limits.request_deadline)
+            .request_timeout(Some(backstop))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis(50u64.saturating_mul(1 << attempts.min(6)))
+                    .min(Duration::from_secs(2))
+            })
+            .connect(url)
+            .await
+            .map_err(|e| {
+                TransportError::new(
+                    ErrorKind::Unreachable,
+                    format!("cannot connect to {url}: {e}"),
+                )
+            })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(backstop);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                limits,
+                consumers: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Whether the connection is up now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == State::Connected
+    }
+
+    /// The underlying client, for benchmarks that compare against it.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    pub async fn ensure_queue(&self, queue: &str) -> Result<(), TransportError> {
+        self.connected()?;
+        let config = stream::Config {
+            name: queue.to_owned(),
+            subjects: vec![subject(queue)],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        };
+        self.bounded("create stream", self.inner.js.get_or_create_stream(config))
+            .await?
+            .map(drop)
+            .map_err(|e| self.classify("create stream", e))
+    }
+
+    pub async fn publish(
+        &self,
+        queue: &str,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<(), TransportError> {
+        self.connected()?;
+        let deadline = self.inner.limits.publish_deadline;
+        let publish = async {
+            let ack = self
+                .inner
+                .js
+                .send_publish(
+                    subject(queue),
+                    Publish::build().payload(payload).message_id(id),
+                )
+                .await?;
+            ack.await
+        };
+        match tokio::time::timeout(deadline, publish).await {
+            Err(_) => Err(TransportError::timeout("publish", deadline)),
+            Ok(Ok(_ack)) => Ok(()),
+            Ok(Err(e)) => Err(self.classify_publish(e)),
+        }
+    }
+
+    pub async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, TransportError> {
+        self.connected()?;
+        let consumer = self.consumer(queue).await?;
+        let fetch = async {
+            let mut messages = consumer
+                .batch()
+                .max_messages(max)
+                .expires(wait)
+                .messages()
+                .await
+                .map_err(|e| self.classify("fetch", e))?;
+            let mut out = Vec::with_capacity(max);
+            while let Some(message) = messages.next().await {
+                out.push(delivery(message.map_err(|e| self.classify("fetch", e))?));
+            }
+            Ok(out)
+        };
+        let bound = wait + self.inner.limits.request_deadline;
+        match tokio::time::timeout(bound, fetch).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::timeout("receive", bound)),
+        }
+    }
+
+    pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        for d in batch {
+            let Handle::Nats(message) = d.handle;
+            message.ack().await.map_err(|e| self.classify("ack", e))?;
+        }
+        self.bounded("flush acks", self.inner.client.flush())
+            .await?
+            .map_err(|e| self.classify("flush acks", e))
+    }
+
+    pub async fn nack(&self, queue: &str, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        drop(batch);
+        self.inner.consumers.lock().await.remove(queue);
+        // The next receive recreates the consumer at the oldest unacked message.
+        Ok(())
+    }
+
+    pub async fn depth(&self, queue: &str) -> Result<u64, TransportError> {
+        self.connected()?;
+        let info = self
+            .bounded("stream info", async {
+                let mut stream = self
+                    .inner
+                    .js
+                    .get_stream(queue)
+                    .await
+                    .map_err(|e| self.classify("get stream", e))?;
+                stream
+                    .info()
+                    .await
+                    .map(|i| i.state.messages)
+                    .map_err(|e| self.classify("stream info", e))
+            })
+            .await??;
+        Ok(info)
+    }
+
+    pub async fn probe(&self) -> Result<Duration, TransportError> {
+        self.connected()?;
+        let started = Instant::now();
+        // A raw JetStream API request: any answer is a round trip through the
+        // server's JetStream. (async-nats' typed `query_account` cannot parse
+        // nats-server 2.9's reply.)
+        self.bounded(
+            "probe",
+            self.inner.client.request("$JS.API.INFO", Bytes::new()),
+        )
+        .await?
+        .map_err(|e| self.classify("probe", e))?;
+        Ok(started.elapsed())
+    }
+
+    /// The consumer this process reads `queue` through. The first use in a
+    /// process, and the first after a nack, replaces the durable consumer so
+    /// delivery restarts at the oldest unacked message.
+    async fn consumer(&self, queue: &str) -> Result<PullConsumer, TransportError> {
+        let mut consumers = self.inner.consumers.lock().await;
+        if let Some(c) = consumers.get(queue) {
+            return Ok(c.clone());
+        }
+        let consumer = self
+            .bounded("create consumer", async {
+                let stream = self
+                    .inner
+                    .js
+                    .get_stream(queue)
+                    .await
+                    .map_err(|e| self.classify("get stream", e))?;
+                // Not found is fine: there was no consumer yet.
+                let _ = stream.delete_consumer(CONSUMER).await;
+                stream
+                    .create_consumer(pull::Config {
+                        durable_name: Some(CONSUMER.to_owned()),
+                        ack_policy: AckPolicy::Explicit,
+                        deliver_policy: DeliverPolicy::All,
+                        ack_wait: ACK_WAIT,
+                        max_ack_pending: 20_000,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| self.classify("create consumer", e))
+            })
+            .await??;
+        consumers.insert(queue.to_owned(), consumer.clone());
+        Ok(consumer)
+    }
+
+    fn connected(&self) -> Result<(), TransportError> {
+        if self.is_connected() {
+            Ok(())
+        } else {
+            Err(TransportError::new(
+                ErrorKind::Unreachable,
+                "not connected to nats-server",
+            ))
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = T>,
+    ) -> Result<T, TransportError> {
+        let deadline = self.inner.limits.request_deadline;
+        tokio::time::timeout(deadline, f)
+            .await
+            .map_err(|_| TransportError::timeout(what, deadline))
+    }
+
+    /// An error from a call that reached the client: unreachable if the
+    /// connection is down now, else the server refused it.
+    fn classify(&self, what: &str, e: impl std::fmt::Display) -> TransportError {
+        let kind = if self.is_connected() {
+            ErrorKind::Rejected
+        } else {
+            ErrorKind::Unreachable
+        };
+        TransportError::new(kind, format!("{what}: {e}"))
+    }
+
+    fn classify_publish(&self, e: jetstream::context::PublishError) -> TransportError {
+        use jetstream::context::PublishErrorKind as K;
+        let kind = match e.kind() {
+            K::TimedOut => ErrorKind::Timeout,
+            K::BrokenPipe => ErrorKind::Unreachable,
+            K::StreamNotFound => ErrorKind::Rejected,
+            _ if !self.is_connected() => ErrorKind::Unreachable,
+            _ => ErrorKind::Rejected,
+        };
+        TransportError::new(kind, format!("publish: {e}"))
+    }
+}
+
+fn delivery(message: jetstream::Message) -> Delivery {
+    let id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str().to_owned());
+    Delivery {
+        id,
+        payload: message.payload.clone(),
+        handle: Handle::Nats(Box::new(message)),
+    }
+}

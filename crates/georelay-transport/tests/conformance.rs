@@ -1,0 +1,337 @@
+//! One conformance suite for every transport: the same tests, written once as
+//! generic functions over a [`Fixture`], instantiated per broker by
+//! `conformance_suite!`. NATS runs against real `nats-server` processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use georelay_testkit::{wait_until, NatsRegion};
+use georelay_transport::nats::NatsNamespace;
+use georelay_transport::{Delivery, ErrorKind, Limits, Namespace};
+use std::time::{Duration, Instant};
+
+const PUBLISH_DEADLINE: Duration = Duration::from_millis(500);
+const REQUEST_DEADLINE: Duration = Duration::from_secs(1);
+
+fn limits() -> Limits {
+    Limits {
+        publish_deadline: PUBLISH_DEADLINE,
+        request_deadline: REQUEST_DEADLINE,
+    }
+}
+
+/// A broker a test can start, connect to, kill, freeze and thaw.
+trait Fixture: Sized {
+    async fn start() -> Self;
+    /// A new connection, as a new process would make.
+    async fn connect(&self) -> Namespace;
+    fn kill(&mut self);
+    fn pause(&mut self);
+    fn resume(&mut self);
+}
+
+struct Nats {
+    region: NatsRegion,
+}
+
+impl Fixture for Nats {
+    async fn start() -> Self {
+        Self {
+            region: NatsRegion::start("conformance").unwrap(),
+        }
+    }
+    async fn connect(&self) -> Namespace {
+        let ns = NatsNamespace::connect(&self.region.url(), limits())
+            .await
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || async { ns.is_connected() }).await,
+            "connects"
+        );
+        Namespace::Nats(ns)
+    }
+    fn kill(&mut self) {
+        self.region.kill();
+    }
+    fn pause(&mut self) {
+        self.region.pause().unwrap();
+    }
+    fn resume(&mut self) {
+        self.region.resume().unwrap();
+    }
+}
+
+const Q: &str = "conformance";
+
+fn id(n: usize) -> String {
+    format!("dev-1/{n}")
+}
+
+fn body(n: usize) -> Bytes {
+    Bytes::from(format!("payload {n}"))
+}
+
+async fn publish_range(ns: &Namespace, range: std::ops::RangeInclusive<usize>) {
+    for n in range {
+        ns.publish(Q, &id(n), body(n)).await.unwrap();
+    }
+}
+
+/// Receives until `count` messages came or the queue stays empty.
+async fn receive_n(ns: &Namespace, count: usize) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let batch = ns
+            .receive(Q, count - out.len(), Duration::from_millis(500))
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        out.extend(batch);
+    }
+    out
+}
+
+fn ids(batch: &[Delivery]) -> Vec<String> {
+    batch.iter().map(|d| d.id.clone().unwrap()).collect()
+}
+
+fn expected(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(id).collect()
+}
+
+async fn round_trip<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    publish_range(&ns, 1..=3).await;
+    let got = receive_n(&ns, 3).await;
+    assert_eq!(ids(&got), expected(1..=3));
+    assert_eq!(
+        got.iter().map(|d| d.payload.clone()).collect::<Vec<_>>(),
+        (1..=3).map(body).collect::<Vec<_>>()
+    );
+    ns.ack(got).await.unwrap();
+    assert_eq!(ns.depth(Q).await.unwrap(), 0);
+    assert!(ns.probe().await.unwrap() < REQUEST_DEADLINE);
+}
+
+async fn order_preserved_over_10_000<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    publish_range(&ns, 1..=10_000).await;
+    let mut next = 1;
+    while next <= 10_000 {
+        let batch = ns.receive(Q, 500, Duration::from_secs(1)).await.unwrap();
+        assert!(!batch.is_empty(), "queue ran dry at {next}");
+        let want = expected(next..=next + batch.len() - 1);
+        assert_eq!(ids(&batch), want);
+        next += batch.len();
+        ns.ack(batch).await.unwrap();
+    }
+    assert_eq!(ns.depth(Q).await.unwrap(), 0);
+}
+
+async fn duplicate_id_is_suppressed<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    ns.publish(Q, &id(1), body(1)).await.unwrap();
+    ns.publish(Q, &id(1), body(1)).await.unwrap();
+    ns.publish(Q, &id(2), body(2)).await.unwrap();
+    assert_eq!(ns.depth(Q).await.unwrap(), 2);
+    assert_eq!(ids(&receive_n(&ns, 3).await), expected(1..=2));
+}
+
+async fn ack_removes_and_depth_counts<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    assert_eq!(ns.depth(Q).await.unwrap(), 0);
+    publish_range(&ns, 1..=7).await;
+    assert_eq!(ns.depth(Q).await.unwrap(), 7);
+    let got = receive_n(&ns, 3).await;
+    assert_eq!(
+        ns.depth(Q).await.unwrap(),
+        7,
+        "received but unacked still counts"
+    );
+    ns.ack(got).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || async {
+            ns.depth(Q).await.unwrap() == 4
+        })
+        .await
+    );
+    assert_eq!(
+        ids(&receive_n(&ns, 10).await),
+        expected(4..=7),
+        "acked messages are gone"
+    );
+}
+
+async fn unacked_are_redelivered_in_order<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    publish_range(&ns, 1..=10).await;
+
+    // Ack the first three of six, give the rest back.
+    let mut got = receive_n(&ns, 6).await;
+    let rest = got.split_off(3);
+    ns.ack(got).await.unwrap();
+    ns.nack(Q, rest).await.unwrap();
+    let again = receive_n(&ns, 10).await;
+    assert_eq!(
+        ids(&again),
+        expected(4..=10),
+        "nacked first, in order, then the rest"
+    );
+
+    // A reader that dies without acking: a new connection (a new process)
+    // starts again at the oldest unacked message.
+    drop(again);
+    drop(ns);
+    let fresh = f.connect().await;
+    assert_eq!(ids(&receive_n(&fresh, 10).await), expected(4..=10));
+}
+
+async fn publish_to_a_killed_server_fails_within_the_deadline<F: Fixture>() {
+    let mut f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    f.kill();
+    let started = Instant::now();
+    let err = ns.publish(Q, &id(1), body(1)).await.unwrap_err();
+    assert!(
+        started.elapsed() <= PUBLISH_DEADLINE + Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(err.kind(), ErrorKind::Unreachable | ErrorKind::Timeout),
+        "{err}"
+    );
+    let err = ns.probe().await.unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::Unreachable | ErrorKind::Timeout),
+        "{err}"
+    );
+}
+
+/// A frozen server: every publish returns (an error) within its deadline,
+/// even with more publishes in flight than the client buffers (async-nats
+/// blocks `publish()` itself at about 5,000 outstanding acks), and the
+/// connection recovers after SIGCONT.
+async fn publish_to_a_frozen_server_returns_within_the_deadline_and_recovers<F: Fixture>() {
+    let mut f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    ns.publish(Q, &id(0), body(0)).await.unwrap();
+    f.pause();
+    let started = Instant::now();
+    let publishes = join_all((1..=6_000).map(|n| {
+        let ns = ns.clone();
+        async move {
+            let t = Instant::now();
+            let r = ns.publish(Q, &id(n), body(n)).await;
+            (r, t.elapsed())
+        }
+    }));
+    // A hang fails the test instead of stalling it.
+    let results = tokio::time::timeout(Duration::from_secs(10), publishes)
+        .await
+        .expect("publishes hung");
+    let slowest = results.iter().map(|(_, t)| *t).max().unwrap();
+    assert!(
+        slowest <= PUBLISH_DEADLINE + Duration::from_millis(500),
+        "slowest publish took {slowest:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "all returned: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        results.iter().all(|(r, _)| r.is_err()),
+        "a frozen server acks nothing"
+    );
+    assert!(results
+        .iter()
+        .all(|(r, _)| r.as_ref().unwrap_err().kind() != ErrorKind::Rejected));
+    let probe = ns.probe().await.unwrap_err();
+    assert!(
+        matches!(probe.kind(), ErrorKind::Timeout | ErrorKind::Unreachable),
+        "{probe}"
+    );
+
+    f.resume();
+    let recovered = wait_until(Duration::from_secs(15), || async {
+        ns.publish(Q, &id(9_999), body(9_999)).await.is_ok()
+    })
+    .await;
+    assert!(recovered, "publishes succeed again after SIGCONT");
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            ns.probe().await.is_ok()
+        })
+        .await,
+        "probes answer again"
+    );
+}
+
+async fn queue_is_created_on_demand<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    let err = ns.publish("fresh", &id(1), body(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+    ns.ensure_queue("fresh").await.unwrap();
+    ns.ensure_queue("fresh").await.unwrap();
+    ns.publish("fresh", &id(1), body(1)).await.unwrap();
+    assert_eq!(ns.depth("fresh").await.unwrap(), 1);
+}
+
+macro_rules! conformance_suite {
+    ($module:ident, $fixture:ty) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test]
+            async fn round_trip() {
+                super::round_trip::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn order_preserved_over_10_000() {
+                super::order_preserved_over_10_000::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn duplicate_id_is_suppressed() {
+                super::duplicate_id_is_suppressed::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn ack_removes_and_depth_counts() {
+                super::ack_removes_and_depth_counts::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn unacked_are_redelivered_in_order() {
+                super::unacked_are_redelivered_in_order::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn publish_to_a_killed_server_fails_within_the_deadline() {
+                super::publish_to_a_killed_server_fails_within_the_deadline::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn publish_to_a_frozen_server_returns_within_the_deadline_and_recovers() {
+                super::publish_to_a_frozen_server_returns_within_the_deadline_and_recovers::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn queue_is_created_on_demand() {
+                super::queue_is_created_on_demand::<$fixture>().await
+            }
+        }
+    };
+}
+
+conformance_suite!(nats, Nats);
