@@ -3,6 +3,8 @@
 //! - [`TestDb`]: a fresh, migrated PostgreSQL database per test, dropped
 //!   (with its connections) when the guard goes out of scope.
 //! - [`NatsRegion`]: a real `nats-server` region to kill, freeze and restart.
+//! - [`ServiceBusDouble`]: a local HTTP double of the Service Bus REST API
+//!   that checks SAS signatures as the service does.
 //! - [`georelay_command`]: the built `georelay` binary as a `Command`, for
 //!   tests that run it the way a user does.
 //!
@@ -12,9 +14,11 @@
 
 mod db;
 mod region;
+mod servicebus_double;
 
 pub use db::TestDb;
 pub use region::NatsRegion;
+pub use servicebus_double::ServiceBusDouble;
 
 use anyhow::{bail, Context as _};
 use std::path::PathBuf;

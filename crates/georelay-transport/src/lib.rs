@@ -30,6 +30,7 @@
 //! every call site monomorphic and easy to read.
 
 pub mod nats;
+pub mod servicebus;
 
 use bytes::Bytes;
 use std::fmt;
@@ -117,15 +118,25 @@ pub struct Delivery {
     handle: Handle,
 }
 
-#[derive(Debug)]
 enum Handle {
     Nats(Box<async_nats::jetstream::Message>),
+    ServiceBus(Box<azure_messaging_servicebus::service_bus::PeekLockResponse>),
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Nats(_) => "Handle::Nats",
+            Self::ServiceBus(_) => "Handle::ServiceBus",
+        })
+    }
 }
 
 /// A connection to one regional namespace.
 #[derive(Debug, Clone)]
 pub enum Namespace {
     Nats(nats::NatsNamespace),
+    ServiceBus(servicebus::ServiceBusNamespace),
 }
 
 impl Namespace {
@@ -133,6 +144,7 @@ impl Namespace {
     pub async fn ensure_queue(&self, queue: &str) -> Result<(), TransportError> {
         match self {
             Self::Nats(n) => n.ensure_queue(queue).await,
+            Self::ServiceBus(s) => s.ensure_queue(queue).await,
         }
     }
 
@@ -146,6 +158,7 @@ impl Namespace {
     ) -> Result<(), TransportError> {
         match self {
             Self::Nats(n) => n.publish(queue, id, payload).await,
+            Self::ServiceBus(s) => s.publish(queue, id, payload).await,
         }
     }
 
@@ -159,6 +172,7 @@ impl Namespace {
     ) -> Result<Vec<Delivery>, TransportError> {
         match self {
             Self::Nats(n) => n.receive(queue, max, wait).await,
+            Self::ServiceBus(s) => s.receive(queue, max, wait).await,
         }
     }
 
@@ -168,6 +182,7 @@ impl Namespace {
     pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
         match self {
             Self::Nats(n) => n.ack(batch).await,
+            Self::ServiceBus(s) => s.ack(batch).await,
         }
     }
 
@@ -176,6 +191,7 @@ impl Namespace {
     pub async fn nack(&self, queue: &str, batch: Vec<Delivery>) -> Result<(), TransportError> {
         match self {
             Self::Nats(n) => n.nack(queue, batch).await,
+            Self::ServiceBus(s) => s.nack(batch).await,
         }
     }
 
@@ -183,6 +199,7 @@ impl Namespace {
     pub async fn depth(&self, queue: &str) -> Result<u64, TransportError> {
         match self {
             Self::Nats(n) => n.depth(queue).await,
+            Self::ServiceBus(s) => s.depth(queue).await,
         }
     }
 
@@ -190,6 +207,7 @@ impl Namespace {
     pub async fn probe(&self) -> Result<Duration, TransportError> {
         match self {
             Self::Nats(n) => n.probe().await,
+            Self::ServiceBus(s) => s.probe().await,
         }
     }
 }

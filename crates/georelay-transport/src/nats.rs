@@ -185,7 +185,12 @@ impl NatsNamespace {
 
     pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
         for d in batch {
-            let Handle::Nats(message) = d.handle;
+            let Handle::Nats(message) = d.handle else {
+                return Err(TransportError::new(
+                    ErrorKind::Rejected,
+                    "delivery came from another namespace",
+                ));
+            };
             message.ack().await.map_err(|e| self.classify("ack", e))?;
         }
         self.bounded("flush acks", self.inner.client.flush())

@@ -5,8 +5,9 @@
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use georelay_testkit::{wait_until, NatsRegion};
+use georelay_testkit::{wait_until, NatsRegion, ServiceBusDouble};
 use georelay_transport::nats::NatsNamespace;
+use georelay_transport::servicebus::{ServiceBusConfig, ServiceBusNamespace};
 use georelay_transport::{Delivery, ErrorKind, Limits, Namespace};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,44 @@ impl Fixture for Nats {
     }
     fn resume(&mut self) {
         self.region.resume().unwrap();
+    }
+}
+
+const SB_POLICY: &str = "RootManageSharedAccessKey";
+const SB_KEY: &str = "c2VjcmV0LXNhcy1rZXktZm9yLXRoZS1kb3VibGU=";
+
+/// Service Bus through the real crate and adapter, against the local double.
+struct ServiceBus {
+    double: ServiceBusDouble,
+}
+
+impl ServiceBus {
+    fn config(&self, key: &str) -> ServiceBusConfig {
+        let mut config =
+            ServiceBusConfig::new(&self.double.endpoint(), SB_POLICY, key.to_owned().into());
+        config.lock_duration = Duration::from_secs(5);
+        config.rewrite_to = Some(self.double.base_url().unwrap());
+        config
+    }
+}
+
+impl Fixture for ServiceBus {
+    async fn start() -> Self {
+        Self {
+            double: ServiceBusDouble::start("georelay-conformance", SB_POLICY, SB_KEY).unwrap(),
+        }
+    }
+    async fn connect(&self) -> Namespace {
+        Namespace::ServiceBus(ServiceBusNamespace::new(self.config(SB_KEY), limits()).unwrap())
+    }
+    fn kill(&mut self) {
+        self.double.kill();
+    }
+    fn pause(&mut self) {
+        self.double.pause();
+    }
+    fn resume(&mut self) {
+        self.double.resume();
     }
 }
 
@@ -335,3 +374,23 @@ macro_rules! conformance_suite {
 }
 
 conformance_suite!(nats, Nats);
+conformance_suite!(servicebus, ServiceBus);
+
+/// The double checks SAS signatures as Service Bus does: a wrong key is
+/// refused as an auth error, and every call above passed the check.
+#[tokio::test]
+async fn servicebus_refuses_a_wrong_sas_key() {
+    let f = ServiceBus::start().await;
+    let good = f.connect().await;
+    good.ensure_queue(Q).await.unwrap();
+    good.publish(Q, &id(1), body(1)).await.unwrap();
+    assert_eq!(f.double.auth_failures(), 0);
+    let bad = Namespace::ServiceBus(
+        ServiceBusNamespace::new(f.config("d3Jvbmcta2V5"), limits()).unwrap(),
+    );
+    let err = bad.publish(Q, &id(2), body(2)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert_eq!(bad.probe().await.unwrap_err().kind(), ErrorKind::Auth);
+    assert_eq!(f.double.auth_failures(), 2);
+    assert_eq!(good.depth(Q).await.unwrap(), 1);
+}

@@ -1,0 +1,431 @@
+//! A local HTTP double of the Azure Service Bus REST API: the subset georelay
+//! uses (create queue, queue description, send, peek-lock, complete, unlock,
+//! renew), checked the way the service checks it.
+//!
+//! - Every request must carry a SAS token for the namespace's policy: the
+//!   signature is HMAC-SHA256 under the key over `"{url-encoded sr}\n{se}"`,
+//!   the policy name must match, the token must not be expired, and `sr` must
+//!   be a prefix of the requested `https://NAME.servicebus.windows.net/…` URL.
+//!   Refusals are 401 and counted ([`ServiceBusDouble::auth_failures`]).
+//! - Queues keep messages in sequence order; duplicate detection by
+//!   `MessageId` when the queue was created with it; peek-lock hands out the
+//!   oldest unlocked message, locks expire after the queue's `LockDuration`.
+//! - Sequence numbers are those of a partitioned entity: `SequenceNumber` and
+//!   `EnqueuedSequenceNumber` do not fit in an `i32`.
+//! - Faults: [`kill`](ServiceBusDouble::kill) drops the server and every
+//!   connection (refused from then on); [`pause`](ServiceBusDouble::pause)
+//!   accepts requests and answers none until [`resume`](ServiceBusDouble::resume).
+//!
+//! The server runs on a runtime of its own, so killing it closes its sockets
+//! whatever the test's runtime is doing.
+
+use anyhow::Context as _;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// First sequence numbers handed out: beyond `i32`, as partitioned entities do.
+const SEQUENCE_BASE: i64 = 1 << 40;
+const ENQUEUED_SEQUENCE_BASE: i64 = 3_000_000_000;
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+#[derive(Debug)]
+pub struct ServiceBusDouble {
+    namespace: String,
+    addr: SocketAddr,
+    state: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    namespace: String,
+    key_name: String,
+    key: String,
+    queues: Mutex<HashMap<String, Queue>>,
+    paused: watch::Sender<bool>,
+    auth_failures: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Queue {
+    messages: BTreeMap<i64, Message>,
+    seen: HashMap<String, Instant>,
+    duplicate_detection: bool,
+    lock_duration: Duration,
+    next: i64,
+}
+
+#[derive(Debug)]
+struct Message {
+    id: Option<String>,
+    body: Bytes,
+    enqueued_at: SystemTime,
+    delivery_count: u32,
+    lock: Option<(String, Instant)>,
+}
+
+impl ServiceBusDouble {
+    /// Serves namespace `namespace` with one SAS policy on 127.0.0.1.
+    pub fn start(namespace: &str, key_name: &str, key: &str) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("servicebus-double")
+            .enable_all()
+            .build()?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Shared {
+            namespace: namespace.to_owned(),
+            key_name: key_name.to_owned(),
+            key: key.to_owned(),
+            queues: Mutex::new(HashMap::new()),
+            paused: watch::channel(false).0,
+            auth_failures: AtomicUsize::new(0),
+        });
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            addr,
+            state,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// `https://NAME.servicebus.windows.net`: what `namespaces.endpoint` holds.
+    pub fn endpoint(&self) -> String {
+        format!("https://{}.servicebus.windows.net", self.namespace)
+    }
+
+    /// Where requests for [`endpoint`](Self::endpoint) must be sent instead.
+    pub fn base_url(&self) -> anyhow::Result<url::Url> {
+        url::Url::parse(&format!("http://{}", self.addr)).context("double address")
+    }
+
+    /// Requests refused for a missing or wrong SAS token so far.
+    pub fn auth_failures(&self) -> usize {
+        self.state.auth_failures.load(Ordering::SeqCst)
+    }
+
+    /// Down: the server and all its connections are gone.
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Hung: requests are accepted and not answered until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.state.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.state.paused.send_replace(false);
+    }
+}
+
+impl Drop for ServiceBusDouble {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn status(code: StatusCode) -> Response {
+    code.into_response()
+}
+
+async fn handle(
+    State(state): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut unpaused = state.paused.subscribe();
+    if unpaused.wait_for(|paused| !*paused).await.is_err() {
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    if !authorized(&state, &uri, &headers) {
+        state.auth_failures.fetch_add(1, Ordering::SeqCst);
+        return status(StatusCode::UNAUTHORIZED);
+    }
+    let segments: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["$Resources", "Queues"]) => (
+            StatusCode::OK,
+            "<feed xmlns=\"http://www.w3.org/2005/Atom\"/>",
+        )
+            .into_response(),
+        (&Method::PUT, [queue]) => create_queue(&state, queue, &body),
+        (&Method::GET, [queue]) => describe_queue(&state, queue),
+        (&Method::POST, [queue, "messages"]) => send(&state, queue, &headers, body),
+        (&Method::POST, [queue, "messages", "head"]) => peek_lock(&state, queue, &uri).await,
+        (m, [queue, "messages", seq, lock]) => settle(&state, m, queue, seq, lock),
+        _ => status(StatusCode::NOT_FOUND),
+    }
+}
+
+/// The SAS check Service Bus does.
+fn authorized(state: &Shared, uri: &Uri, headers: &HeaderMap) -> bool {
+    let Some(token) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(fields) = token.strip_prefix("SharedAccessSignature ") else {
+        return false;
+    };
+    let field = |name: &str| {
+        fields
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let (Some(sr), Some(sig), Some(se), Some(skn)) =
+        (field("sr"), field("sig"), field("se"), field("skn"))
+    else {
+        return false;
+    };
+    let Ok(expiry) = se.parse::<u64>() else {
+        return false;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(u64::MAX);
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    let (Some(resource), Some(signature)) = (decode(sr), decode(sig)) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(state.key.as_bytes()) else {
+        return false;
+    };
+    mac.update(format!("{sr}\n{se}").as_bytes());
+    let Ok(signature) = B64.decode(signature) else {
+        return false;
+    };
+    let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    let requested = format!(
+        "https://{}.servicebus.windows.net{path_and_query}",
+        state.namespace
+    )
+    .to_lowercase();
+    skn == state.key_name
+        && expiry > now
+        && requested.starts_with(&resource.to_lowercase())
+        && mac.verify_slice(&signature).is_ok()
+}
+
+fn with_queue<R>(state: &Shared, queue: &str, f: impl FnOnce(&mut Queue) -> R) -> Option<R> {
+    let mut queues = state
+        .queues
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    queues.get_mut(queue).map(f)
+}
+
+fn create_queue(state: &Shared, queue: &str, body: &[u8]) -> Response {
+    let text = String::from_utf8_lossy(body);
+    let tag = |name: &str| {
+        text.split_once(&format!("<{name}>"))
+            .and_then(|(_, rest)| rest.split_once(&format!("</{name}>")))
+            .map(|(v, _)| v.trim().to_owned())
+    };
+    let lock_duration = tag("LockDuration")
+        .and_then(|v| {
+            v.strip_prefix("PT")
+                .and_then(|s| s.strip_suffix('S'))
+                .and_then(|n| n.parse().ok())
+        })
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(60));
+    let mut queues = state
+        .queues
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if queues.contains_key(queue) {
+        return status(StatusCode::CONFLICT);
+    }
+    queues.insert(
+        queue.to_owned(),
+        Queue {
+            messages: BTreeMap::new(),
+            seen: HashMap::new(),
+            duplicate_detection: tag("RequiresDuplicateDetection").as_deref() == Some("true"),
+            lock_duration,
+            next: 0,
+        },
+    );
+    status(StatusCode::CREATED)
+}
+
+fn describe_queue(state: &Shared, queue: &str) -> Response {
+    match with_queue(state, queue, |q| (q.messages.len(), q.lock_duration)) {
+        Some((count, lock)) => (
+            StatusCode::OK,
+            format!(
+                "<entry xmlns=\"http://www.w3.org/2005/Atom\"><title>{queue}</title><content type=\"application/xml\"><QueueDescription xmlns=\"http://schemas.microsoft.com/netservices/2010/10/servicebus/connect\"><LockDuration>PT{}S</LockDuration><MessageCount>{count}</MessageCount></QueueDescription></content></entry>",
+                lock.as_secs()
+            ),
+        )
+            .into_response(),
+        None => status(StatusCode::NOT_FOUND),
+    }
+}
+
+fn send(state: &Shared, queue: &str, headers: &HeaderMap, body: Bytes) -> Response {
+    let id = headers
+        .get("brokerproperties")
+        .and_then(|v| serde_json::from_slice::<serde_json::Value>(v.as_bytes()).ok())
+        .and_then(|p| {
+            p.get("MessageId")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        });
+    let sent = with_queue(state, queue, |q| {
+        let now = Instant::now();
+        if let (true, Some(id)) = (q.duplicate_detection, &id) {
+            q.seen
+                .retain(|_, at| now.duration_since(*at) < DUPLICATE_WINDOW);
+            if q.seen.insert(id.clone(), now).is_some() {
+                return;
+            }
+        }
+        q.next += 1;
+        let message = Message {
+            id,
+            body,
+            enqueued_at: SystemTime::now(),
+            delivery_count: 0,
+            lock: None,
+        };
+        q.messages.insert(q.next, message);
+    });
+    match sent {
+        Some(()) => status(StatusCode::CREATED),
+        None => status(StatusCode::NOT_FOUND),
+    }
+}
+
+async fn peek_lock(state: &Shared, queue: &str, uri: &Uri) -> Response {
+    let wait = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("timeout=")))
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(60));
+    let started = Instant::now();
+    loop {
+        let locked = with_queue(state, queue, |q| {
+            let now = Instant::now();
+            let lock_duration = q.lock_duration;
+            let (seq, m) = q
+                .messages
+                .iter_mut()
+                .find(|(_, m)| m.lock.as_ref().is_none_or(|(_, until)| *until <= now))?;
+            let token = uuid::Uuid::new_v4().to_string();
+            m.lock = Some((token.clone(), now + lock_duration));
+            m.delivery_count += 1;
+            Some((
+                *seq,
+                token,
+                m.id.clone(),
+                m.body.clone(),
+                m.enqueued_at,
+                m.delivery_count,
+                lock_duration,
+            ))
+        });
+        match locked {
+            None => return status(StatusCode::NOT_FOUND),
+            Some(Some((seq, token, id, body, enqueued_at, deliveries, lock_duration))) => {
+                let props = serde_json::json!({
+                    "DeliveryCount": deliveries,
+                    "EnqueuedSequenceNumber": ENQUEUED_SEQUENCE_BASE + seq,
+                    "EnqueuedTimeUtc": httpdate::fmt_http_date(enqueued_at),
+                    "LockToken": token,
+                    "LockedUntilUtc": httpdate::fmt_http_date(SystemTime::now() + lock_duration),
+                    "MessageId": id.unwrap_or_default(),
+                    "SequenceNumber": SEQUENCE_BASE + seq,
+                    "State": "Active",
+                    "TimeToLive": 922_337_203_685.477_5,
+                });
+                let location = format!(
+                    "https://{}.servicebus.windows.net/{queue}/messages/{}/{token}",
+                    state.namespace,
+                    SEQUENCE_BASE + seq
+                );
+                let mut response = (StatusCode::CREATED, body).into_response();
+                let headers = response.headers_mut();
+                for (name, value) in [
+                    ("brokerproperties", props.to_string()),
+                    ("location", location),
+                ] {
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        headers.insert(name, v);
+                    }
+                }
+                return response;
+            }
+            Some(None) if started.elapsed() >= wait => return status(StatusCode::NO_CONTENT),
+            Some(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// DELETE completes, PUT unlocks, POST renews the lock of one message.
+fn settle(state: &Shared, method: &Method, queue: &str, seq: &str, token: &str) -> Response {
+    let Ok(seq) = seq.parse::<i64>().map(|s| s - SEQUENCE_BASE) else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let done = with_queue(state, queue, |q| {
+        let now = Instant::now();
+        let lock_duration = q.lock_duration;
+        let held = q
+            .messages
+            .get(&seq)
+            .and_then(|m| m.lock.as_ref())
+            .is_some_and(|(t, until)| t == token && *until > now);
+        if !held {
+            return StatusCode::GONE;
+        }
+        match *method {
+            Method::DELETE => {
+                q.messages.remove(&seq);
+            }
+            Method::PUT => {
+                if let Some(m) = q.messages.get_mut(&seq) {
+                    m.lock = None;
+                }
+            }
+            Method::POST => {
+                if let Some(m) = q.messages.get_mut(&seq) {
+                    m.lock = Some((token.to_owned(), now + lock_duration));
+                }
+            }
+            _ => return StatusCode::METHOD_NOT_ALLOWED,
+        }
+        StatusCode::OK
+    });
+    status(done.unwrap_or(StatusCode::NOT_FOUND))
+}

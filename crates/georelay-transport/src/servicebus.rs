@@ -1,0 +1,504 @@
+//! Azure Service Bus over its REST API, through `azure_messaging_servicebus`
+//! 0.21 and an HTTP client of our own.
+//!
+//! - The namespace is `namespaces.endpoint` (`https://NAME.servicebus.windows.net`
+//!   or `NAME`); SAS auth with the policy `key_name` and its key.
+//! - **Our own HTTP client** ([`SbHttp`]): a pooled `reqwest` client with
+//!   connect and request timeouts (the crate's default has neither a timeout
+//!   nor connection reuse), at most `max_in_flight` requests at once per
+//!   namespace, and every call bounded again by our own deadline.
+//! - Bodies are text: the binary payload travels base64-encoded.
+//!   `MessageId = "{device_id}/{seq}"`; queues are created with duplicate
+//!   detection (two-minute window).
+//! - Peek-lock receive, complete (`ack`) after the database commit, unlock
+//!   (`nack`) to give back in order.
+//! - **Crate bug worked around:** `BrokerProperties.enqueued_sequence_number`
+//!   is an `i32` in the crate; partitioned entities return larger values and
+//!   `peek_lock_message2` would then fail after the message is already locked.
+//!   [`SbHttp`] keeps the original header as `x-georelay-brokerproperties`,
+//!   parsed here with 64-bit numbers, and hands the crate a copy without that
+//!   field.
+//! - **A new reader waits out old locks.** Messages a previous reader (a
+//!   crashed worker) locked come back only when their lock expires; reading
+//!   newer ones first would reorder. So a fresh [`ServiceBusNamespace`]
+//!   receives nothing until one lock duration after it was created.
+//! - Management calls the crate lacks (create queue, depth, probe) are signed
+//!   here the same way the crate signs (SAS over the URL-encoded resource).
+
+use async_trait::async_trait;
+use azure_core::headers::{HeaderName, Headers};
+use azure_core::{HttpClient, Method, Request, Response, StatusCode, Url};
+use azure_messaging_servicebus::service_bus::{
+    PeekLockResponse, QueueClient, SendMessageOptions, SettableBrokerProperties,
+};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use crate::{Delivery, ErrorKind, Handle, Limits, TransportError};
+
+const BROKER_PROPERTIES: HeaderName = HeaderName::from_static("brokerproperties");
+/// The broker's original `BrokerProperties` header, kept by [`SbHttp`].
+pub const ORIGINAL_BROKER_PROPERTIES: HeaderName =
+    HeaderName::from_static("x-georelay-brokerproperties");
+const API_VERSION: &str = "2017-04";
+const SAS_TTL: Duration = Duration::from_secs(3600);
+
+/// Where and how to reach one Service Bus namespace.
+#[derive(Debug, Clone)]
+pub struct ServiceBusConfig {
+    /// `https://NAME.servicebus.windows.net` or `NAME`
+    pub endpoint: String,
+    /// SAS policy name
+    pub key_name: String,
+    /// SAS key (opened from `namespaces.key_sealed` by the caller)
+    pub key: Zeroizing<String>,
+    /// Peek-lock duration of queues this adapter creates, and how long a new
+    /// reader waits before its first receive. Service Bus allows 5 s to 5 min.
+    pub lock_duration: Duration,
+    /// Most HTTP requests in flight at once to this namespace.
+    pub max_in_flight: usize,
+    /// Send every request to this base URL instead of the namespace's host:
+    /// for the local contract double in tests.
+    pub rewrite_to: Option<Url>,
+}
+
+impl ServiceBusConfig {
+    pub fn new(endpoint: &str, key_name: &str, key: Zeroizing<String>) -> Self {
+        Self {
+            endpoint: endpoint.to_owned(),
+            key_name: key_name.to_owned(),
+            key,
+            lock_duration: Duration::from_secs(30),
+            max_in_flight: 256,
+            rewrite_to: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceBusNamespace {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: Arc<dyn HttpClient>,
+    namespace: String,
+    key_name: String,
+    key: Zeroizing<String>,
+    limits: Limits,
+    lock_duration: Duration,
+    permits: Semaphore,
+    queues: Mutex<HashMap<String, QueueClient>>,
+    ready_at: Instant,
+}
+
+impl ServiceBusNamespace {
+    pub fn new(config: ServiceBusConfig, limits: Limits) -> Result<Self, TransportError> {
+        let namespace = namespace_name(&config.endpoint).ok_or_else(|| {
+            TransportError::new(
+                ErrorKind::Rejected,
+                "endpoint must be https://NAME.servicebus.windows.net or NAME",
+            )
+        })?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(limits.request_deadline)
+            .timeout(limits.request_deadline.max(limits.publish_deadline) + Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| {
+                TransportError::new(
+                    ErrorKind::Rejected,
+                    format!("cannot build the HTTP client: {e}"),
+                )
+            })?;
+        let http: Arc<dyn HttpClient> = Arc::new(SbHttp {
+            client,
+            rewrite_to: config.rewrite_to,
+        });
+        let lock_duration = config
+            .lock_duration
+            .clamp(Duration::from_secs(5), Duration::from_secs(300));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                namespace,
+                key_name: config.key_name,
+                key: config.key,
+                limits,
+                lock_duration,
+                permits: Semaphore::new(config.max_in_flight.max(1)),
+                queues: Mutex::new(HashMap::new()),
+                ready_at: Instant::now() + lock_duration,
+            }),
+        })
+    }
+
+    pub async fn ensure_queue(&self, queue: &str) -> Result<(), TransportError> {
+        let body = format!(
+            r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml"><QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance"><LockDuration>PT{}S</LockDuration><RequiresDuplicateDetection>true</RequiresDuplicateDetection><DuplicateDetectionHistoryTimeWindow>PT2M</DuplicateDetectionHistoryTimeWindow></QueueDescription></content></entry>"#,
+            self.inner.lock_duration.as_secs()
+        );
+        let (status, _) = self.management(Method::Put, queue, Some(body)).await?;
+        match status {
+            s if s.is_success() || s == StatusCode::Conflict => Ok(()),
+            s => Err(status_error("create queue", s)),
+        }
+    }
+
+    pub async fn publish(
+        &self,
+        queue: &str,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<(), TransportError> {
+        let client = self.queue_client(queue)?;
+        let options = SendMessageOptions {
+            content_type: Some("text/plain".to_owned()),
+            broker_properties: Some(SettableBrokerProperties {
+                message_id: Some(id.to_owned()),
+                ..Default::default()
+            }),
+            custom_properties: None,
+        };
+        let body = B64.encode(&payload);
+        self.call(
+            "publish",
+            self.inner.limits.publish_deadline,
+            client.send_message(&body, Some(options)),
+        )
+        .await
+    }
+
+    pub async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, TransportError> {
+        // A fresh reader's first receive waits out the previous reader's locks.
+        tokio::time::sleep_until(self.inner.ready_at.into()).await;
+        let client = self.queue_client(queue)?;
+        let mut out = Vec::new();
+        while out.len() < max {
+            let poll = if out.is_empty() { wait } else { Duration::ZERO };
+            let deadline = poll + self.inner.limits.request_deadline;
+            let response = match self
+                .call("receive", deadline, client.peek_lock_message2(Some(poll)))
+                .await
+            {
+                Ok(r) => r,
+                // Keep what is locked already: handing it back later would reorder.
+                Err(_) if !out.is_empty() => break,
+                Err(e) => return Err(e),
+            };
+            match *response.status() {
+                StatusCode::NoContent => break,
+                s if s.is_success() => out.push(delivery(response)?),
+                s if out.is_empty() => return Err(status_error("receive", s)),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        for d in batch {
+            let lock = service_bus_lock(d.handle)?;
+            self.call(
+                "complete",
+                self.inner.limits.request_deadline,
+                lock.delete_message(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn nack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        for d in batch {
+            let lock = service_bus_lock(d.handle)?;
+            self.call(
+                "unlock",
+                self.inner.limits.request_deadline,
+                lock.unlock_message(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn depth(&self, queue: &str) -> Result<u64, TransportError> {
+        let (status, body) = self.management(Method::Get, queue, None).await?;
+        if !status.is_success() {
+            return Err(status_error("queue description", status));
+        }
+        let text = String::from_utf8_lossy(&body);
+        text.split_once("<MessageCount>")
+            .and_then(|(_, rest)| rest.split_once("</MessageCount>"))
+            .and_then(|(n, _)| n.trim().parse().ok())
+            .ok_or_else(|| {
+                TransportError::new(ErrorKind::Rejected, "queue description has no MessageCount")
+            })
+    }
+
+    pub async fn probe(&self) -> Result<Duration, TransportError> {
+        let started = Instant::now();
+        let (status, _) = self
+            .management(Method::Get, "$Resources/Queues", None)
+            .await?;
+        if status.is_success() {
+            Ok(started.elapsed())
+        } else {
+            Err(status_error("probe", status))
+        }
+    }
+
+    fn queue_client(&self, queue: &str) -> Result<QueueClient, TransportError> {
+        let mut queues = self
+            .inner
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = queues.get(queue) {
+            return Ok(c.clone());
+        }
+        let client = QueueClient::new(
+            self.inner.http.clone(),
+            self.inner.namespace.clone(),
+            queue,
+            self.inner.key_name.clone(),
+            self.inner.key.as_str().to_owned(),
+        )
+        .map_err(|e| classify("queue client", &e))?;
+        queues.insert(queue.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// One broker call: a permit (bounded in-flight requests), then the call,
+    /// both within `deadline`.
+    async fn call<T>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        f: impl Future<Output = azure_core::Result<T>>,
+    ) -> Result<T, TransportError> {
+        let until = tokio::time::Instant::now() + deadline;
+        let timeout = || TransportError::timeout(what, deadline);
+        let _permit = tokio::time::timeout_at(until, self.inner.permits.acquire())
+            .await
+            .map_err(|_| timeout())?;
+        // A permit that came too late must not start a request: under a hung
+        // broker thousands of callers would each start one and drop it at once.
+        if tokio::time::Instant::now() >= until {
+            return Err(timeout());
+        }
+        match tokio::time::timeout_at(until, f).await {
+            Err(_) => Err(timeout()),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(classify(what, &e)),
+        }
+    }
+
+    /// A signed management request on `path` (a queue, or `$Resources/…`).
+    async fn management(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(StatusCode, Bytes), TransportError> {
+        let resource = format!(
+            "https://{}.servicebus.windows.net/{path}",
+            self.inner.namespace
+        );
+        let url = format!("{resource}?api-version={API_VERSION}");
+        let parsed = Url::parse(&url)
+            .map_err(|e| TransportError::new(ErrorKind::Rejected, format!("bad URL: {e}")))?;
+        let mut request = Request::new(parsed, method);
+        let sas = sas_token(
+            &resource,
+            &self.inner.key_name,
+            self.inner.key.as_bytes(),
+            SAS_TTL,
+        );
+        request.insert_header(azure_core::headers::AUTHORIZATION, sas);
+        match body {
+            Some(b) => {
+                request.insert_header(
+                    azure_core::headers::CONTENT_TYPE,
+                    "application/atom+xml;type=entry;charset=utf-8",
+                );
+                request.set_body(b);
+            }
+            None => {
+                request.insert_header(azure_core::headers::CONTENT_LENGTH, "0");
+                request.set_body(azure_core::EMPTY_BODY);
+            }
+        }
+        let http = self.inner.http.clone();
+        self.call(
+            "management",
+            self.inner.limits.request_deadline,
+            async move {
+                let (status, _, body) = http.execute_request(&request).await?.deconstruct();
+                Ok((status, body.collect().await?))
+            },
+        )
+        .await
+    }
+}
+
+/// A Service Bus SAS token for `resource`, as the service checks it:
+/// HMAC-SHA256 under the key over `"{url-encoded resource}\n{expiry}"`.
+pub fn sas_token(resource: &str, key_name: &str, key: &[u8], ttl: Duration) -> String {
+    let sr: String = url::form_urlencoded::byte_serialize(resource.as_bytes()).collect();
+    let se = (SystemTime::now() + ttl)
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let sig = B64.encode(hmac_sha256(key, format!("{sr}\n{se}").as_bytes()));
+    let sig: String = url::form_urlencoded::byte_serialize(sig.as_bytes()).collect();
+    format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn={key_name}")
+}
+
+/// HMAC-SHA256, as Service Bus signs SAS tokens.
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+    match Hmac::<Sha256>::new_from_slice(key) {
+        Ok(mut mac) => {
+            mac.update(data);
+            mac.finalize().into_bytes().to_vec()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+fn namespace_name(endpoint: &str) -> Option<String> {
+    let host = endpoint
+        .trim()
+        .trim_start_matches("https://")
+        .trim_start_matches("sb://")
+        .trim_end_matches('/');
+    let name = host.strip_suffix(".servicebus.windows.net").unwrap_or(host);
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    valid.then(|| name.to_owned())
+}
+
+fn service_bus_lock(handle: Handle) -> Result<Box<PeekLockResponse>, TransportError> {
+    match handle {
+        Handle::ServiceBus(lock) => Ok(lock),
+        Handle::Nats(_) => Err(TransportError::new(
+            ErrorKind::Rejected,
+            "delivery came from another namespace",
+        )),
+    }
+}
+
+/// The broker properties this adapter reads, with 64-bit sequence numbers.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct BrokerProperties {
+    message_id: Option<String>,
+}
+
+impl TryFrom<Headers> for BrokerProperties {
+    type Error = azure_core::Error;
+    fn try_from(headers: Headers) -> Result<Self, Self::Error> {
+        let raw = headers.get_str(&ORIGINAL_BROKER_PROPERTIES)?;
+        azure_core::from_json(raw.as_bytes().to_vec())
+    }
+}
+
+fn delivery(response: PeekLockResponse) -> Result<Delivery, TransportError> {
+    let props: BrokerProperties = response
+        .custom_properties()
+        .map_err(|e| classify("broker properties", &e))?;
+    let body = response.body();
+    // A body that is not our base64 is handed over as it came: the caller
+    // dead-letters it as undecodable instead of blocking the queue.
+    let payload = B64
+        .decode(body.trim())
+        .map(Bytes::from)
+        .unwrap_or_else(|_| Bytes::from(body.into_bytes()));
+    Ok(Delivery {
+        id: props.message_id,
+        payload,
+        handle: Handle::ServiceBus(Box::new(response)),
+    })
+}
+
+fn status_error(what: &str, status: StatusCode) -> TransportError {
+    let code = u16::from(status);
+    let kind = match code {
+        401 | 403 => ErrorKind::Auth,
+        408 | 429 | 503 => ErrorKind::Timeout,
+        500..=599 => ErrorKind::Unreachable,
+        _ => ErrorKind::Rejected,
+    };
+    TransportError::new(kind, format!("{what}: HTTP {code}"))
+}
+
+fn classify(what: &str, e: &azure_core::Error) -> TransportError {
+    match e.kind() {
+        azure_core::error::ErrorKind::HttpResponse { status, .. } => status_error(what, *status),
+        azure_core::error::ErrorKind::Io => {
+            TransportError::new(ErrorKind::Unreachable, format!("{what}: {e}"))
+        }
+        _ => TransportError::new(ErrorKind::Rejected, format!("{what}: {e}")),
+    }
+}
+
+/// The HTTP client handed to the Service Bus crate: pooled `reqwest` with
+/// timeouts, an optional host rewrite (tests), and the broker-properties fix.
+#[derive(Debug)]
+pub struct SbHttp {
+    client: reqwest::Client,
+    rewrite_to: Option<Url>,
+}
+
+#[async_trait]
+impl HttpClient for SbHttp {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<Response> {
+        let response = match &self.rewrite_to {
+            Some(base) => {
+                let mut request = request.clone();
+                let url = request.url_mut();
+                // Both are http(s) URLs, so these setters cannot fail.
+                let _ = url.set_scheme(base.scheme());
+                let _ = url.set_host(base.host_str());
+                let _ = url.set_port(base.port());
+                self.client.execute_request(&request).await?
+            }
+            None => self.client.execute_request(request).await?,
+        };
+        Ok(keep_broker_properties(response))
+    }
+}
+
+/// Moves the broker's `BrokerProperties` to [`ORIGINAL_BROKER_PROPERTIES`] and
+/// gives the crate a copy without `EnqueuedSequenceNumber` (an `i32` there).
+fn keep_broker_properties(response: Response) -> Response {
+    let (status, mut headers, body) = response.deconstruct();
+    if let Some(raw) = headers.get_optional_string(&BROKER_PROPERTIES) {
+        if let Ok(serde_json::Value::Object(mut props)) =
+            serde_json::from_str::<serde_json::Value>(&raw)
+        {
+            props.remove("EnqueuedSequenceNumber");
+            headers.insert(
+                BROKER_PROPERTIES,
+                serde_json::Value::Object(props).to_string(),
+            );
+        }
+        headers.insert(ORIGINAL_BROKER_PROPERTIES, raw);
+    }
+    Response::new(status, headers, Box::pin(body))
+}
