@@ -414,7 +414,7 @@ impl TryFrom<Headers> for BrokerProperties {
     type Error = azure_core::Error;
     fn try_from(headers: Headers) -> Result<Self, Self::Error> {
         let raw = headers.get_str(&ORIGINAL_BROKER_PROPERTIES)?;
-        azure_core::from_json(raw.as_bytes().to_vec())
+        azure_core::from_json(raw.as_bytes())
     }
 }
 

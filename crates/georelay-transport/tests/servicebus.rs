@@ -1,0 +1,139 @@
+//! Service Bus specifics beyond the conformance suite: the crate bug the
+//! adapter works around, and an end-to-end run against a real namespace.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use async_trait::async_trait;
+use azure_core::{HttpClient, Request, Response, Url};
+use azure_messaging_servicebus::service_bus::QueueClient;
+use bytes::Bytes;
+use georelay_testkit::ServiceBusDouble;
+use georelay_transport::servicebus::{ServiceBusConfig, ServiceBusNamespace};
+use georelay_transport::{Limits, Namespace};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const POLICY: &str = "RootManageSharedAccessKey";
+const KEY: &str = "c2VjcmV0LXNhcy1rZXktZm9yLXRoZS1kb3VibGU=";
+
+/// Only what a test needs to reach the double: the host rewrite, and nothing
+/// of the adapter's broker-properties fix.
+#[derive(Debug)]
+struct RewriteOnly {
+    client: reqwest::Client,
+    base: Url,
+}
+
+#[async_trait]
+impl HttpClient for RewriteOnly {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<Response> {
+        let mut request = request.clone();
+        let url = request.url_mut();
+        url.set_scheme(self.base.scheme()).unwrap();
+        url.set_host(self.base.host_str()).unwrap();
+        url.set_port(self.base.port()).unwrap();
+        self.client.execute_request(&request).await
+    }
+}
+
+/// The double returns `EnqueuedSequenceNumber`s above `i32::MAX`, as
+/// partitioned entities do: the crate alone fails to read such a message
+/// (after locking it); through the adapter the same message is received.
+#[tokio::test]
+async fn sequence_numbers_beyond_i32_break_the_crate_but_not_the_adapter() {
+    let double = ServiceBusDouble::start("georelay-bigseq", POLICY, KEY).unwrap();
+    let mut config = ServiceBusConfig::new(&double.endpoint(), POLICY, KEY.to_owned().into());
+    config.rewrite_to = Some(double.base_url().unwrap());
+    config.lock_duration = Duration::from_secs(5);
+    let ns = Namespace::ServiceBus(ServiceBusNamespace::new(config, Limits::default()).unwrap());
+    ns.ensure_queue("q").await.unwrap();
+    ns.publish("q", "dev/1", Bytes::from_static(b"reading"))
+        .await
+        .unwrap();
+
+    let plain = Arc::new(RewriteOnly {
+        client: reqwest::Client::new(),
+        base: double.base_url().unwrap(),
+    });
+    let crate_only = QueueClient::new(plain, "georelay-bigseq", "q", POLICY, KEY).unwrap();
+    let Err(err) = crate_only.peek_lock_message2(Some(Duration::ZERO)).await else {
+        panic!("the crate read a 64-bit EnqueuedSequenceNumber: the workaround may be dropped")
+    };
+    assert_eq!(
+        err.kind(),
+        &azure_core::error::ErrorKind::DataConversion,
+        "{err}"
+    );
+
+    // The crate's failed read left the message locked; the adapter's first
+    // receive waits out one lock duration, then gets it.
+    let got = ns.receive("q", 10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id.as_deref(), Some("dev/1"));
+    assert_eq!(got[0].payload, Bytes::from_static(b"reading"));
+    ns.ack(got).await.unwrap();
+    assert_eq!(ns.depth("q").await.unwrap(), 0);
+}
+
+/// Against a real namespace, when `GEORELAY_SERVICEBUS_CONNECTION_STRING`
+/// (`Endpoint=sb://NAME.servicebus.windows.net/;SharedAccessKeyName=K;SharedAccessKey=V`)
+/// is set: `./dev test` then runs it. It uses (and creates) the queue
+/// `georelay-e2e`.
+#[tokio::test]
+#[ignore = "needs GEORELAY_SERVICEBUS_CONNECTION_STRING (a real Service Bus namespace)"]
+async fn real_namespace_round_trip() {
+    let conn = std::env::var("GEORELAY_SERVICEBUS_CONNECTION_STRING")
+        .expect("GEORELAY_SERVICEBUS_CONNECTION_STRING");
+    let field = |name: &str| {
+        conn.split(';')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .unwrap_or_else(|| panic!("connection string lacks {name}"))
+            .to_owned()
+    };
+    let config = ServiceBusConfig::new(
+        &field("Endpoint"),
+        &field("SharedAccessKeyName"),
+        field("SharedAccessKey").into(),
+    );
+    let ns = Namespace::ServiceBus(ServiceBusNamespace::new(config, Limits::default()).unwrap());
+    let queue = "georelay-e2e";
+    ns.ensure_queue(queue).await.unwrap();
+    ns.probe().await.unwrap();
+    loop {
+        let old = ns
+            .receive(queue, 100, Duration::from_secs(1))
+            .await
+            .unwrap();
+        if old.is_empty() {
+            break;
+        }
+        ns.ack(old).await.unwrap();
+    }
+    let run = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let ids: Vec<String> = (1..=3).map(|n| format!("e2e-{run}/{n}")).collect();
+    for id in &ids {
+        ns.publish(queue, id, Bytes::from(id.clone()))
+            .await
+            .unwrap();
+    }
+    ns.publish(queue, &ids[0], Bytes::from(ids[0].clone()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let batch = ns.receive(queue, 3, Duration::from_secs(5)).await.unwrap();
+        assert!(!batch.is_empty(), "messages arrive");
+        got.extend(batch);
+    }
+    assert_eq!(
+        got.iter()
+            .map(|d| d.id.clone().unwrap())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    ns.ack(got).await.unwrap();
+    let extra = ns.receive(queue, 1, Duration::from_secs(2)).await.unwrap();
+    assert!(extra.is_empty(), "the duplicate publish was suppressed");
+}
