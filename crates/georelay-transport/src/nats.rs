@@ -207,6 +207,9 @@ impl NatsNamespace {
 
     pub async fn depth(&self, queue: &str) -> Result<u64, TransportError> {
         self.connected()?;
+        // Two round trips on purpose: the info that comes with `get_stream`
+        // was seen still counting just-acked messages (conformance
+        // `round_trip` fails with it); a fresh `info()` does not.
         let info = self
             .bounded("stream info", async {
                 let mut stream = self
