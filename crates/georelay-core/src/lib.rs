@@ -7,14 +7,18 @@
 //!   AES-256-GCM sealing, with the AAD `"{device_id}/{seq}"` of the HTTP
 //!   contract. A record opens only under the key, device id and seq it was
 //!   sealed for.
+//! - [`envelope`]: the binary queue message: the still-sealed record plus the
+//!   epoch it was published under and when ingest accepted it.
 //! - [`secret`]: sealing of secrets at rest (device keys, SAS keys) with the
 //!   master key. A sealed secret names the master key that sealed it, so a
 //!   wrong master key is a clear error and the key can be rotated later.
 
+pub mod envelope;
 pub mod ids;
 pub mod record;
 pub mod secret;
 
+pub use envelope::{Envelope, EnvelopeError};
 pub use ids::{DeviceId, IdError, MAX_SEQ};
 pub use record::{DeviceKey, RecordBody, RecordError, SealedRecord, KEY_LEN, NONCE_LEN, TAG_LEN};
 pub use secret::{KeyId, MasterKey, SecretError};

@@ -4,6 +4,9 @@
 //!   the test kit apply it. Applying it twice is a no-op.
 //! - [`control`]: the control plane the admin CLI, the senders and the worker
 //!   share: namespaces, routing groups and their trail, devices.
+//! - [`routing`]: the senders' snapshot, device keys, and the failover
+//!   transaction (shared by ingest and the worker).
+//! - [`instances`]: process leases and the epochs ingest acknowledges.
 //!
 //! Every statement that moves senders goes through the database trigger on
 //! `routing_groups.sender_namespace_id` (see `migrations/0001_control_plane.sql`):
@@ -12,6 +15,8 @@
 
 pub mod control;
 mod error;
+pub mod instances;
+pub mod routing;
 
 pub use error::{ErrorKind, StoreError};
 pub use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};

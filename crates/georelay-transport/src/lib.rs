@@ -162,6 +162,31 @@ impl Namespace {
         }
     }
 
+    /// Publishes `items` (`(id, payload)`) so that they are queued in the
+    /// given order. `Ok` means all are durably queued; `Err((i, e))` means
+    /// `items[..i]` are queued and `items[i]` failed with `e` (items after it
+    /// may or may not have landed, but never ahead of `items[i]` on NATS,
+    /// whose publishes share one ordered connection). NATS pipelines the
+    /// batch under one publish deadline; Service Bus sends one by one, each
+    /// under its own.
+    pub async fn publish_batch(
+        &self,
+        queue: &str,
+        items: &[(String, Bytes)],
+    ) -> Result<(), (usize, TransportError)> {
+        match self {
+            Self::Nats(n) => n.publish_batch(queue, items).await,
+            Self::ServiceBus(s) => {
+                for (i, (id, payload)) in items.iter().enumerate() {
+                    s.publish(queue, id, payload.clone())
+                        .await
+                        .map_err(|e| (i, e))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Up to `max` messages in queue order, waiting up to `wait` for the
     /// first. An empty batch means the queue had nothing for `wait`.
     pub async fn receive(

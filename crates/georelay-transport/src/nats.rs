@@ -154,6 +154,39 @@ impl NatsNamespace {
         }
     }
 
+    /// Sends every item in order on the one connection, then waits for the
+    /// acks, all within one publish deadline. See [`crate::Namespace::publish_batch`].
+    pub async fn publish_batch(
+        &self,
+        queue: &str,
+        items: &[(String, Bytes)],
+    ) -> Result<(), (usize, TransportError)> {
+        self.connected().map_err(|e| (0, e))?;
+        let deadline = self.inner.limits.publish_deadline;
+        let until = tokio::time::Instant::now() + deadline;
+        let subject = subject(queue);
+        let mut acks = Vec::with_capacity(items.len());
+        for (i, (id, payload)) in items.iter().enumerate() {
+            let send = self.inner.js.send_publish(
+                subject.clone(),
+                Publish::build().payload(payload.clone()).message_id(id),
+            );
+            match tokio::time::timeout_at(until, send).await {
+                Err(_) => return Err((i, TransportError::timeout("publish", deadline))),
+                Ok(Err(e)) => return Err((i, self.classify_publish(e))),
+                Ok(Ok(ack)) => acks.push(ack),
+            }
+        }
+        for (i, ack) in acks.into_iter().enumerate() {
+            match tokio::time::timeout_at(until, ack).await {
+                Err(_) => return Err((i, TransportError::timeout("publish", deadline))),
+                Ok(Err(e)) => return Err((i, self.classify_publish(e))),
+                Ok(Ok(_)) => {}
+            }
+        }
+        Ok(())
+    }
+
     pub async fn receive(
         &self,
         queue: &str,

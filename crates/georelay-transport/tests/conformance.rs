@@ -173,6 +173,31 @@ async fn order_preserved_over_10_000<F: Fixture>() {
     assert_eq!(ns.depth(Q).await.unwrap(), 0);
 }
 
+async fn batch_is_queued_in_order<F: Fixture>() {
+    let mut f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    let items: Vec<(String, Bytes)> = (1..=300).map(|n| (id(n), body(n))).collect();
+    ns.publish_batch(Q, &items).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 300 {
+        let batch = ns.receive(Q, 300, Duration::from_secs(1)).await.unwrap();
+        assert!(!batch.is_empty(), "queue ran dry at {}", got.len());
+        got.extend(ids(&batch));
+        ns.ack(batch).await.unwrap();
+    }
+    assert_eq!(got, expected(1..=300));
+    f.kill();
+    let started = Instant::now();
+    let (failed_at, err) = ns.publish_batch(Q, &items[..3]).await.unwrap_err();
+    assert_eq!(failed_at, 0, "{err}");
+    assert!(
+        started.elapsed() <= PUBLISH_DEADLINE + Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 async fn duplicate_id_is_suppressed<F: Fixture>() {
     let f = F::start().await;
     let ns = f.connect().await;
@@ -344,6 +369,10 @@ macro_rules! conformance_suite {
             #[tokio::test]
             async fn order_preserved_over_10_000() {
                 super::order_preserved_over_10_000::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn batch_is_queued_in_order() {
+                super::batch_is_queued_in_order::<$fixture>().await
             }
             #[tokio::test]
             async fn duplicate_id_is_suppressed() {

@@ -1,0 +1,186 @@
+//! The queue envelope: what ingest publishes and the worker receives.
+//!
+//! Ingest verifies a record and forwards it **still sealed** under the device
+//! key, so telemetry is encrypted at rest in the broker. The envelope adds what
+//! the worker needs to store it in order: the epoch it was published under
+//! (a namespace can appear twice in a group's trail, A → B → A, and the worker
+//! draining epoch 1 in A must stop at the first message of epoch 3) and when
+//! ingest accepted it (`telemetry.received_at`).
+//!
+//! Binary, big-endian, versioned:
+//!
+//! ```text
+//! [0]       format version (1)
+//! [1..9]    epoch (u64)
+//! [9..17]   received_at, microseconds since the Unix epoch (i64)
+//! [17]      device id length n (1..=128)
+//! [18..18+n] device id
+//! then      seq (u64), nonce (12 bytes), ciphertext with its 16-byte tag
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::ids::{DeviceId, MAX_DEVICE_ID_LEN, MAX_SEQ};
+use crate::record::{SealedRecord, NONCE_LEN, TAG_LEN};
+
+const FORMAT_V1: u8 = 1;
+const FIXED_LEN: usize = 1 + 8 + 8 + 1 + 8 + NONCE_LEN + TAG_LEN;
+
+/// Why a queue message cannot be read as an envelope: the worker dead-letters
+/// it as `undecodable`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("message is too short to be an envelope")]
+    Truncated,
+    #[error("unknown envelope format {0}")]
+    Format(u8),
+    #[error("envelope names an invalid device id")]
+    DeviceId,
+    #[error("envelope seq or epoch is out of range")]
+    Range,
+}
+
+/// A verified record on its way through a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub epoch: u64,
+    pub received_at_micros: i64,
+    pub device: DeviceId,
+    pub record: SealedRecord,
+}
+
+impl Envelope {
+    pub fn encode(&self) -> Bytes {
+        let id = self.device.as_str().as_bytes();
+        let mut out =
+            BytesMut::with_capacity(FIXED_LEN - TAG_LEN + id.len() + self.record.ciphertext.len());
+        out.put_u8(FORMAT_V1);
+        out.put_u64(self.epoch);
+        out.put_i64(self.received_at_micros);
+        // DeviceId guarantees 1..=128 bytes.
+        out.put_u8(id.len() as u8);
+        out.put_slice(id);
+        out.put_u64(self.record.seq);
+        out.put_slice(&self.record.nonce);
+        out.put_slice(&self.record.ciphertext);
+        out.freeze()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let mut r = Reader(bytes);
+        match r.u8()? {
+            FORMAT_V1 => {}
+            other => return Err(EnvelopeError::Format(other)),
+        }
+        let epoch = r.u64()?;
+        let received_at_micros = i64::from_be_bytes(r.array()?);
+        let id_len = usize::from(r.u8()?);
+        if id_len == 0 || id_len > MAX_DEVICE_ID_LEN {
+            return Err(EnvelopeError::DeviceId);
+        }
+        let id = std::str::from_utf8(r.take(id_len)?).map_err(|_| EnvelopeError::DeviceId)?;
+        let device = DeviceId::parse(id).map_err(|_| EnvelopeError::DeviceId)?;
+        let seq = r.u64()?;
+        let nonce: [u8; NONCE_LEN] = r.array()?;
+        if r.0.len() < TAG_LEN {
+            return Err(EnvelopeError::Truncated);
+        }
+        if !(1..=MAX_SEQ).contains(&seq) || !(1..=MAX_SEQ).contains(&epoch) {
+            return Err(EnvelopeError::Range);
+        }
+        Ok(Self {
+            epoch,
+            received_at_micros,
+            device,
+            record: SealedRecord {
+                seq,
+                nonce,
+                ciphertext: r.0.to_vec(),
+            },
+        })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], EnvelopeError> {
+        if self.0.len() < n {
+            return Err(EnvelopeError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], EnvelopeError> {
+        self.take(N)?
+            .try_into()
+            .map_err(|_| EnvelopeError::Truncated)
+    }
+
+    fn u8(&mut self) -> Result<u8, EnvelopeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u64(&mut self) -> Result<u64, EnvelopeError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::DeviceKey;
+
+    fn envelope() -> Envelope {
+        let key = DeviceKey::generate();
+        let device = DeviceId::parse("plug-7").unwrap();
+        let record = SealedRecord::seal(&key, &device, 42, [3; NONCE_LEN], br#"{"v":1}"#).unwrap();
+        Envelope {
+            epoch: 3,
+            received_at_micros: 1_700_000_000_123_456,
+            device,
+            record,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let e = envelope();
+        assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn every_truncation_short_of_the_tag_is_refused() {
+        let bytes = envelope().encode();
+        // version, epoch, received_at, id length, "plug-7", seq, nonce
+        let header = 1 + 8 + 8 + 1 + 6 + 8 + NONCE_LEN;
+        for n in 0..header + TAG_LEN {
+            assert!(
+                Envelope::decode(&bytes[..n]).is_err(),
+                "prefix of {n} bytes"
+            );
+        }
+        assert!(Envelope::decode(&bytes[..header + TAG_LEN]).is_ok());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut bytes = envelope().encode().to_vec();
+        bytes[0] = 9;
+        assert_eq!(Envelope::decode(&bytes), Err(EnvelopeError::Format(9)));
+
+        let mut bytes = envelope().encode().to_vec();
+        bytes[18] = b'/';
+        assert_eq!(Envelope::decode(&bytes), Err(EnvelopeError::DeviceId));
+
+        let mut bytes = envelope().encode().to_vec();
+        bytes[17] = 0;
+        assert_eq!(Envelope::decode(&bytes), Err(EnvelopeError::DeviceId));
+
+        let mut e = envelope();
+        e.record.seq = 0;
+        assert_eq!(Envelope::decode(&e.encode()), Err(EnvelopeError::Range));
+    }
+}

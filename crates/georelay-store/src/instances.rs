@@ -1,0 +1,90 @@
+//! Process registration, leases and the epochs ingest instances acknowledge
+//! (DESIGN.md "Senders", step 5: fencing).
+//!
+//! Leases are in database time: `lease_until = now() + lease` at each
+//! heartbeat. The worker's seal barrier reads `instance_epochs` joined to
+//! `instances`, so an instance writes there only what it can stand behind: an
+//! epoch it acknowledges has no publish to an older epoch still in flight.
+
+use sqlx::PgPool;
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::StoreError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ingest,
+    Drain,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingest => "ingest",
+            Self::Drain => "drain",
+        }
+    }
+}
+
+/// Renews (or, if an operator deleted it, re-creates) the instance row and
+/// its lease, and records the epoch acknowledged for each `(group_id, epoch)`,
+/// in one transaction.
+pub async fn heartbeat(
+    pool: &PgPool,
+    id: Uuid,
+    role: Role,
+    lease: Duration,
+    epochs: &[(i64, i64)],
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO instances (id, role, hostname, pid, heartbeat_at, lease_until)
+         VALUES ($1, $2, $3, $4, now(), now() + make_interval(secs => $5))
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), lease_until = EXCLUDED.lease_until",
+    )
+    .bind(id)
+    .bind(role.as_str())
+    .bind(hostname())
+    .bind(i32::try_from(std::process::id()).ok())
+    .bind(lease.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    if !epochs.is_empty() {
+        let (groups, epochs): (Vec<i64>, Vec<i64>) = epochs.iter().copied().unzip();
+        sqlx::query(
+            "INSERT INTO instance_epochs (instance_id, group_id, epoch)
+             SELECT $1, g, e FROM unnest($2::bigint[], $3::bigint[]) AS u(g, e)
+             WHERE EXISTS (SELECT 1 FROM routing_groups WHERE id = g)
+             ON CONFLICT (instance_id, group_id) DO UPDATE
+                 SET epoch = EXCLUDED.epoch, acked_at = now()
+                 WHERE instance_epochs.epoch <> EXCLUDED.epoch",
+        )
+        .bind(id)
+        .bind(&groups)
+        .bind(&epochs)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Removes the instance (and its acknowledged epochs) at a clean shutdown.
+pub async fn deregister(pool: &PgPool, id: Uuid) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM instances WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// This machine's name, for operators reading `instances`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
