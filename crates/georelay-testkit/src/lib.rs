@@ -5,6 +5,9 @@
 //! - [`NatsRegion`]: a real `nats-server` region to kill, freeze and restart.
 //! - [`ServiceBusDouble`]: a local HTTP double of the Service Bus REST API
 //!   that checks SAS signatures as the service does.
+//! - [`Stack`]: a database, regions registered as namespaces, a group,
+//!   devices ([`TestDevice`] seals and posts records) and real `georelay`
+//!   service processes ([`Service`]).
 //! - [`georelay_command`]: the built `georelay` binary as a `Command`, for
 //!   tests that run it the way a user does.
 //!
@@ -15,10 +18,12 @@
 mod db;
 mod region;
 mod servicebus_double;
+mod stack;
 
 pub use db::TestDb;
 pub use region::NatsRegion;
 pub use servicebus_double::ServiceBusDouble;
+pub use stack::{master_key, master_key_b64, Service, Stack, TestDevice, GROUP, QUEUE};
 
 use anyhow::{bail, Context as _};
 use std::path::PathBuf;

@@ -140,6 +140,55 @@ pub enum Namespace {
 }
 
 impl Namespace {
+    /// Connects to a namespace as the control plane describes it:
+    /// `transport` is `nats` or `servicebus`; Service Bus needs the SAS
+    /// policy name and key. NATS returns at once even when the server is down
+    /// (calls fail as [`ErrorKind::Unreachable`] until it is up).
+    pub async fn connect(
+        transport: &str,
+        endpoint: &str,
+        key_name: Option<&str>,
+        key: Option<zeroize::Zeroizing<String>>,
+        limits: Limits,
+    ) -> Result<Self, TransportError> {
+        match (transport, key_name, key) {
+            ("nats", _, _) => Ok(Self::Nats(
+                nats::NatsNamespace::connect(endpoint, limits).await?,
+            )),
+            ("servicebus", Some(key_name), Some(key)) => {
+                let config = servicebus::ServiceBusConfig::new(endpoint, key_name, key);
+                Ok(Self::ServiceBus(servicebus::ServiceBusNamespace::new(
+                    config, limits,
+                )?))
+            }
+            ("servicebus", _, _) => Err(TransportError::new(
+                ErrorKind::Auth,
+                "a servicebus namespace needs its SAS key name and key",
+            )),
+            (other, _, _) => Err(TransportError::new(
+                ErrorKind::Rejected,
+                format!("unknown transport {other:?}"),
+            )),
+        }
+    }
+
+    /// Waits up to `timeout` for a freshly made connection to be up, so the
+    /// first calls do not fail as unreachable while it is being set up.
+    /// Returns whether it is up (Service Bus has no standing connection).
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let Self::Nats(n) = self else {
+            return true;
+        };
+        let until = tokio::time::Instant::now() + timeout;
+        while !n.is_connected() {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Creates `queue` if it does not exist. Idempotent.
     pub async fn ensure_queue(&self, queue: &str) -> Result<(), TransportError> {
         match self {

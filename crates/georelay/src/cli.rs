@@ -1,6 +1,7 @@
 //! The command line, as DESIGN.md's external contract gives it.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +24,55 @@ pub enum Command {
     /// Manage namespaces, groups and devices; move senders; show status
     #[command(subcommand)]
     Admin(Admin),
+    /// Serve the ingest HTTP API (records in, regional queues out)
+    Ingest(IngestArgs),
+}
+
+/// Ingest settings; every flag can also come from the environment.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Address to listen on (port 0 picks a free one; the address is printed)
+    #[arg(long, env = "GEORELAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// Bound on one publish to a broker
+    #[arg(long, env = "GEORELAY_PUBLISH_DEADLINE", default_value = "2s", value_parser = duration)]
+    pub publish_deadline: Duration,
+    /// Bound on a whole records request, failovers included
+    #[arg(long, env = "GEORELAY_REQUEST_DEADLINE", default_value = "10s", value_parser = duration)]
+    pub request_deadline: Duration,
+    /// A publish slower than this counts as slow for the breaker
+    #[arg(long, env = "GEORELAY_BREAKER_SLOW", default_value = "500ms", value_parser = duration)]
+    pub breaker_slow: Duration,
+    /// Least time between two automatic moves of one group (flapping guard)
+    #[arg(long, env = "GEORELAY_FAILOVER_COOLDOWN", default_value = "10s", value_parser = duration)]
+    pub failover_cooldown: Duration,
+    /// Lease length; the instance stops accepting when it could not renew it
+    #[arg(long, env = "GEORELAY_LEASE", default_value = "5s", value_parser = duration)]
+    pub lease: Duration,
+    /// Routing is reloaded on NOTIFY and at least this often
+    #[arg(long, env = "GEORELAY_POLL_INTERVAL", default_value = "2s", value_parser = duration)]
+    pub poll_interval: Duration,
+    /// Most records requests in progress at once; more are refused with 503
+    #[arg(long, env = "GEORELAY_MAX_CONCURRENT_REQUESTS", default_value_t = 2048)]
+    pub max_concurrent_requests: usize,
+}
+
+/// "250ms", "2s", "1m" or plain seconds.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 2s or 1m"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,10 +7,15 @@ use georelay_store::PgPool;
 
 /// Connects to `DATABASE_URL`.
 pub async fn database() -> anyhow::Result<PgPool> {
+    database_with(4).await
+}
+
+/// Connects to `DATABASE_URL` with a pool of up to `connections`.
+pub async fn database_with(connections: u32) -> anyhow::Result<PgPool> {
     let Ok(url) = std::env::var("DATABASE_URL") else {
         bail!("DATABASE_URL is not set (for example postgres://georelay:georelay@127.0.0.1:5432/georelay)");
     };
-    Ok(georelay_store::connect(&url, 4).await?)
+    Ok(georelay_store::connect(&url, connections).await?)
 }
 
 /// Reads `GEORELAY_MASTER_KEY` (base64 of 32 bytes).

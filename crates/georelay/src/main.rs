@@ -8,6 +8,7 @@
 mod admin;
 mod cli;
 mod config;
+mod service;
 mod table;
 
 use clap::Parser;
@@ -18,7 +19,10 @@ use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(match cli.command {
+        Command::Ingest(_) => "info",
+        _ => "warn",
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -50,14 +54,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(cmd) => admin::run(cmd).await,
+        Command::Ingest(args) => service::ingest(args).await,
     }
 }
 
 /// Logs go to stderr, so command output on stdout stays clean for scripts.
-/// `RUST_LOG` overrides the default level (warn for the CLI).
-fn init_tracing() {
+/// `RUST_LOG` overrides the default level (warn for the CLI, info for the
+/// services).
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,0 +1,86 @@
+//! Device keys, cached. A miss reads the sealed key from `devices` and opens
+//! it with the master key; a `NOTIFY` on `devices` drops that entry, a lost
+//! listener connection drops them all, and entries expire anyway
+//! ([`KNOWN_TTL`]), so a disabled device is refused within a second or two
+//! normally and within the TTL at worst. Unknown ids are cached briefly too,
+//! so a flood of made-up ids does not become a flood of queries; that part of
+//! the cache is bounded.
+
+use georelay_core::MasterKey;
+use georelay_store::routing::{device_auth, DeviceAuth};
+use georelay_store::{PgPool, StoreError};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+pub const KNOWN_TTL: Duration = Duration::from_secs(60);
+const UNKNOWN_TTL: Duration = Duration::from_secs(5);
+const MAX_UNKNOWN: usize = 10_000;
+
+#[derive(Debug)]
+enum Entry {
+    Known(Arc<DeviceAuth>, Instant),
+    Unknown(Instant),
+}
+
+#[derive(Debug)]
+pub struct Devices {
+    pool: PgPool,
+    master: Arc<MasterKey>,
+    cache: RwLock<HashMap<String, Entry>>,
+}
+
+impl Devices {
+    pub fn new(pool: PgPool, master: Arc<MasterKey>) -> Self {
+        Self {
+            pool,
+            master,
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The device's group, state and key; `None` if there is no such device.
+    pub async fn get(&self, id: &str) -> Result<Option<Arc<DeviceAuth>>, StoreError> {
+        if let Ok(cache) = self.cache.read() {
+            match cache.get(id) {
+                Some(Entry::Known(auth, at)) if at.elapsed() < KNOWN_TTL => {
+                    return Ok(Some(auth.clone()))
+                }
+                Some(Entry::Unknown(at)) if at.elapsed() < UNKNOWN_TTL => return Ok(None),
+                _ => {}
+            }
+        }
+        let found = device_auth(&self.pool, &self.master, id)
+            .await?
+            .map(Arc::new);
+        if let Ok(mut cache) = self.cache.write() {
+            let now = Instant::now();
+            match &found {
+                Some(auth) => {
+                    cache.insert(id.to_owned(), Entry::Known(auth.clone(), now));
+                }
+                None => {
+                    if cache.len() >= MAX_UNKNOWN {
+                        cache.retain(|_, e| matches!(e, Entry::Known(..)));
+                    }
+                    cache.insert(id.to_owned(), Entry::Unknown(now));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Forgets one device (it changed).
+    pub fn invalidate(&self, id: &str) {
+        if let Ok(mut cache) = self.cache.write() {
+            cache.remove(id);
+        }
+    }
+
+    /// Forgets every device (changes may have been missed).
+    pub fn clear(&self) {
+        if let Ok(mut cache) = self.cache.write() {
+            cache.clear();
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! The HTTP API of DESIGN.md: handlers, limits and load shedding.
+//!
+//! A record is checked in this order, cheapest first: content type (415),
+//! body size and arrival time (413, 408), JSON shape and record fields (400),
+//! device and tag (401), plaintext a JSON object (400). Only then is it
+//! published. The publish runs in a task of its own, so a request that hits
+//! its deadline answers 503 while the publish still finishes (or times out)
+//! under its own deadline, keeping the in-flight count that fencing relies on
+//! honest.
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use georelay_core::{DeviceId, RecordBody, SealedRecord};
+use serde::Deserialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::devices::Devices;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::router::{Placement, Router};
+use crate::Config;
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub router: Arc<Router>,
+    pub devices: Arc<Devices>,
+    pub metrics: Metrics,
+    pub permits: Arc<Semaphore>,
+    pub tasks: TaskTracker,
+    /// False once shutdown began: `/readyz` says so and load balancers stop
+    /// sending.
+    pub accepting: Arc<AtomicBool>,
+}
+
+pub fn app(state: AppState) -> axum::Router {
+    let api = axum::Router::new()
+        .route("/v1/devices/{device_id}/telemetry", post(post_one))
+        .route("/v1/devices/{device_id}/telemetry/batch", post(post_batch))
+        .route_layer(middleware::from_fn_with_state(state.clone(), shed_load));
+    axum::Router::new()
+        .merge(api)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// At most `max_concurrent_requests` records requests at once; the rest are
+/// refused at once (503, Retry-After) instead of queuing without bound.
+async fn shed_load(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match state.permits.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let response = next.run(request).await;
+            drop(permit);
+            response
+        }
+        Err(_) => ApiError::unavailable(
+            "overloaded",
+            "too many requests in progress; retry shortly",
+            Duration::from_secs(1),
+        )
+        .into_response(),
+    }
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| match p.as_str() {
+            "/v1/devices/{device_id}/telemetry" => "telemetry",
+            "/v1/devices/{device_id}/telemetry/batch" => "batch",
+            "/healthz" => "healthz",
+            "/readyz" => "readyz",
+            "/metrics" => "metrics",
+            _ => "other",
+        });
+    let response = next.run(request).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route, response.status().as_str()])
+        .inc();
+    response
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Accepted {
+    device_id: String,
+    seq: u64,
+    #[serde(flatten)]
+    placement: Placement,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct BatchAccepted {
+    device_id: String,
+    count: usize,
+    first_seq: u64,
+    last_seq: u64,
+    #[serde(flatten)]
+    placement: Placement,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchBody {
+    records: Vec<RecordBody>,
+}
+
+async fn post_one(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let device = parse_device(&device_id)?;
+    let bytes = read_json_body(&state, &headers, body, state.config.max_body).await?;
+    let record: RecordBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request("malformed_json", format!("body is not a record: {e}"))
+    })?;
+    let sealed = SealedRecord::from_body(&record).map_err(|e| ApiError::from_record(e, None))?;
+    let group_id = verify(&state, &device, std::slice::from_ref(&sealed), false).await?;
+    let seq = sealed.seq;
+    let placement = publish(&state, group_id, device.clone(), vec![sealed]).await?;
+    state.metrics.records_accepted.inc();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            device_id: device.to_string(),
+            seq,
+            placement,
+        }),
+    ))
+}
+
+async fn post_batch(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
+    let device = parse_device(&device_id)?;
+    let bytes = read_json_body(&state, &headers, body, state.config.max_batch_body).await?;
+    let batch: BatchBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(
+            "malformed_json",
+            format!("body is not {{\"records\": [...]}}: {e}"),
+        )
+    })?;
+    let max = state.config.max_batch;
+    if batch.records.is_empty() || batch.records.len() > max {
+        return Err(ApiError::bad_request(
+            "bad_batch_size",
+            format!(
+                "a batch holds 1 to {max} records, got {}",
+                batch.records.len()
+            ),
+        ));
+    }
+    let mut sealed = batch
+        .records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| SealedRecord::from_body(r).map_err(|e| ApiError::from_record(e, Some(i))))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Queue order is seq order, whatever order they came in.
+    sealed.sort_by_key(|r| r.seq);
+    if let Some(w) = sealed.windows(2).find(|w| w[0].seq == w[1].seq) {
+        return Err(ApiError::bad_request(
+            "duplicate_seq",
+            format!("seq {} appears twice in the batch", w[0].seq),
+        ));
+    }
+    let group_id = verify(&state, &device, &sealed, true).await?;
+    let (count, first_seq, last_seq) = (
+        sealed.len(),
+        sealed.first().map_or(0, |r| r.seq),
+        sealed.last().map_or(0, |r| r.seq),
+    );
+    let placement = publish(&state, group_id, device.clone(), sealed).await?;
+    state.metrics.records_accepted.inc_by(count as u64);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BatchAccepted {
+            device_id: device.to_string(),
+            count,
+            first_seq,
+            last_seq,
+            placement,
+        }),
+    ))
+}
+
+fn parse_device(id: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(id).map_err(|e| ApiError::bad_request("invalid_device_id", e.to_string()))
+}
+
+/// Checks the content type, then reads the body within the size limit and
+/// the body read timeout.
+async fn read_json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    let timeout = state.config.body_read_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::BodyTimeout(timeout)),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            // to_bytes fails with a length-limit error or a broken connection.
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(ApiError::TooLarge { limit })
+            } else {
+                Err(ApiError::bad_request(
+                    "body_unreadable",
+                    "the request body could not be read",
+                ))
+            }
+        }
+    }
+}
+
+/// The device exists and is enabled, and every record authenticates and
+/// holds a JSON object. Returns the device's group.
+async fn verify(
+    state: &AppState,
+    device: &DeviceId,
+    records: &[SealedRecord],
+    batch: bool,
+) -> Result<i64, ApiError> {
+    let auth = state
+        .devices
+        .get(device.as_str())
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot read device keys");
+            ApiError::unavailable(
+                "control_plane_unavailable",
+                "device keys cannot be read now; retry",
+                Duration::from_secs(1),
+            )
+        })?
+        .filter(|a| a.enabled)
+        .ok_or(ApiError::Unauthorized)?;
+    for (i, r) in records.iter().enumerate() {
+        r.open_object(&auth.key, device)
+            .map_err(|e| ApiError::from_record(e, batch.then_some(i)))?;
+    }
+    Ok(auth.group_id)
+}
+
+/// Runs the publish in a tracked task and waits for it up to the request
+/// deadline.
+async fn publish(
+    state: &AppState,
+    group_id: i64,
+    device: DeviceId,
+    records: Vec<SealedRecord>,
+) -> Result<Placement, ApiError> {
+    let router = state.router.clone();
+    let task = state
+        .tasks
+        .spawn(async move { router.deliver(group_id, &device, &records).await });
+    let deadline = state.config.request_deadline;
+    match tokio::time::timeout(deadline, task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => {
+            tracing::error!(error = %join, "publish task failed");
+            Err(ApiError::unavailable(
+                "internal",
+                "the record was not queued; retry",
+                Duration::from_secs(1),
+            ))
+        }
+        Err(_) => Err(ApiError::unavailable(
+            "deadline",
+            "the record was not queued within the request deadline; retry",
+            Duration::from_secs(1),
+        )),
+    }
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when accepting, the lease is valid (the database answered a
+/// heartbeat lately) and some region is writable.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let accepting = state.accepting.load(Ordering::Relaxed);
+    let lease = state.router.lease.is_valid();
+    let region = state.router.some_region_writable();
+    let ready = accepting && lease && region;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "ready": ready,
+        "checks": {"accepting": accepting, "lease_valid": lease, "region_writable": region},
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,352 @@
+//! georelay-ingest: the stateless REST side of DESIGN.md's failover protocol.
+//!
+//! Plug computers POST sealed records; this service verifies each one (device
+//! known and enabled, AES-256-GCM tag, plaintext a JSON object) and publishes
+//! the still-sealed record, wrapped in a [`georelay_core::Envelope`] that
+//! names the epoch, to the group's current namespace. It answers 202 only
+//! once the broker has the record durably.
+//!
+//! Guarantees:
+//! - **Bad input never harms good data**: every refusal is a 4xx with the
+//!   JSON error shape, decided before anything is published.
+//! - **Bounded everything**: body size, batch size, header and body read
+//!   time, request deadline, concurrent requests (load shedding answers 503
+//!   at once), open connections.
+//! - **Failover**: per-namespace breakers on errors and latency; on a trip
+//!   the group is moved (or another instance's move adopted) in one
+//!   transaction, and the waiting records are re-published there.
+//! - **Fencing**: the instance heartbeats its lease and, per group, the
+//!   epoch it acknowledges (never newer than its oldest publish in flight);
+//!   with a lapsed lease it answers 503 instead of writing.
+//!
+//! [`run`] serves until `shutdown` is cancelled, then stops accepting,
+//! finishes what is in flight and deregisters.
+
+mod breaker;
+mod devices;
+mod error;
+mod http;
+mod metrics;
+mod router;
+mod server;
+
+pub use breaker::BreakerConfig;
+pub use error::ApiError;
+
+use georelay_core::MasterKey;
+use georelay_store::instances::{self, Role};
+use georelay_store::PgPool;
+use georelay_transport::Limits;
+use sqlx::postgres::PgListener;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::devices::Devices;
+use crate::router::{Router, RouterConfig};
+
+/// Everything tunable, with the defaults documented in docs/architecture.md.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Bound on one publish (or one batch) to a broker.
+    pub publish_deadline: Duration,
+    /// Bound on broker management calls and probes.
+    pub broker_request_deadline: Duration,
+    /// Bound on a whole records request, failovers included.
+    pub request_deadline: Duration,
+    pub breaker: BreakerConfig,
+    /// Least time between two automatic moves of one group.
+    pub failover_cooldown: Duration,
+    /// Lease length, renewed every `heartbeat_interval`.
+    pub lease: Duration,
+    pub heartbeat_interval: Duration,
+    /// Routing is reloaded on NOTIFY, and at least this often.
+    pub poll_interval: Duration,
+    pub probe_interval: Duration,
+    pub max_body: usize,
+    pub max_batch_body: usize,
+    pub max_batch: usize,
+    pub max_concurrent_requests: usize,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            publish_deadline: Duration::from_secs(2),
+            broker_request_deadline: Duration::from_secs(5),
+            request_deadline: Duration::from_secs(10),
+            breaker: BreakerConfig::default(),
+            failover_cooldown: Duration::from_secs(10),
+            lease: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(1),
+            max_body: 64 * 1024,
+            max_batch_body: 8 * 1024 * 1024,
+            max_batch: 1000,
+            max_concurrent_requests: 2048,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Store(#[from] georelay_store::StoreError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the ingest API on `listener` until `shutdown` is cancelled.
+///
+/// Before accepting: loads the routing and registers the instance (its first
+/// heartbeat), so the worker's barrier sees it before it writes anything.
+/// After `shutdown`: stops accepting, lets requests in flight finish (up to
+/// `shutdown_grace`), then deregisters. If they did not finish, it does not
+/// deregister: the lease lapses instead, and the worker waits out the grace.
+pub async fn run(
+    config: Config,
+    pool: PgPool,
+    master: MasterKey,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let master = Arc::new(master);
+    let metrics = metrics::Metrics::new()?;
+    let instance = Uuid::new_v4();
+    let router = Arc::new(Router::new(
+        RouterConfig {
+            limits: Limits {
+                publish_deadline: config.publish_deadline,
+                request_deadline: config.broker_request_deadline,
+            },
+            breaker: config.breaker.clone(),
+            cooldown: config.failover_cooldown,
+            lease: config.lease,
+        },
+        pool.clone(),
+        master.clone(),
+        format!("ingest:{instance}"),
+        metrics.clone(),
+    ));
+    router.reload().await?;
+    let started = Instant::now();
+    instances::heartbeat(
+        &pool,
+        instance,
+        Role::Ingest,
+        config.lease,
+        &router.acked_epochs(),
+    )
+    .await?;
+    router.lease.renewed(started);
+
+    let devices = Arc::new(Devices::new(pool.clone(), master));
+    let background = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let loops = TaskTracker::new();
+    loops.spawn(heartbeat_loop(
+        config.clone(),
+        pool.clone(),
+        instance,
+        router.clone(),
+        background.clone(),
+    ));
+    loops.spawn(reload_loop(
+        config.poll_interval,
+        router.clone(),
+        background.clone(),
+    ));
+    loops.spawn(listen_loop(
+        pool.clone(),
+        router.clone(),
+        devices.clone(),
+        background.clone(),
+    ));
+    loops.spawn(probe_loop(
+        config.probe_interval,
+        router.clone(),
+        background.clone(),
+    ));
+
+    let accepting = Arc::new(AtomicBool::new(true));
+    let state = http::AppState {
+        config: Arc::new(config.clone()),
+        router,
+        devices,
+        metrics,
+        permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        tasks: tasks.clone(),
+        accepting: accepting.clone(),
+    };
+    tracing::info!(%instance, addr = ?listener.local_addr().ok(), "ingest accepting");
+    server::serve(listener, http::app(state), &config, shutdown, accepting).await;
+
+    tasks.close();
+    let finished = tokio::time::timeout(config.shutdown_grace, tasks.wait())
+        .await
+        .is_ok();
+    background.cancel();
+    loops.close();
+    loops.wait().await;
+    if finished {
+        if let Err(e) = instances::deregister(&pool, instance).await {
+            tracing::warn!(error = %e, "could not deregister; the lease will lapse instead");
+        }
+        tracing::info!(%instance, "ingest stopped");
+    } else {
+        tracing::warn!(%instance, "publishes still in flight at the end of the grace; leaving the lease to lapse");
+    }
+    Ok(())
+}
+
+/// Renews the lease and the acknowledged epochs. A failure leaves the lease
+/// to lapse; requests are refused (503) once it has.
+async fn heartbeat_loop(
+    config: Config,
+    pool: PgPool,
+    instance: Uuid,
+    router: Arc<Router>,
+    stop: CancellationToken,
+) {
+    let mut failing = false;
+    let mut tick = tokio::time::interval(config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let started = Instant::now();
+        let epochs = router.acked_epochs();
+        let beat = tokio::time::timeout(
+            config.lease,
+            instances::heartbeat(&pool, instance, Role::Ingest, config.lease, &epochs),
+        )
+        .await;
+        match beat {
+            Ok(Ok(())) => {
+                router.lease.renewed(started);
+                if failing {
+                    tracing::info!("heartbeat renewed: accepting records again");
+                    failing = false;
+                }
+            }
+            Ok(Err(e)) if !failing => {
+                tracing::warn!(error = %e, "heartbeat failed: the lease lapses unless the database answers");
+                failing = true;
+            }
+            Err(_) if !failing => {
+                tracing::warn!("heartbeat timed out: the lease lapses unless the database answers");
+                failing = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reloads the routing when asked (NOTIFY, a failover) and every
+/// `poll_interval` in any case.
+async fn reload_loop(poll_interval: Duration, router: Arc<Router>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = router.reload_wanted.notified() => {}
+            _ = tokio::time::sleep(poll_interval) => {}
+        }
+        if let Err(e) = router.reload().await {
+            tracing::debug!(error = %e, "routing reload failed; keeping the last one");
+        }
+    }
+}
+
+/// `LISTEN georelay`: device changes drop that device's cached key; anything
+/// else asks for a routing reload. A lost connection drops every cached key
+/// (changes may have been missed) and reconnects with back-off.
+async fn listen_loop(
+    pool: PgPool,
+    router: Arc<Router>,
+    devices: Arc<Devices>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen("georelay").await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            _ = stop.cancelled() => return,
+            l = listener => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot LISTEN; polling meanwhile");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        };
+        backoff = Duration::from_millis(100);
+        devices.clear();
+        router.reload_wanted.notify_one();
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = listener.try_recv() => m,
+            };
+            match message {
+                Ok(Some(n)) => {
+                    let payload: serde_json::Value =
+                        serde_json::from_str(n.payload()).unwrap_or_default();
+                    if payload["table"] == "devices" {
+                        if let Some(id) = payload["id"].as_str() {
+                            devices.invalidate(id);
+                        }
+                    } else {
+                        router.reload_wanted.notify_one();
+                    }
+                }
+                // The connection was lost; the next try_recv reconnects.
+                Ok(None) => {
+                    devices.clear();
+                    router.reload_wanted.notify_one();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "LISTEN connection failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn probe_loop(interval: Duration, router: Arc<Router>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        router.probe_round().await;
+    }
+}

@@ -1,0 +1,95 @@
+//! The ingest service's Prometheus metrics, declared once. Labels are bounded:
+//! routes and status codes are fixed sets; namespace and group names come
+//! from the control plane, not from requests.
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub records_accepted: IntCounter,
+    pub publish_seconds: HistogramVec,
+    pub breaker_open: IntGaugeVec,
+    pub failovers: IntCounterVec,
+    pub group_epoch: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "georelay_ingest_requests_total",
+                "HTTP requests by route and status",
+            ),
+            &["route", "status"],
+        )?;
+        let records_accepted = IntCounter::new(
+            "georelay_ingest_records_accepted_total",
+            "Records durably queued and answered 202",
+        )?;
+        let publish_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "georelay_ingest_publish_duration_seconds",
+                "Time to a broker's durable ack, per namespace (one record or one batch)",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["namespace"],
+        )?;
+        let breaker_open = IntGaugeVec::new(
+            Opts::new(
+                "georelay_ingest_breaker_open",
+                "1 while this instance's breaker for the namespace is open",
+            ),
+            &["namespace"],
+        )?;
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "georelay_ingest_failovers_total",
+                "Failover attempts by outcome: moved, adopted, disabled, cooling_down, exhausted",
+            ),
+            &["group", "outcome"],
+        )?;
+        let group_epoch = IntGaugeVec::new(
+            Opts::new(
+                "georelay_ingest_group_epoch",
+                "The epoch this instance writes to, per group",
+            ),
+            &["group"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(records_accepted.clone()))?;
+        registry.register(Box::new(publish_seconds.clone()))?;
+        registry.register(Box::new(breaker_open.clone()))?;
+        registry.register(Box::new(failovers.clone()))?;
+        registry.register(Box::new(group_epoch.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            records_accepted,
+            publish_seconds,
+            breaker_open,
+            failovers,
+            group_epoch,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,246 @@
+//! A whole local system for end-to-end tests: a fresh database, real
+//! `nats-server` regions registered as namespaces, a group, devices with
+//! their keys, and real `georelay` service processes.
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use georelay_core::{DeviceId, DeviceKey, MasterKey, SealedRecord, NONCE_LEN};
+use georelay_store::control::{self, Actor, NewNamespace, Transport};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use crate::{georelay_command, NatsRegion, TestDb};
+
+/// The master key every test stack uses (tests only).
+pub const TEST_MASTER_KEY: [u8; 32] = [7; 32];
+
+pub fn master_key_b64() -> String {
+    base64::engine::general_purpose::STANDARD.encode(TEST_MASTER_KEY)
+}
+
+pub fn master_key() -> anyhow::Result<MasterKey> {
+    Ok(MasterKey::from_base64(&master_key_b64())?)
+}
+
+/// Database, regions (one namespace each, in its own region, priorities 10,
+/// 20, 30, …) and one group `g` with queue `telemetry` on the first.
+#[derive(Debug)]
+pub struct Stack {
+    pub db: TestDb,
+    pub regions: Vec<NatsRegion>,
+    /// namespace ids, in region order
+    pub namespace_ids: Vec<i64>,
+    pub group_id: i64,
+}
+
+pub const GROUP: &str = "g";
+pub const QUEUE: &str = "telemetry";
+
+impl Stack {
+    pub async fn start(regions: &[&str]) -> anyhow::Result<Self> {
+        let db = TestDb::migrated().await?;
+        let master = master_key()?;
+        let mut started = Vec::new();
+        let mut namespace_ids = Vec::new();
+        for (i, name) in regions.iter().enumerate() {
+            let region = NatsRegion::start(name)?;
+            let priority = i32::try_from(10 * (i + 1))?;
+            let id = control::add_namespace(
+                db.pool(),
+                &master,
+                &NewNamespace {
+                    name,
+                    region: name,
+                    transport: Transport::Nats,
+                    endpoint: &region.url(),
+                    priority,
+                    key_name: None,
+                    key: None,
+                },
+            )
+            .await?;
+            started.push(region);
+            namespace_ids.push(id);
+        }
+        let actor = Actor {
+            actor: "test".to_owned(),
+            reason: None,
+        };
+        let group_id = control::add_group(db.pool(), GROUP, QUEUE, regions[0], &actor).await?;
+        Ok(Self {
+            db,
+            regions: started,
+            namespace_ids,
+            group_id,
+        })
+    }
+
+    /// Registers `id` in the group and returns a client for it.
+    pub async fn device(&self, id: &str) -> anyhow::Result<TestDevice> {
+        let device = DeviceId::parse(id)?;
+        let key = control::add_device(self.db.pool(), &master_key()?, &device, GROUP).await?;
+        Ok(TestDevice::new(device, key))
+    }
+
+    /// Starts `georelay ingest` on a free port with `args` added.
+    pub fn ingest(&self, args: &[&str]) -> anyhow::Result<Service> {
+        Service::start(&self.db, "ingest", args)
+    }
+
+    /// The group's current `(epoch, sender namespace id)`.
+    pub async fn senders(&self) -> anyhow::Result<(i64, i64)> {
+        Ok(
+            sqlx::query_as("SELECT epoch, sender_namespace_id FROM routing_groups WHERE id = $1")
+                .bind(self.group_id)
+                .fetch_one(self.db.pool())
+                .await?,
+        )
+    }
+}
+
+/// A running `georelay` service process (ingest or drain), killed on drop.
+#[derive(Debug)]
+pub struct Service {
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl Service {
+    /// Runs `georelay <command> --listen 127.0.0.1:0 <args>` and waits for its
+    /// "listening on ADDR" line.
+    pub fn start(db: &TestDb, command: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = georelay_command(db)?
+            .env("GEORELAY_MASTER_KEY", master_key_b64())
+            .env(
+                "RUST_LOG",
+                std::env::var("GEORELAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .args([command, "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start georelay {command}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep reading so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("georelay {command} did not print its address within 30 s");
+            }
+        };
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("unexpected first line from georelay {command}: {line:?}"))?;
+        Ok(Self {
+            child: Some(child),
+            addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns its success.
+    pub fn terminate(&mut self) -> anyhow::Result<bool> {
+        let mut child = self.child.take().context("not running")?;
+        kill(Pid::from_raw(i32::try_from(child.id())?), Signal::SIGTERM)?;
+        Ok(child.wait()?.success())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plug computer in a test: seals records under its key with a nonce
+/// derived from the seq (never repeated) and posts them.
+#[derive(Debug, Clone)]
+pub struct TestDevice {
+    pub id: DeviceId,
+    pub key: DeviceKey,
+}
+
+impl TestDevice {
+    pub fn new(id: DeviceId, key: DeviceKey) -> Self {
+        Self { id, key }
+    }
+
+    /// The record for `seq` with plaintext `payload` (sealed fresh each call;
+    /// the nonce is the seq, so sealing the same seq twice gives the same
+    /// bytes).
+    pub fn seal(&self, seq: u64, payload: &serde_json::Value) -> SealedRecord {
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce[4..].copy_from_slice(&seq.to_be_bytes());
+        let plaintext = payload.to_string();
+        // seq comes from the test; a failure here is a bug in the test.
+        SealedRecord::seal(&self.key, &self.id, seq, nonce, plaintext.as_bytes())
+            .unwrap_or_else(|e| panic!("cannot seal seq {seq}: {e}"))
+    }
+
+    /// The JSON body for `seq`.
+    pub fn body(&self, seq: u64) -> serde_json::Value {
+        let body = self
+            .seal(
+                seq,
+                &serde_json::json!({"seq": seq, "reading": seq as f64 / 10.0}),
+            )
+            .to_body();
+        serde_json::json!({"seq": body.seq, "nonce": body.nonce, "ciphertext": body.ciphertext})
+    }
+
+    pub fn url(&self, base: &str) -> String {
+        format!("{base}/v1/devices/{}/telemetry", self.id)
+    }
+
+    /// POSTs record `seq`; returns the status and the JSON answer.
+    pub async fn post(
+        &self,
+        http: &reqwest::Client,
+        base: &str,
+        seq: u64,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let response = http
+            .post(self.url(base))
+            .json(&self.body(seq))
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(serde_json::Value::Null);
+        Ok((status, body))
+    }
+}

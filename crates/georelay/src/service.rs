@@ -1,0 +1,61 @@
+//! The long-running services: parse and check their configuration, build,
+//! serve until SIGTERM or SIGINT, then shut down within the grace.
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::IngestArgs;
+use crate::config;
+
+pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    let master = config::master_key()?;
+    let defaults = georelay_ingest::Config::default();
+    let ingest = georelay_ingest::Config {
+        publish_deadline: args.publish_deadline,
+        request_deadline: args.request_deadline,
+        breaker: georelay_ingest::BreakerConfig {
+            slow: args.breaker_slow,
+            ..defaults.breaker.clone()
+        },
+        failover_cooldown: args.failover_cooldown,
+        lease: args.lease,
+        heartbeat_interval: (args.lease / 5).max(std::time::Duration::from_millis(100)),
+        poll_interval: args.poll_interval,
+        max_concurrent_requests: args.max_concurrent_requests.max(1),
+        ..defaults
+    };
+    anyhow::ensure!(
+        ingest.request_deadline > ingest.publish_deadline,
+        "--request-deadline must be longer than --publish-deadline"
+    );
+    let pool = config::database_with(16).await?;
+    georelay_store::control::check_master_key(&pool, &master).await?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    // The one line on stdout: where to send records (tests read it).
+    println!("listening on {}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    georelay_ingest::run(ingest, pool, master, listener, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn on_signal(shutdown: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
