@@ -302,3 +302,430 @@ async fn every_contract_error_and_a_valid_record_queued_sealed() {
         );
     }
 }
+
+/// One accepted record, as the client saw it.
+#[derive(Debug, Clone)]
+struct Ack {
+    seq: u64,
+    namespace: String,
+    epoch: i64,
+    at: Instant,
+}
+
+/// What a device saw while sending: its 202s, and how long the slowest
+/// single request took.
+#[derive(Debug, Default)]
+struct Sent {
+    acks: Vec<Ack>,
+    slowest: Duration,
+    unavailable: usize,
+}
+
+/// Sends `seqs` one at a time, like a plug computer: each record until it
+/// gets a 202, honouring Retry-After (capped at 500 ms to keep tests short).
+async fn send_all(
+    device: &TestDevice,
+    base: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+    give_up: Duration,
+) -> Sent {
+    let http = http();
+    let mut sent = Sent::default();
+    let stop = Instant::now() + give_up;
+    for seq in seqs {
+        loop {
+            assert!(
+                Instant::now() < stop,
+                "{}: seq {seq} got no 202 within {give_up:?}",
+                device.id
+            );
+            let started = Instant::now();
+            let result = http
+                .post(device.url(base))
+                .json(&device.body(seq))
+                .send()
+                .await;
+            sent.slowest = sent.slowest.max(started.elapsed());
+            let Ok(response) = result else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            match status {
+                202 => {
+                    sent.acks.push(Ack {
+                        seq,
+                        namespace: body["namespace"].as_str().unwrap().to_owned(),
+                        epoch: body["epoch"].as_i64().unwrap(),
+                        at: Instant::now(),
+                    });
+                    break;
+                }
+                503 => {
+                    assert!(retry_after.is_some(), "503 without Retry-After: {body}");
+                    sent.unavailable += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => panic!("{}: seq {seq}: unexpected {other}: {body}", device.id),
+            }
+        }
+    }
+    sent
+}
+
+/// Seqs found in a region's queue, per device.
+async fn queued_seqs(url: &str) -> std::collections::HashMap<String, Vec<u64>> {
+    let mut out = std::collections::HashMap::<String, Vec<u64>>::new();
+    for e in drain_queue(url, 100_000).await {
+        out.entry(e.device.to_string())
+            .or_default()
+            .push(e.record.seq);
+    }
+    out
+}
+
+/// A fleet sends while region 0 suffers `fault`; returns what each device saw
+/// and when the fault started.
+async fn fleet_through_fault(
+    stack: &mut Stack,
+    base: &str,
+    fault: impl FnOnce(&mut Stack),
+) -> (Vec<(TestDevice, Sent)>, Instant) {
+    const DEVICES: usize = 4;
+    const RECORDS: u64 = 40;
+    let mut devices = Vec::new();
+    for i in 0..DEVICES {
+        devices.push(stack.device(&format!("plug-{i}")).await.unwrap());
+    }
+    let tasks: Vec<_> = devices
+        .iter()
+        .cloned()
+        .map(|d| {
+            let base = base.to_owned();
+            tokio::spawn(async move {
+                let sent = send_all(&d, &base, 1..=RECORDS, Duration::from_secs(90)).await;
+                (d, sent)
+            })
+        })
+        .collect();
+    // Let every device get some records in first.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let fault_at = Instant::now();
+    fault(stack);
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    (out, fault_at)
+}
+
+/// Every device got a 202 for every seq, in order; those after the fault went
+/// to eu-north in epoch 2, and that queue holds them.
+async fn assert_failed_over_to_eu_north(
+    stack: &Stack,
+    results: &[(TestDevice, Sent)],
+    fault_at: Instant,
+) -> Duration {
+    let north = queued_seqs(&stack.regions[1].url()).await;
+    let mut first_north = None::<Instant>;
+    for (device, sent) in results {
+        let seqs: Vec<u64> = sent.acks.iter().map(|a| a.seq).collect();
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "{}", device.id);
+        let after: Vec<&Ack> = sent
+            .acks
+            .iter()
+            .filter(|a| a.namespace == "eu-north")
+            .collect();
+        assert!(!after.is_empty(), "{} never reached eu-north", device.id);
+        assert!(after.iter().all(|a| a.epoch == 2));
+        let in_queue = north.get(device.id.as_str()).cloned().unwrap_or_default();
+        for a in &after {
+            assert!(
+                in_queue.contains(&a.seq),
+                "{} seq {} acked on eu-north but not in its queue",
+                device.id,
+                a.seq
+            );
+        }
+        let first = after.iter().map(|a| a.at).min().unwrap();
+        first_north = Some(first_north.map_or(first, |f| f.min(first)));
+    }
+    assert_eq!(stack.senders().await.unwrap(), (2, stack.namespace_ids[1]));
+    let (kind, actor, reason): (String, String, Option<String>) = sqlx::query_as(
+        "SELECT kind, actor, reason FROM failover_events WHERE group_id = $1 AND epoch = 2",
+    )
+    .bind(stack.group_id)
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(kind, "sender_moved");
+    assert!(actor.starts_with("ingest:"), "{actor}");
+    assert!(
+        reason.as_deref().is_some_and(|r| r.contains("eu-west")),
+        "{reason:?}"
+    );
+    let health: String = sqlx::query_scalar("SELECT health FROM namespaces WHERE id = $1")
+        .bind(stack.namespace_ids[0])
+        .fetch_one(stack.db.pool())
+        .await
+        .unwrap();
+    assert_ne!(health, "healthy", "the troubled namespace is marked");
+    first_north.unwrap() - fault_at
+}
+
+#[tokio::test]
+async fn killing_the_primary_region_under_load_fails_over_to_the_next_region() {
+    let mut stack = Stack::start(&["eu-west", "eu-north", "us-east"])
+        .await
+        .unwrap();
+    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    let (results, fault_at) =
+        fleet_through_fault(&mut stack, &ingest.url(), |s| s.regions[0].kill()).await;
+    let detection = assert_failed_over_to_eu_north(&stack, &results, fault_at).await;
+    println!("kill -9: fault to first 202 from eu-north: {detection:?}");
+    assert!(
+        detection < Duration::from_secs(3),
+        "connection refused trips fast: {detection:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_hung_primary_region_fails_over_within_the_detection_time_and_no_request_hangs() {
+    let mut stack = Stack::start(&["eu-west", "eu-north", "us-east"])
+        .await
+        .unwrap();
+    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    let (results, fault_at) =
+        fleet_through_fault(&mut stack, &ingest.url(), |s| s.regions[0].pause().unwrap()).await;
+    let detection = assert_failed_over_to_eu_north(&stack, &results, fault_at).await;
+    let slowest = results.iter().map(|(_, s)| s.slowest).max().unwrap();
+    println!(
+        "SIGSTOP: fault to first 202 from eu-north: {detection:?}; slowest request {slowest:?}"
+    );
+    // Two publish deadlines (1 s each) trip the breaker; the request deadline is 8 s.
+    assert!(detection < Duration::from_secs(5), "{detection:?}");
+    assert!(
+        slowest < Duration::from_secs(9),
+        "a request outlived its deadline: {slowest:?}"
+    );
+}
+
+/// Posts seq until the answer's error code is `code` (or `deadline` passes);
+/// returns that answer.
+async fn post_until_code(
+    device: &TestDevice,
+    base: &str,
+    seq: u64,
+    code: &str,
+    deadline: Duration,
+) -> (u16, Value, Option<String>) {
+    let http = http();
+    let stop = Instant::now() + deadline;
+    loop {
+        let got = post_raw(
+            &http,
+            &device.url(base),
+            Some("application/json"),
+            device.body(seq).to_string(),
+        )
+        .await;
+        if got.1["error"]["code"] == code || Instant::now() > stop {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_the_failover_bit_off_a_down_region_gets_503_and_nothing_moves() {
+    let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    sqlx::query("UPDATE routing_groups SET failover_enabled = false WHERE id = $1")
+        .bind(stack.group_id)
+        .execute(stack.db.pool())
+        .await
+        .unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    assert_eq!(device.post(&http(), &ingest.url(), 1).await.unwrap().0, 202);
+    stack.regions[0].kill();
+    let got = post_until_code(
+        &device,
+        &ingest.url(),
+        2,
+        "failover_disabled",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_error(&got, 503, "failover_disabled", "failover bit off");
+    assert_eq!(got.2.as_deref(), Some("5"), "Retry-After");
+    assert_eq!(
+        stack.senders().await.unwrap(),
+        (1, stack.namespace_ids[0]),
+        "nothing moved"
+    );
+    let moves: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM failover_events WHERE kind <> 'group_created'")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(moves, 0);
+    // The region comes back: records flow again, where they were.
+    stack.regions[0].restart().unwrap();
+    let ok = post_until_code(&device, &ingest.url(), 2, "none", Duration::from_secs(15)).await;
+    assert_eq!(ok.0, 202, "{:?}", ok.1);
+    assert_eq!(ok.1["namespace"], "eu-west");
+}
+
+#[tokio::test]
+async fn all_regions_down_is_503_and_one_exhausted_event() {
+    let mut stack = Stack::start(&["eu-west", "eu-north", "us-east"])
+        .await
+        .unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    assert_eq!(device.post(&http(), &ingest.url(), 1).await.unwrap().0, 202);
+    for r in &mut stack.regions {
+        r.kill();
+    }
+    let got = post_until_code(
+        &device,
+        &ingest.url(),
+        2,
+        "no_region",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_error(&got, 503, "no_region", "all regions down");
+    assert!(got.2.is_some(), "Retry-After");
+    for _ in 0..5 {
+        let again = post_raw(
+            &http(),
+            &device.url(&ingest.url()),
+            Some("application/json"),
+            device.body(2).to_string(),
+        )
+        .await;
+        assert_eq!(again.0, 503, "{:?}", again.1);
+    }
+    let exhausted: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT actor, from_namespace_id FROM failover_events WHERE kind = 'exhausted'",
+    )
+    .fetch_all(stack.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        exhausted.len(),
+        1,
+        "one event per episode, not per request: {exhausted:?}"
+    );
+    assert!(exhausted[0].0.starts_with("ingest:"));
+    let down: i64 = sqlx::query_scalar("SELECT count(*) FROM namespaces WHERE health = 'down'")
+        .fetch_one(stack.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(down, 3);
+}
+
+#[tokio::test]
+async fn a_raw_sql_move_redirects_new_traffic_within_a_second() {
+    let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    let http = http();
+    assert_eq!(
+        device.post(&http, &ingest.url(), 1).await.unwrap().1["namespace"],
+        "eu-west"
+    );
+    sqlx::query("UPDATE routing_groups SET sender_namespace_id = $1 WHERE id = $2")
+        .bind(stack.namespace_ids[1])
+        .bind(stack.group_id)
+        .execute(stack.db.pool())
+        .await
+        .unwrap();
+    let moved_at = Instant::now();
+    let mut seq = 2;
+    loop {
+        let (status, body) = device.post(&http, &ingest.url(), seq).await.unwrap();
+        assert_eq!(status, 202, "{body}");
+        seq += 1;
+        if body["namespace"] == "eu-north" {
+            assert_eq!(body["epoch"], 2);
+            break;
+        }
+        assert!(
+            moved_at.elapsed() < Duration::from_secs(1),
+            "still on eu-west after {:?}",
+            moved_at.elapsed()
+        );
+    }
+    println!(
+        "raw SQL move to first 202 from eu-north: {:?}",
+        moved_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn two_instances_follow_one_move_and_both_acknowledge_the_new_epoch() {
+    let mut stack = Stack::start(&["eu-west", "eu-north", "us-east"])
+        .await
+        .unwrap();
+    let a = stack.ingest(INGEST_ARGS).unwrap();
+    let b = stack.ingest(INGEST_ARGS).unwrap();
+    let dev_a = stack.device("plug-a").await.unwrap();
+    let dev_b = stack.device("plug-b").await.unwrap();
+    let acked = |epoch: i64| {
+        let pool = stack.db.pool().clone();
+        let group = stack.group_id;
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM instance_epochs e JOIN instances i ON i.id = e.instance_id
+                 WHERE e.group_id = $1 AND e.epoch = $2 AND i.role = 'ingest' AND i.lease_until > now()",
+            )
+            .bind(group)
+            .bind(epoch)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(wait_until(Duration::from_secs(5), || async { acked(1).await == 2 }).await);
+    stack.regions[0].kill();
+    let (url_a, url_b) = (a.url(), b.url());
+    let (sa, sb) = tokio::join!(
+        send_all(&dev_a, &url_a, 1..=10, Duration::from_secs(30)),
+        send_all(&dev_b, &url_b, 1..=10, Duration::from_secs(30)),
+    );
+    for sent in [&sa, &sb] {
+        assert_eq!(sent.acks.len(), 10);
+        assert!(
+            sent.acks
+                .iter()
+                .all(|a| a.namespace == "eu-north" && a.epoch == 2),
+            "{:?}",
+            sent.acks
+        );
+    }
+    let moves: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM failover_events WHERE kind = 'sender_moved'")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(moves, 1, "one move, the other instance adopted it");
+    assert!(
+        wait_until(Duration::from_secs(5), || async { acked(2).await == 2 }).await,
+        "the barrier shows both instances on epoch 2"
+    );
+    // A clean shutdown deregisters: the barrier no longer waits for it.
+    let mut a = a;
+    assert!(a.terminate().unwrap());
+    let instances: i64 = sqlx::query_scalar("SELECT count(*) FROM instances WHERE role = 'ingest'")
+        .fetch_one(stack.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(instances, 1);
+}
