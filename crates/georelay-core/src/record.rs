@@ -43,6 +43,10 @@ pub enum RecordError {
     Authentication,
     #[error("plaintext is not a JSON object")]
     NotJsonObject,
+    /// PostgreSQL's `jsonb` cannot store U+0000; refused at the edge so a
+    /// record that got a 202 can always be stored.
+    #[error("plaintext contains \\u0000, which cannot be stored")]
+    NulCharacter,
 }
 
 /// A device's AES-256 key. Zeroed on drop; never printed by `Debug`.
@@ -197,10 +201,23 @@ impl SealedRecord {
         device: &DeviceId,
     ) -> Result<serde_json::Map<String, serde_json::Value>, RecordError> {
         let plaintext = self.open(key, device)?;
-        match serde_json::from_slice(&plaintext) {
-            Ok(serde_json::Value::Object(map)) => Ok(map),
-            _ => Err(RecordError::NotJsonObject),
+        let map = match serde_json::from_slice(&plaintext) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => return Err(RecordError::NotJsonObject),
+        };
+        if map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
+            return Err(RecordError::NulCharacter);
         }
+        Ok(map)
+    }
+}
+
+fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
@@ -295,6 +312,24 @@ mod tests {
             let rec = SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], bad).unwrap();
             assert_eq!(rec.open_object(&key, &dev), Err(RecordError::NotJsonObject));
         }
+    }
+
+    #[test]
+    fn a_nul_character_is_refused() {
+        let key = DeviceKey::generate();
+        let dev = device("plug-1");
+        for bad in [
+            &br#"{"a":"x\u0000y"}"#[..],
+            br#"{"\u0000":1}"#,
+            br#"{"a":[{"b":"\u0000"}]}"#,
+        ] {
+            let rec = SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], bad).unwrap();
+            assert_eq!(rec.open_object(&key, &dev), Err(RecordError::NulCharacter));
+        }
+        // An escaped backslash followed by "u0000" is plain text, not U+0000.
+        let fine =
+            SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], br#"{"a":"\\u0000"}"#).unwrap();
+        assert_eq!(fine.open_object(&key, &dev).unwrap()["a"], "\\u0000");
     }
 
     #[test]

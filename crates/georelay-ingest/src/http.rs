@@ -23,11 +23,11 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::devices::Devices;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::router::{Placement, Router};
 use crate::Config;
+use georelay_store::keys::Devices;
 
 #[derive(Debug, Clone)]
 pub struct AppState {

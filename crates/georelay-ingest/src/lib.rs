@@ -23,7 +23,6 @@
 //! finishes what is in flight and deregisters.
 
 mod breaker;
-mod devices;
 mod error;
 mod http;
 mod metrics;
@@ -47,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::devices::Devices;
 use crate::router::{Router, RouterConfig};
+use georelay_store::keys::Devices;
 
 /// Everything tunable, with the defaults documented in docs/architecture.md.
 #[derive(Debug, Clone)]

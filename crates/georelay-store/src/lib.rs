@@ -6,6 +6,9 @@
 //!   share: namespaces, routing groups and their trail, devices.
 //! - [`routing`]: the senders' snapshot, device keys, and the failover
 //!   transaction (shared by ingest and the worker).
+//! - [`drain`]: the worker's lease, the seal barrier, storing batches,
+//!   following the trail.
+//! - [`keys`]: a cache of device keys, opened with the master key.
 //! - [`instances`]: process leases and the epochs ingest acknowledges.
 //!
 //! Every statement that moves senders goes through the database trigger on
@@ -14,8 +17,10 @@
 //! the epoch or the audit itself.
 
 pub mod control;
+pub mod drain;
 mod error;
 pub mod instances;
+pub mod keys;
 pub mod routing;
 
 pub use error::{ErrorKind, StoreError};

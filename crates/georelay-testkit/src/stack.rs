@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
-use georelay_core::{DeviceId, DeviceKey, MasterKey, SealedRecord, NONCE_LEN};
+use georelay_core::{DeviceId, DeviceKey, Envelope, MasterKey, SealedRecord, NONCE_LEN};
 use georelay_store::control::{self, Actor, NewNamespace, Transport};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -89,6 +89,22 @@ impl Stack {
     /// Starts `georelay ingest` on a free port with `args` added.
     pub fn ingest(&self, args: &[&str]) -> anyhow::Result<Service> {
         Service::start(&self.db, "ingest", args)
+    }
+
+    /// Starts `georelay drain` (health and metrics on a free port) with
+    /// `args` added.
+    pub fn drain(&self, args: &[&str]) -> anyhow::Result<Service> {
+        Service::start(&self.db, "drain", args)
+    }
+
+    /// Moves the senders by raw SQL, as an SRE would.
+    pub async fn move_senders(&self, to_region: usize) -> anyhow::Result<()> {
+        sqlx::query("UPDATE routing_groups SET sender_namespace_id = $1 WHERE id = $2")
+            .bind(self.namespace_ids[to_region])
+            .bind(self.group_id)
+            .execute(self.db.pool())
+            .await?;
+        Ok(())
     }
 
     /// The group's current `(epoch, sender namespace id)`.
@@ -212,6 +228,19 @@ impl TestDevice {
             .unwrap_or_else(|e| panic!("cannot seal seq {seq}: {e}"))
     }
 
+    /// The queue envelope ingest would publish for `seq` under `epoch`.
+    pub fn envelope(&self, seq: u64, epoch: u64) -> Envelope {
+        Envelope {
+            epoch,
+            received_at_micros: now_micros(),
+            device: self.id.clone(),
+            record: self.seal(
+                seq,
+                &serde_json::json!({"seq": seq, "reading": seq as f64 / 10.0}),
+            ),
+        }
+    }
+
     /// The JSON body for `seq`.
     pub fn body(&self, seq: u64) -> serde_json::Value {
         let body = self
@@ -243,4 +272,10 @@ impl TestDevice {
         let body = response.json().await.unwrap_or(serde_json::Value::Null);
         Ok((status, body))
     }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }

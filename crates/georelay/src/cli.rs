@@ -26,6 +26,34 @@ pub enum Command {
     Admin(Admin),
     /// Serve the ingest HTTP API (records in, regional queues out)
     Ingest(IngestArgs),
+    /// Run the drain worker (regional queues in, PostgreSQL out, in order)
+    Drain(DrainArgs),
+}
+
+/// Drain worker settings; every flag can also come from the environment.
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// Address for /healthz and /metrics (port 0 picks a free one; the address is printed)
+    #[arg(long, env = "GEORELAY_DRAIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub listen: String,
+    /// Most records stored in one transaction
+    #[arg(long, env = "GEORELAY_DRAIN_BATCH", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Drain lease length; a standby takes over this long after the holder died
+    #[arg(long, env = "GEORELAY_DRAIN_LEASE", default_value = "5s", value_parser = duration)]
+    pub lease: Duration,
+    /// The ingest instances' --publish-deadline
+    #[arg(long, env = "GEORELAY_PUBLISH_DEADLINE", default_value = "2s", value_parser = duration)]
+    pub publish_deadline: Duration,
+    /// The ingest instances' --lease
+    #[arg(long, env = "GEORELAY_LEASE", default_value = "5s", value_parser = duration)]
+    pub ingest_lease: Duration,
+    /// How long the senders' own namespace must be unreadable before the worker moves them
+    #[arg(long, env = "GEORELAY_DECLARE_TROUBLE_AFTER", default_value = "10s", value_parser = duration)]
+    pub declare_trouble_after: Duration,
+    /// Least time between two automatic moves of one group (flapping guard)
+    #[arg(long, env = "GEORELAY_FAILOVER_COOLDOWN", default_value = "10s", value_parser = duration)]
+    pub failover_cooldown: Duration,
 }
 
 /// Ingest settings; every flag can also come from the environment.

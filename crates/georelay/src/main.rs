@@ -20,7 +20,7 @@ use crate::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(match cli.command {
-        Command::Ingest(_) => "info",
+        Command::Ingest(_) | Command::Drain(_) => "info",
         _ => "warn",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -55,6 +55,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Admin(cmd) => admin::run(cmd).await,
         Command::Ingest(args) => service::ingest(args).await,
+        Command::Drain(args) => service::drain(args).await,
     }
 }
 

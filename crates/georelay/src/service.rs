@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::IngestArgs;
+use crate::cli::{DrainArgs, IngestArgs};
 use crate::config;
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
@@ -39,6 +39,35 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
     georelay_ingest::run(ingest, pool, master, listener, shutdown).await?;
+    Ok(())
+}
+
+pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let master = config::master_key()?;
+    let defaults = georelay_drain::Config::default();
+    anyhow::ensure!(
+        (1..=10_000).contains(&args.batch_size),
+        "--batch-size must be between 1 and 10000"
+    );
+    let drain = georelay_drain::Config {
+        batch_size: args.batch_size,
+        lease: args.lease,
+        standby_poll: (args.lease / 5).max(std::time::Duration::from_millis(100)),
+        publish_deadline: args.publish_deadline,
+        seal_grace: args.publish_deadline + args.ingest_lease,
+        declare_trouble_after: args.declare_trouble_after,
+        failover_cooldown: args.failover_cooldown,
+        ..defaults
+    };
+    let pool = config::database_with(8).await?;
+    georelay_store::control::check_master_key(&pool, &master).await?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!("listening on {}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    georelay_drain::run(drain, pool, master, listener, shutdown).await?;
     Ok(())
 }
 

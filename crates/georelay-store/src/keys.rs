@@ -1,4 +1,4 @@
-//! Device keys, cached. A miss reads the sealed key from `devices` and opens
+//! Device keys, cached (ingest verifies with them, the worker opens records). A miss reads the sealed key from `devices` and opens
 //! it with the master key; a `NOTIFY` on `devices` drops that entry, a lost
 //! listener connection drops them all, and entries expire anyway
 //! ([`KNOWN_TTL`]), so a disabled device is refused within a second or two
@@ -7,8 +7,10 @@
 //! the cache is bounded.
 
 use georelay_core::MasterKey;
-use georelay_store::routing::{device_auth, DeviceAuth};
-use georelay_store::{PgPool, StoreError};
+use sqlx::PgPool;
+
+use crate::routing::{device_auth, DeviceAuth};
+use crate::StoreError;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};

@@ -1,0 +1,313 @@
+//! georelay-drain: the worker side of DESIGN.md's failover protocol — what
+//! makes a failover lose nothing and reorder nothing.
+//!
+//! - **One active drainer per group**: a lease row with a fencing token
+//!   (`drain_leases`, see migrations/0002), checked inside every transaction
+//!   that writes. Other workers stand by and take over when it lapses.
+//! - **In order, at least once, stored once**: a batch is received in queue
+//!   order, stored in one transaction (`ON CONFLICT (device_id, seq) DO
+//!   NOTHING`), committed, and only then acked.
+//! - **Drain, then follow**: the oldest undrained trail epoch first; an epoch
+//!   is left only when it is sealed (senders past it, every live ingest
+//!   instance acknowledging a later epoch, the grace passed) and empty.
+//! - **Poison never blocks**: undecodable, unknown-device, bad-tag and
+//!   non-object records go to `dead_letters` in the same transaction and are
+//!   acked. A database outage is not poison: nothing is acked, the worker
+//!   retries with back-off.
+//!
+//! [`run`] drains every group until `shutdown`, then finishes the batch in
+//! hand (or leaves it unacked) and releases its leases.
+
+mod metrics;
+mod worker;
+
+use axum::extract::State;
+use axum::routing::get;
+use georelay_core::MasterKey;
+use georelay_store::instances::{self, Role};
+use georelay_store::keys::Devices;
+use georelay_store::routing::load_routing;
+use georelay_store::PgPool;
+use georelay_transport::{Limits, Namespace, TransportError};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+use crate::worker::GroupWorker;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Most records stored in one transaction.
+    pub batch_size: usize,
+    /// How long a receive on the current epoch waits for the first message.
+    pub receive_wait: Duration,
+    /// Drain lease length; renewed at every batch and every lease/4 when idle.
+    pub lease: Duration,
+    /// How often a standby tries to take a group's lease.
+    pub standby_poll: Duration,
+    /// Ingest's publish deadline: an ingest instance whose lease lapsed less
+    /// than this ago may still have a publish landing.
+    pub publish_deadline: Duration,
+    /// Least time after the senders moved before an epoch can be sealed:
+    /// at least ingest's publish deadline plus its lease.
+    pub seal_grace: Duration,
+    /// How often an empty old epoch re-checks the seal barrier.
+    pub seal_poll: Duration,
+    /// How often drained namespaces are swept for leftovers.
+    pub sweep_interval: Duration,
+    /// How long the senders' own namespace must be unreadable before the
+    /// worker moves them.
+    pub declare_trouble_after: Duration,
+    pub failover_cooldown: Duration,
+    /// Bounds on broker calls.
+    pub limits: Limits,
+    /// How often the group list and namespaces are reloaded.
+    pub poll_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            receive_wait: Duration::from_millis(500),
+            lease: Duration::from_secs(5),
+            standby_poll: Duration::from_secs(1),
+            publish_deadline: Duration::from_secs(2),
+            seal_grace: Duration::from_secs(7),
+            seal_poll: Duration::from_millis(250),
+            sweep_interval: Duration::from_secs(10),
+            declare_trouble_after: Duration::from_secs(10),
+            failover_cooldown: Duration::from_secs(10),
+            limits: Limits::default(),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error(transparent)]
+    Store(#[from] georelay_store::StoreError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("health listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every group worker of this process shares.
+#[derive(Debug)]
+pub struct Shared {
+    config: Config,
+    pool: PgPool,
+    master: Arc<MasterKey>,
+    keys: Devices,
+    metrics: Metrics,
+    instance: Uuid,
+    actor: String,
+    /// namespace id -> (endpoint, connection)
+    conns: tokio::sync::Mutex<HashMap<i64, (String, Namespace)>>,
+    ensured: tokio::sync::Mutex<HashSet<(i64, String)>>,
+    names: RwLock<HashMap<i64, String>>,
+    groups: RwLock<HashMap<i64, String>>,
+}
+
+impl Shared {
+    fn namespace_name(&self, id: i64) -> String {
+        self.names
+            .read()
+            .ok()
+            .and_then(|n| n.get(&id).cloned())
+            .unwrap_or_else(|| format!("#{id}"))
+    }
+
+    fn group_name(&self, id: i64) -> Option<String> {
+        self.groups.read().ok()?.get(&id).cloned()
+    }
+
+    /// The connection to namespace `id`, made on first use.
+    async fn namespace(&self, id: i64) -> Result<Namespace, TransportError> {
+        let mut conns = self.conns.lock().await;
+        if let Some((_, ns)) = conns.get(&id) {
+            return Ok(ns.clone());
+        }
+        let routing = load_routing(&self.pool, &self.master).await.map_err(|e| {
+            TransportError::new(
+                georelay_transport::ErrorKind::Unreachable,
+                format!("control plane: {e}"),
+            )
+        })?;
+        let info = routing
+            .namespaces
+            .into_iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| {
+                TransportError::new(
+                    georelay_transport::ErrorKind::Rejected,
+                    format!("no namespace #{id}"),
+                )
+            })?;
+        let ns = Namespace::connect(
+            &info.transport,
+            &info.endpoint,
+            info.key_name.as_deref(),
+            info.key.clone(),
+            self.config.limits.clone(),
+        )
+        .await?;
+        ns.wait_connected(Duration::from_secs(1)).await;
+        conns.insert(id, (info.endpoint, ns.clone()));
+        Ok(ns)
+    }
+
+    async fn ensure_queue(
+        &self,
+        id: i64,
+        ns: &Namespace,
+        queue: &str,
+    ) -> Result<(), TransportError> {
+        let key = (id, queue.to_owned());
+        if self.ensured.lock().await.contains(&key) {
+            return Ok(());
+        }
+        ns.ensure_queue(queue).await?;
+        self.ensured.lock().await.insert(key);
+        Ok(())
+    }
+
+    /// Makes the next read of `queue` in every namespace start at its oldest
+    /// unacked message.
+    async fn forget_consumers(&self, queue: &str) {
+        let conns: Vec<Namespace> = self
+            .conns
+            .lock()
+            .await
+            .values()
+            .map(|(_, n)| n.clone())
+            .collect();
+        for ns in conns {
+            let _ = ns.nack(queue, Vec::new()).await;
+        }
+    }
+
+    /// Reloads names and drops connections whose endpoint changed.
+    async fn refresh(&self) -> Result<Vec<i64>, georelay_store::StoreError> {
+        let routing = load_routing(&self.pool, &self.master).await?;
+        {
+            let mut conns = self.conns.lock().await;
+            conns.retain(|id, (endpoint, _)| {
+                routing
+                    .namespaces
+                    .iter()
+                    .any(|n| n.id == *id && &n.endpoint == endpoint)
+            });
+        }
+        if let Ok(mut names) = self.names.write() {
+            *names = routing
+                .namespaces
+                .iter()
+                .map(|n| (n.id, n.name.clone()))
+                .collect();
+        }
+        if let Ok(mut groups) = self.groups.write() {
+            *groups = routing
+                .groups
+                .iter()
+                .map(|g| (g.id, g.name.clone()))
+                .collect();
+        }
+        Ok(routing.groups.iter().map(|g| g.id).collect())
+    }
+}
+
+/// Drains every group (one worker task each, started as groups appear) and
+/// serves `/healthz` and `/metrics` on `listener`, until `shutdown`.
+pub async fn run(
+    config: Config,
+    pool: PgPool,
+    master: MasterKey,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), DrainError> {
+    let master = Arc::new(master);
+    let instance = Uuid::new_v4();
+    let shared = Arc::new(Shared {
+        keys: Devices::new(pool.clone(), master.clone()),
+        metrics: Metrics::new()?,
+        actor: format!("drain:{instance}"),
+        instance,
+        conns: tokio::sync::Mutex::new(HashMap::new()),
+        ensured: tokio::sync::Mutex::new(HashSet::new()),
+        names: RwLock::new(HashMap::new()),
+        groups: RwLock::new(HashMap::new()),
+        config,
+        pool,
+        master,
+    });
+    instances::heartbeat(
+        &shared.pool,
+        instance,
+        Role::Drain,
+        shared.config.lease,
+        &[],
+    )
+    .await?;
+    let app = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/metrics", get(metrics))
+        .with_state(shared.clone());
+    let http_stop = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+    tracing::info!(%instance, "drain worker started");
+
+    let workers = TaskTracker::new();
+    let mut running = HashSet::new();
+    loop {
+        match shared.refresh().await {
+            Ok(groups) => {
+                for id in groups {
+                    if running.insert(id) {
+                        workers.spawn(GroupWorker::new(shared.clone(), id).run(shutdown.clone()));
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot reload groups"),
+        }
+        if let Err(e) = instances::heartbeat(
+            &shared.pool,
+            instance,
+            Role::Drain,
+            shared.config.lease * 3,
+            &[],
+        )
+        .await
+        {
+            tracing::debug!(error = %e, "drain heartbeat failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(shared.config.poll_interval) => {}
+        }
+    }
+    workers.close();
+    workers.wait().await;
+    let _ = instances::deregister(&shared.pool, instance).await;
+    let _ = http.await;
+    tracing::info!(%instance, "drain worker stopped");
+    Ok(())
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> String {
+    shared.metrics.render()
+}

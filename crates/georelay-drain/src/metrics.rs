@@ -1,0 +1,113 @@
+//! The worker's Prometheus metrics, declared once; labels are group and
+//! namespace names from the control plane and a fixed set of reasons.
+
+use prometheus::{
+    Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub rows_stored: IntCounter,
+    pub duplicates: IntCounter,
+    pub dead_letters: IntCounterVec,
+    pub batch_size: Histogram,
+    pub lag_seconds: GaugeVec,
+    pub drain_epoch: IntGaugeVec,
+    pub blocked_seconds: GaugeVec,
+    pub backlog: IntGaugeVec,
+    pub lease_held: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let rows_stored = IntCounter::new(
+            "georelay_drain_rows_stored_total",
+            "Telemetry rows inserted",
+        )?;
+        let duplicates = IntCounter::new(
+            "georelay_drain_duplicates_dropped_total",
+            "Records received again and dropped by the (device_id, seq) key",
+        )?;
+        let dead_letters = IntCounterVec::new(
+            Opts::new(
+                "georelay_drain_dead_letters_total",
+                "Records sent to dead_letters, by reason",
+            ),
+            &["reason"],
+        )?;
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "georelay_drain_batch_size_records",
+                "Records per stored batch",
+            )
+            .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0]),
+        )?;
+        let lag_seconds = GaugeVec::new(
+            Opts::new(
+                "georelay_drain_lag_seconds",
+                "Seconds from ingest's 202 to storage, for the last record stored",
+            ),
+            &["group"],
+        )?;
+        let drain_epoch = IntGaugeVec::new(
+            Opts::new("georelay_drain_epoch", "The trail epoch being drained"),
+            &["group"],
+        )?;
+        let blocked_seconds = GaugeVec::new(
+            Opts::new(
+                "georelay_drain_blocked_seconds",
+                "How long draining has waited on an unreachable namespace (0 when not blocked)",
+            ),
+            &["group"],
+        )?;
+        let backlog = IntGaugeVec::new(
+            Opts::new(
+                "georelay_drain_undrained_depth",
+                "Messages waiting in the queue of the epoch being drained",
+            ),
+            &["group", "namespace"],
+        )?;
+        let lease_held = IntGaugeVec::new(
+            Opts::new(
+                "georelay_drain_lease_held",
+                "1 while this worker is the group's active drainer",
+            ),
+            &["group"],
+        )?;
+        registry.register(Box::new(rows_stored.clone()))?;
+        registry.register(Box::new(duplicates.clone()))?;
+        registry.register(Box::new(dead_letters.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(lag_seconds.clone()))?;
+        registry.register(Box::new(drain_epoch.clone()))?;
+        registry.register(Box::new(blocked_seconds.clone()))?;
+        registry.register(Box::new(backlog.clone()))?;
+        registry.register(Box::new(lease_held.clone()))?;
+        Ok(Self {
+            registry,
+            rows_stored,
+            duplicates,
+            dead_letters,
+            batch_size,
+            lag_seconds,
+            drain_epoch,
+            blocked_seconds,
+            backlog,
+            lease_held,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

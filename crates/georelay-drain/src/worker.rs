@@ -1,0 +1,622 @@
+//! One group's drain loop: hold the lease, drain the oldest undrained trail
+//! epoch in queue order, follow the trail once an epoch is sealed and empty.
+//!
+//! Per batch: receive in queue order; cut the batch at the first message of
+//! a later epoch (a namespace can appear twice in a trail, A → B → A); open
+//! each envelope; store rows and dead letters in one transaction that checks
+//! the lease; commit; only then ack at the broker. A crash between commit and
+//! ack redelivers, and the `(device_id, seq)` key drops the copies.
+//!
+//! Strict order: while the namespace of the epoch being drained cannot be
+//! read, nothing newer is stored; the worker retries with back-off and says
+//! how long it has been blocked.
+
+use chrono::{DateTime, Utc};
+use georelay_core::{Envelope, RecordError};
+use georelay_store::control::Actor;
+use georelay_store::drain::{self, DeadLetter, LeaseToken, Position, Row};
+use georelay_store::routing::{self, Failover, Trouble};
+use georelay_store::StoreError;
+use georelay_transport::{Delivery, ErrorKind, Namespace, TransportError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+
+/// Why a step did not go on.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error("lost the drain lease")]
+    LeaseLost,
+    #[error("namespace: {0}")]
+    Broker(TransportError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What a step did.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Stored a batch (there may be more).
+    Stored,
+    /// The current epoch's queue is empty: nothing to do for now.
+    Idle,
+    /// An old epoch is empty but not sealed yet.
+    WaitingForSeal,
+    /// An old epoch was drained; the worker moved to the next.
+    Followed,
+}
+
+struct Blocked {
+    since: Instant,
+    namespace_id: i64,
+    epoch: i64,
+    declared: bool,
+}
+
+pub struct GroupWorker {
+    shared: Arc<Shared>,
+    group_id: i64,
+    lease: Option<LeaseToken>,
+    lease_renewed: Instant,
+    blocked: Option<Blocked>,
+    backoff: Duration,
+    last_sweep: Instant,
+    last_depth: Instant,
+    db_failing: bool,
+    /// Set when the lease was (re)taken: reads restart at the oldest unacked.
+    fresh_lease: bool,
+}
+
+impl GroupWorker {
+    pub fn new(shared: Arc<Shared>, group_id: i64) -> Self {
+        Self {
+            shared,
+            group_id,
+            lease: None,
+            lease_renewed: Instant::now(),
+            blocked: None,
+            backoff: Duration::from_millis(100),
+            last_sweep: Instant::now(),
+            last_depth: Instant::now(),
+            db_failing: false,
+            fresh_lease: false,
+        }
+    }
+
+    pub async fn run(mut self, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            let pause = self.turn().await;
+            if pause.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        // The batch in hand was committed and acked, or never acked: either
+        // way a standby may take over at once.
+        if let Some(lease) = self.lease.take() {
+            if let Err(e) = drain::release_lease(&self.shared.pool, &lease).await {
+                tracing::debug!(error = %e, "could not release the drain lease; it will lapse");
+            }
+        }
+    }
+
+    /// One turn of the loop; returns how long to pause before the next.
+    async fn turn(&mut self) -> Duration {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let Some(lease) = self.lease_or_standby().await else {
+            return config.standby_poll;
+        };
+        if let Some(pause) = self.renew_if_due(&lease).await {
+            return pause;
+        }
+        let Some(lease) = self.lease else {
+            return Duration::ZERO;
+        };
+        let position = match drain::position(&self.shared.pool, self.group_id).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return config.standby_poll,
+            Err(e) => return self.db_error(e),
+        };
+        if self.fresh_lease {
+            // Anything read under an earlier lease may have been stored by
+            // another worker since: start over at the oldest unacked message.
+            self.shared.forget_consumers(&position.queue).await;
+            self.fresh_lease = false;
+        }
+        self.shared
+            .metrics
+            .drain_epoch
+            .with_label_values(&[&position.group])
+            .set(position.drain_epoch);
+        let result = self.step(&lease, &position).await;
+        if result.is_ok() && self.db_failing {
+            tracing::info!(group = %position.group, "database answers again: draining");
+            self.db_failing = false;
+        }
+        match result {
+            Ok(step) => {
+                self.unblocked(&position);
+                self.backoff = Duration::from_millis(100);
+                if step != Step::Stored && self.last_sweep.elapsed() >= config.sweep_interval {
+                    self.sweep_leftovers(&lease, &position).await;
+                }
+                match step {
+                    // receive already waited for messages when idle
+                    Step::Stored | Step::Followed | Step::Idle => Duration::ZERO,
+                    Step::WaitingForSeal => config.seal_poll,
+                }
+            }
+            Err(StepError::LeaseLost) => {
+                tracing::warn!(group = %position.group, "lost the drain lease: standing by");
+                self.drop_lease(&position.group);
+                Duration::ZERO
+            }
+            Err(StepError::Store(e)) => self.db_error(e),
+            Err(StepError::Broker(e)) => self.blocked_on(&position, e).await,
+        }
+    }
+
+    async fn lease_or_standby(&mut self) -> Option<LeaseToken> {
+        if let Some(lease) = self.lease {
+            return Some(lease);
+        }
+        let config = &self.shared.config;
+        match drain::acquire_lease(
+            &self.shared.pool,
+            self.group_id,
+            self.shared.instance,
+            config.lease,
+        )
+        .await
+        {
+            Ok(Some(lease)) => {
+                tracing::info!(
+                    group_id = self.group_id,
+                    token = lease.token,
+                    "took the drain lease: draining"
+                );
+                self.lease = Some(lease);
+                self.lease_renewed = Instant::now();
+                self.fresh_lease = true;
+                self.set_lease_gauge(1);
+                Some(lease)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.db_error(e);
+                None
+            }
+        }
+    }
+
+    /// Renews the lease when a quarter of it has passed since the last
+    /// renewal (every stored batch renews it too). `Some(pause)` on a
+    /// database error.
+    async fn renew_if_due(&mut self, lease: &LeaseToken) -> Option<Duration> {
+        let length = self.shared.config.lease;
+        if self.lease_renewed.elapsed() < length / 4 {
+            return None;
+        }
+        match drain::renew_lease(&self.shared.pool, lease, length).await {
+            Ok(true) => self.lease_renewed = Instant::now(),
+            Ok(false) => {
+                tracing::warn!(
+                    group_id = self.group_id,
+                    "lost the drain lease: standing by"
+                );
+                self.lease = None;
+                self.set_lease_gauge(0);
+            }
+            Err(e) => return Some(self.db_error(e)),
+        }
+        None
+    }
+
+    fn drop_lease(&mut self, group: &str) {
+        self.lease = None;
+        self.shared
+            .metrics
+            .lease_held
+            .with_label_values(&[group])
+            .set(0);
+    }
+
+    fn set_lease_gauge(&self, v: i64) {
+        if let Some(name) = self.shared.group_name(self.group_id) {
+            self.shared
+                .metrics
+                .lease_held
+                .with_label_values(&[&name])
+                .set(v);
+        }
+    }
+
+    fn db_error(&mut self, e: StoreError) -> Duration {
+        if !self.db_failing {
+            tracing::warn!(group_id = self.group_id, error = %e, "database unavailable: acking nothing, retrying");
+            self.db_failing = true;
+        }
+        self.next_backoff()
+    }
+
+    fn next_backoff(&mut self) -> Duration {
+        let b = self.backoff;
+        // Never sleep through the lease: it is renewed between turns.
+        let cap = (self.shared.config.lease / 4).min(Duration::from_secs(5));
+        self.backoff = (self.backoff * 2).min(cap);
+        b
+    }
+
+    async fn step(&mut self, lease: &LeaseToken, pos: &Position) -> Result<Step, StepError> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let ns = self
+            .shared
+            .namespace(pos.drain_namespace_id)
+            .await
+            .map_err(StepError::Broker)?;
+        self.shared
+            .ensure_queue(pos.drain_namespace_id, &ns, &pos.queue)
+            .await
+            .map_err(StepError::Broker)?;
+        let old_epoch = pos.drain_epoch < pos.epoch;
+        if self.last_depth.elapsed() >= Duration::from_secs(2) {
+            self.last_depth = Instant::now();
+            if let Ok(depth) = ns.depth(&pos.queue).await {
+                self.shared
+                    .metrics
+                    .backlog
+                    .with_label_values(&[
+                        &pos.group,
+                        &self.shared.namespace_name(pos.drain_namespace_id),
+                    ])
+                    .set(i64::try_from(depth).unwrap_or(i64::MAX));
+            }
+        }
+        // An old epoch that is sealed needs no waiting for more messages.
+        let wait = if old_epoch {
+            Duration::from_millis(50)
+        } else {
+            config.receive_wait
+        };
+        let mut batch = ns
+            .receive(&pos.queue, config.batch_size, wait)
+            .await
+            .map_err(StepError::Broker)?;
+        let cut = batch
+            .iter()
+            .position(|d| {
+                Envelope::decode(&d.payload).is_ok_and(|e| e.epoch > pos.drain_epoch as u64)
+            })
+            .unwrap_or(batch.len());
+        let later = batch.split_off(cut);
+        let reached_later_epoch = !later.is_empty();
+        if reached_later_epoch {
+            ns.nack(&pos.queue, later)
+                .await
+                .map_err(StepError::Broker)?;
+        }
+        if !batch.is_empty() {
+            self.store(lease, pos, &ns, batch).await?;
+            if !reached_later_epoch {
+                return Ok(Step::Stored);
+            }
+        }
+        if !old_epoch {
+            return Ok(Step::Idle);
+        }
+        // An old epoch: once sealed (no sender can still write to it) and
+        // empty, follow the trail.
+        let sealed = drain::seal_if_ready(
+            &self.shared.pool,
+            self.group_id,
+            pos.drain_epoch,
+            config.seal_grace,
+            config.publish_deadline,
+        )
+        .await?;
+        if !sealed {
+            return Ok(Step::WaitingForSeal);
+        }
+        if !reached_later_epoch {
+            // Sealed now: anything that landed before the seal is in the
+            // queue. Look once more, then count what is left.
+            let again = ns
+                .receive(&pos.queue, config.batch_size, Duration::from_millis(50))
+                .await
+                .map_err(StepError::Broker)?;
+            if !again.is_empty() {
+                ns.nack(&pos.queue, again)
+                    .await
+                    .map_err(StepError::Broker)?;
+                return Ok(Step::Stored);
+            }
+            if ns.depth(&pos.queue).await.map_err(StepError::Broker)? > 0 {
+                return Ok(Step::Stored);
+            }
+        }
+        // Let the next epoch's reads start at its oldest message.
+        ns.nack(&pos.queue, Vec::new())
+            .await
+            .map_err(StepError::Broker)?;
+        let actor = Actor {
+            actor: self.shared.actor.clone(),
+            reason: Some(format!("epoch {} drained", pos.drain_epoch)),
+        };
+        match drain::follow_trail(
+            &self.shared.pool,
+            lease,
+            config.lease,
+            pos.drain_epoch,
+            &actor,
+        )
+        .await?
+        {
+            None => Err(StepError::LeaseLost),
+            Some(to) => {
+                tracing::info!(
+                    group = %pos.group,
+                    drained = pos.drain_epoch,
+                    from = %self.shared.namespace_name(pos.drain_namespace_id),
+                    to = %self.shared.namespace_name(to),
+                    "epoch drained: following the senders"
+                );
+                Ok(Step::Followed)
+            }
+        }
+    }
+
+    /// Opens, stores (one transaction, lease checked) and acks one batch.
+    async fn store(
+        &mut self,
+        lease: &LeaseToken,
+        pos: &Position,
+        ns: &Namespace,
+        batch: Vec<Delivery>,
+    ) -> Result<(), StepError> {
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        for d in &batch {
+            match self.open(d).await {
+                Ok(Ok(row)) => rows.push(row),
+                Ok(Err(letter)) => dead.push(letter),
+                Err(e) => {
+                    ns.nack(&pos.queue, batch)
+                        .await
+                        .map_err(StepError::Broker)?;
+                    return Err(e.into());
+                }
+            }
+        }
+        let config = &self.shared.config;
+        let stored = drain::store_batch(
+            &self.shared.pool,
+            lease,
+            config.lease,
+            pos.drain_namespace_id,
+            pos.drain_epoch,
+            &rows,
+            &dead,
+        )
+        .await;
+        let stored = match stored {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                ns.nack(&pos.queue, batch)
+                    .await
+                    .map_err(StepError::Broker)?;
+                return Err(StepError::LeaseLost);
+            }
+            Err(e) => {
+                ns.nack(&pos.queue, batch)
+                    .await
+                    .map_err(StepError::Broker)?;
+                return Err(e.into());
+            }
+        };
+        self.lease_renewed = Instant::now();
+        let m = &self.shared.metrics;
+        m.rows_stored.inc_by(stored.inserted);
+        m.duplicates.inc_by(stored.duplicates);
+        m.batch_size.observe(batch.len() as f64);
+        for d in &dead {
+            m.dead_letters.with_label_values(&[d.reason]).inc();
+            tracing::warn!(group = %pos.group, reason = d.reason, message_id = ?d.message_id, "record dead-lettered");
+        }
+        if let Some(last) = rows.last() {
+            let lag = (Utc::now() - last.received_at).num_milliseconds() as f64 / 1000.0;
+            m.lag_seconds
+                .with_label_values(&[&pos.group])
+                .set(lag.max(0.0));
+        }
+        // Committed: now the broker may forget them. A failed ack only
+        // redelivers what the key will drop.
+        if let Err(e) = ns.ack(batch).await {
+            tracing::debug!(error = %e, "ack failed after commit; the records will come again and be dropped");
+            ns.nack(&pos.queue, Vec::new())
+                .await
+                .map_err(StepError::Broker)?;
+        }
+        Ok(())
+    }
+
+    /// A row, or the dead letter for a message that can never be stored.
+    /// `Err` only for a database outage (not the message's fault).
+    async fn open(&self, d: &Delivery) -> Result<Result<Row, DeadLetter>, StoreError> {
+        let letter = |reason: &'static str,
+                      detail: String,
+                      device: Option<String>,
+                      seq: Option<i64>| DeadLetter {
+            message_id: d.id.clone(),
+            device_id: device,
+            seq,
+            reason,
+            detail,
+            raw: d.payload.to_vec(),
+        };
+        let envelope = match Envelope::decode(&d.payload) {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(letter("undecodable", e.to_string(), None, None))),
+        };
+        let device = envelope.device.to_string();
+        let seq = i64::try_from(envelope.record.seq).ok();
+        let Some(auth) = self.shared.keys.get(&device).await? else {
+            return Ok(Err(letter(
+                "unknown_device",
+                "no such device".into(),
+                Some(device),
+                seq,
+            )));
+        };
+        match envelope.record.open_object(&auth.key, &envelope.device) {
+            Ok(object) => Ok(Ok(Row {
+                device_id: device,
+                seq: seq.unwrap_or(i64::MAX),
+                epoch: i64::try_from(envelope.epoch).unwrap_or(i64::MAX),
+                payload: serde_json::Value::Object(object).to_string(),
+                received_at: DateTime::from_timestamp_micros(envelope.received_at_micros)
+                    .unwrap_or_else(Utc::now),
+            })),
+            Err(RecordError::Authentication) => Ok(Err(letter(
+                "bad_tag",
+                "record does not authenticate".into(),
+                Some(device),
+                seq,
+            ))),
+            Err(e) => Ok(Err(letter(
+                "not_json_object",
+                e.to_string(),
+                Some(device),
+                seq,
+            ))),
+        }
+    }
+
+    async fn blocked_on(&mut self, pos: &Position, e: TransportError) -> Duration {
+        let name = self.shared.namespace_name(pos.drain_namespace_id);
+        let now = Instant::now();
+        let b = match &mut self.blocked {
+            Some(b) if b.namespace_id == pos.drain_namespace_id && b.epoch == pos.drain_epoch => b,
+            _ => {
+                tracing::warn!(group = %pos.group, epoch = pos.drain_epoch, namespace = %name, error = %e,
+                    "drain blocked: cannot read the epoch being drained; newer records wait (strict order)");
+                self.blocked.insert(Blocked {
+                    since: now,
+                    namespace_id: pos.drain_namespace_id,
+                    epoch: pos.drain_epoch,
+                    declared: false,
+                })
+            }
+        };
+        let blocked_for = now - b.since;
+        self.shared
+            .metrics
+            .blocked_seconds
+            .with_label_values(&[&pos.group])
+            .set(blocked_for.as_secs_f64());
+        // The worker, too, may declare the senders' namespace troubled.
+        let senders_here =
+            pos.drain_namespace_id == pos.sender_namespace_id && pos.drain_epoch == pos.epoch;
+        let config = &self.shared.config;
+        if senders_here
+            && !b.declared
+            && blocked_for >= config.declare_trouble_after
+            && e.kind() != ErrorKind::Rejected
+        {
+            b.declared = true;
+            let actor = Actor {
+                actor: self.shared.actor.clone(),
+                reason: Some(format!(
+                    "drain cannot read namespace {name} for {blocked_for:?}"
+                )),
+            };
+            match routing::fail_over(
+                &self.shared.pool,
+                self.group_id,
+                pos.drain_namespace_id,
+                Trouble::Down,
+                &[],
+                config.failover_cooldown,
+                &actor,
+            )
+            .await
+            {
+                Ok(Failover::Moved {
+                    namespace_id,
+                    epoch,
+                }) => tracing::warn!(
+                    group = %pos.group, from = %name, to = %self.shared.namespace_name(namespace_id), epoch,
+                    "worker moved the senders away from an unreadable namespace"
+                ),
+                Ok(other) => {
+                    tracing::info!(group = %pos.group, outcome = ?other, "worker declared trouble")
+                }
+                Err(e) => {
+                    tracing::warn!(group = %pos.group, error = %e, "could not declare trouble")
+                }
+            }
+        }
+        self.next_backoff()
+    }
+
+    fn unblocked(&mut self, pos: &Position) {
+        if let Some(b) = self.blocked.take() {
+            tracing::info!(group = %pos.group, namespace = %self.shared.namespace_name(b.namespace_id),
+                blocked_for = ?b.since.elapsed(), "drain resumed");
+            self.shared
+                .metrics
+                .blocked_seconds
+                .with_label_values(&[&pos.group])
+                .set(0.0);
+        }
+    }
+
+    /// Stores leftovers from drained namespaces that are reachable: publishes
+    /// that timed out but landed after the epoch was drained. The key drops
+    /// those already stored. An unreachable one is skipped until next time.
+    async fn sweep_leftovers(&mut self, lease: &LeaseToken, pos: &Position) {
+        self.last_sweep = Instant::now();
+        let drained = match drain::drained_namespaces(&self.shared.pool, self.group_id).await {
+            Ok(d) => d,
+            Err(_) => return,
+        };
+        for namespace_id in drained {
+            let Ok(ns) = self.shared.namespace(namespace_id).await else {
+                continue;
+            };
+            if !ns.depth(&pos.queue).await.is_ok_and(|d| d > 0) {
+                continue;
+            }
+            let Ok(batch) = ns
+                .receive(
+                    &pos.queue,
+                    self.shared.config.batch_size,
+                    Duration::from_millis(50),
+                )
+                .await
+            else {
+                continue;
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let count = batch.len();
+            let leftover = Position {
+                drain_namespace_id: namespace_id,
+                ..pos.clone()
+            };
+            match self.store(lease, &leftover, &ns, batch).await {
+                Ok(()) => {
+                    tracing::info!(group = %pos.group, namespace = %self.shared.namespace_name(namespace_id), count, "swept leftovers from a drained namespace")
+                }
+                Err(e) => tracing::debug!(error = %e, "leftover sweep failed; will try again"),
+            }
+        }
+    }
+}

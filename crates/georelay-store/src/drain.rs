@@ -1,0 +1,331 @@
+//! The drain worker's queries: its lease per group (with a fencing token,
+//! checked inside every transaction that writes), where it is on the trail,
+//! the seal barrier, storing a batch, and following the trail.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::control::{set_actor, Actor};
+use crate::StoreError;
+
+/// A held lease: only writes that present it (and find it still valid) commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseToken {
+    pub group_id: i64,
+    pub instance: Uuid,
+    pub token: i64,
+}
+
+/// Takes the group's lease if it is free or has lapsed. `None`: another
+/// worker holds it.
+pub async fn acquire_lease(
+    pool: &PgPool,
+    group_id: i64,
+    instance: Uuid,
+    lease: Duration,
+) -> Result<Option<LeaseToken>, StoreError> {
+    let token: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO drain_leases (group_id, instance_id, token, lease_until)
+         VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3))
+         ON CONFLICT (group_id) DO UPDATE
+             SET instance_id = EXCLUDED.instance_id, token = drain_leases.token + 1,
+                 acquired_at = clock_timestamp(), lease_until = EXCLUDED.lease_until
+             WHERE drain_leases.lease_until < clock_timestamp()
+         RETURNING token",
+    )
+    .bind(group_id)
+    .bind(instance)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(token.map(|token| LeaseToken {
+        group_id,
+        instance,
+        token,
+    }))
+}
+
+/// Renews the lease; false if it was lost (lapsed, or taken over).
+pub async fn renew_lease(
+    pool: &PgPool,
+    lease: &LeaseToken,
+    length: Duration,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let held = check_lease(&mut tx, lease, length).await?;
+    tx.commit().await?;
+    Ok(held)
+}
+
+/// Inside a writing transaction: locks the lease row, checks that `lease` is
+/// still the valid holder, and extends it.
+async fn check_lease(
+    tx: &mut Transaction<'_, Postgres>,
+    lease: &LeaseToken,
+    length: Duration,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE drain_leases SET lease_until = clock_timestamp() + make_interval(secs => $4)
+         WHERE group_id = $1 AND instance_id = $2 AND token = $3 AND lease_until > clock_timestamp()",
+    )
+    .bind(lease.group_id)
+    .bind(lease.instance)
+    .bind(lease.token)
+    .bind(length.as_secs_f64())
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Lets a standby take over at once (clean shutdown).
+pub async fn release_lease(pool: &PgPool, lease: &LeaseToken) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE drain_leases SET lease_until = clock_timestamp() - interval '1 millisecond'
+         WHERE group_id = $1 AND instance_id = $2 AND token = $3",
+    )
+    .bind(lease.group_id)
+    .bind(lease.instance)
+    .bind(lease.token)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Where a group's worker stands.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Position {
+    pub group_id: i64,
+    pub group: String,
+    pub queue: String,
+    /// The senders' epoch and namespace.
+    pub epoch: i64,
+    pub sender_namespace_id: i64,
+    /// The oldest undrained trail epoch and its namespace.
+    pub drain_epoch: i64,
+    pub drain_namespace_id: i64,
+}
+
+pub async fn position(pool: &PgPool, group_id: i64) -> Result<Option<Position>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT g.id AS group_id, g.name AS \"group\", g.queue, g.epoch, g.sender_namespace_id,
+                t.epoch AS drain_epoch, t.namespace_id AS drain_namespace_id
+         FROM routing_groups g
+         JOIN LATERAL (SELECT epoch, namespace_id FROM routing_trail
+                       WHERE group_id = g.id AND drained_at IS NULL
+                       ORDER BY epoch LIMIT 1) t ON true
+         WHERE g.id = $1",
+    )
+    .bind(group_id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// The seal barrier (DESIGN.md "Worker", step 3): epoch `epoch` of the group
+/// is sealed when the senders are past it, `grace` has passed since they
+/// moved on, and no ingest instance that may still be publishing (lease not
+/// lapsed by more than `publish_deadline`) acknowledges `epoch` or older — an
+/// instance with no acknowledgement for the group counts as older. When
+/// sealed, `sealed_at` is set (once).
+pub async fn seal_if_ready(
+    pool: &PgPool,
+    group_id: i64,
+    epoch: i64,
+    grace: Duration,
+    publish_deadline: Duration,
+) -> Result<bool, StoreError> {
+    let sealed: Option<bool> = sqlx::query_scalar(
+        "SELECT g.epoch > $2
+                AND now() >= (SELECT opened_at FROM routing_trail WHERE group_id = $1 AND epoch = $2 + 1)
+                              + make_interval(secs => $3)
+                AND NOT EXISTS (
+                    SELECT 1 FROM instances i
+                    LEFT JOIN instance_epochs e ON e.instance_id = i.id AND e.group_id = $1
+                    WHERE i.role = 'ingest'
+                      AND i.lease_until + make_interval(secs => $4) > now()
+                      AND coalesce(e.epoch, 0) <= $2)
+         FROM routing_groups g WHERE g.id = $1",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .bind(grace.as_secs_f64())
+    .bind(publish_deadline.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    let sealed = sealed.unwrap_or(false);
+    if sealed {
+        sqlx::query(
+            "UPDATE routing_trail SET sealed_at = now()
+             WHERE group_id = $1 AND epoch = $2 AND sealed_at IS NULL",
+        )
+        .bind(group_id)
+        .bind(epoch)
+        .execute(pool)
+        .await?;
+    }
+    Ok(sealed)
+}
+
+/// One decrypted record to store.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub device_id: String,
+    pub seq: i64,
+    /// The epoch it was published under (from its envelope)
+    pub epoch: i64,
+    /// The JSON object, as text
+    pub payload: String,
+    pub received_at: DateTime<Utc>,
+}
+
+/// A record that can never be stored.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub message_id: Option<String>,
+    pub device_id: Option<String>,
+    pub seq: Option<i64>,
+    pub reason: &'static str,
+    pub detail: String,
+    pub raw: Vec<u8>,
+}
+
+/// What storing a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub inserted: u64,
+    pub duplicates: u64,
+    pub dead_letters: u64,
+}
+
+/// Stores `rows` (in order: `store_order` follows it), received from
+/// `namespace_id`, and `dead` (received while draining `epoch`) in one
+/// transaction that first checks the lease. `Ok(None)`: the lease is lost,
+/// nothing was written. Rows already stored are skipped (`ON CONFLICT DO
+/// NOTHING` on `(device_id, seq)`).
+pub async fn store_batch(
+    pool: &PgPool,
+    lease: &LeaseToken,
+    lease_length: Duration,
+    namespace_id: i64,
+    epoch: i64,
+    rows: &[Row],
+    dead: &[DeadLetter],
+) -> Result<Option<Stored>, StoreError> {
+    let mut tx = pool.begin().await?;
+    if !check_lease(&mut tx, lease, lease_length).await? {
+        return Ok(None);
+    }
+    let mut inserted = 0;
+    if !rows.is_empty() {
+        let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+        let received: Vec<DateTime<Utc>> = rows.iter().map(|r| r.received_at).collect();
+        let epochs: Vec<i64> = rows.iter().map(|r| r.epoch).collect();
+        inserted = sqlx::query(
+            "INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
+             SELECT d, s, p::jsonb, r, $5, e
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $6::bigint[])
+                  WITH ORDINALITY AS u(d, s, p, r, e, n)
+             ORDER BY n
+             ON CONFLICT (device_id, seq) DO NOTHING",
+        )
+        .bind(&devices)
+        .bind(&seqs)
+        .bind(&payloads)
+        .bind(&received)
+        .bind(namespace_id)
+        .bind(&epochs)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+    for d in dead {
+        sqlx::query(
+            "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(lease.group_id)
+        .bind(namespace_id)
+        .bind(epoch)
+        .bind(&d.message_id)
+        .bind(&d.device_id)
+        .bind(d.seq)
+        .bind(d.reason)
+        .bind(&d.detail)
+        .bind(&d.raw)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Some(Stored {
+        inserted,
+        duplicates: rows.len() as u64 - inserted,
+        dead_letters: dead.len() as u64,
+    }))
+}
+
+/// Marks `epoch` drained and moves the worker to the next epoch's namespace,
+/// with a `drain_followed` audit event, in one transaction that checks the
+/// lease. Returns the next epoch's namespace, or `None` if the lease is lost.
+pub async fn follow_trail(
+    pool: &PgPool,
+    lease: &LeaseToken,
+    lease_length: Duration,
+    epoch: i64,
+    actor: &Actor,
+) -> Result<Option<i64>, StoreError> {
+    let mut tx = pool.begin().await?;
+    if !check_lease(&mut tx, lease, lease_length).await? {
+        return Ok(None);
+    }
+    set_actor(&mut tx, actor).await?;
+    let group_id = lease.group_id;
+    let from: i64 = sqlx::query_scalar(
+        "UPDATE routing_trail SET sealed_at = coalesce(sealed_at, now()), drained_at = now()
+         WHERE group_id = $1 AND epoch = $2 AND drained_at IS NULL RETURNING namespace_id",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .fetch_one(&mut *tx)
+    .await?;
+    let to: i64 = sqlx::query_scalar(
+        "SELECT namespace_id FROM routing_trail WHERE group_id = $1 AND epoch = $2",
+    )
+    .bind(group_id)
+    .bind(epoch + 1)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE routing_groups SET drain_namespace_id = $2 WHERE id = $1")
+        .bind(group_id)
+        .bind(to)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO failover_events (group_id, kind, from_namespace_id, to_namespace_id, epoch, actor, reason)
+         VALUES ($1, 'drain_followed', $2, $3, $4, georelay_actor(), georelay_reason())",
+    )
+    .bind(group_id)
+    .bind(from)
+    .bind(to)
+    .bind(epoch + 1)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(to))
+}
+
+/// Namespaces the group's trail has drained and no undrained epoch uses:
+/// where leftovers (publishes that timed out but landed) may turn up.
+pub async fn drained_namespaces(pool: &PgPool, group_id: i64) -> Result<Vec<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT namespace_id FROM routing_trail
+         WHERE group_id = $1 AND drained_at IS NOT NULL
+           AND namespace_id NOT IN (SELECT namespace_id FROM routing_trail
+                                    WHERE group_id = $1 AND drained_at IS NULL)",
+    )
+    .bind(group_id)
+    .fetch_all(pool)
+    .await?)
+}

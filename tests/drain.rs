@@ -1,0 +1,365 @@
+//! The drain worker end to end: the real `georelay drain` binary against a
+//! real PostgreSQL and real `nats-server` regions. Backlogs are published
+//! straight to the regions' queues (as ingest would), so each test controls
+//! exactly what is where.
+
+use bytes::Bytes;
+use georelay_testkit::{wait_until, Service, Stack, TestDevice, QUEUE};
+use georelay_transport::{Limits, Namespace};
+use std::time::Duration;
+
+/// Short grace so epochs seal quickly when no ingest instance is running.
+const DRAIN_ARGS: &[&str] = &[
+    "--publish-deadline",
+    "200ms",
+    "--ingest-lease",
+    "300ms",
+    "--lease",
+    "2s",
+];
+
+async fn connect(url: &str) -> Namespace {
+    let ns = Namespace::connect("nats", url, None, None, Limits::default())
+        .await
+        .unwrap();
+    assert!(ns.wait_connected(Duration::from_secs(5)).await);
+    ns.ensure_queue(QUEUE).await.unwrap();
+    ns
+}
+
+/// Publishes `seqs` of each device to a region's queue under `epoch`, in seq
+/// order per device, devices interleaved.
+async fn publish(
+    url: &str,
+    devices: &[TestDevice],
+    seqs: std::ops::RangeInclusive<u64>,
+    epoch: u64,
+) {
+    let ns = connect(url).await;
+    let mut items: Vec<(String, Bytes)> = Vec::new();
+    for seq in seqs {
+        for d in devices {
+            items.push((d.id.record_id(seq), d.envelope(seq, epoch).encode()));
+        }
+    }
+    for chunk in items.chunks(1000) {
+        ns.publish_batch(QUEUE, chunk).await.unwrap();
+    }
+}
+
+async fn devices(stack: &Stack, n: usize) -> Vec<TestDevice> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(stack.device(&format!("plug-{i:03}")).await.unwrap());
+    }
+    out
+}
+
+async fn stored(stack: &Stack) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM telemetry")
+        .fetch_one(stack.db.pool())
+        .await
+        .unwrap()
+}
+
+async fn wait_stored(stack: &Stack, n: i64, timeout: Duration) {
+    let ok = wait_until(timeout, || async { stored(stack).await >= n }).await;
+    assert!(
+        ok,
+        "only {} of {n} rows stored within {timeout:?}",
+        stored(stack).await
+    );
+    assert_eq!(stored(stack).await, n, "more rows than records");
+}
+
+/// Per device, store order follows seq, and seqs are exactly 1..=n.
+async fn assert_in_order(stack: &Stack, per_device: i64) {
+    let bad: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT device_id, seq, store_order FROM (
+             SELECT device_id, seq, store_order,
+                    lag(seq) OVER (PARTITION BY device_id ORDER BY store_order) AS prev
+             FROM telemetry) t
+         WHERE prev IS NOT NULL AND seq <> prev + 1
+         LIMIT 5",
+    )
+    .fetch_all(stack.db.pool())
+    .await
+    .unwrap();
+    assert!(bad.is_empty(), "store order does not follow seq: {bad:?}");
+    let wrong: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT device_id, min(seq), max(seq) FROM telemetry GROUP BY device_id
+         HAVING min(seq) <> 1 OR max(seq) <> $1 OR count(*) <> $1",
+    )
+    .bind(per_device)
+    .fetch_all(stack.db.pool())
+    .await
+    .unwrap();
+    assert!(wrong.is_empty(), "missing or extra seqs: {wrong:?}");
+}
+
+async fn undrained(stack: &Stack) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT epoch FROM routing_trail WHERE group_id = $1 AND drained_at IS NULL ORDER BY epoch",
+    )
+    .bind(stack.group_id)
+    .fetch_all(stack.db.pool())
+    .await
+    .unwrap()
+}
+
+async fn metric(service: &Service, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", service.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_backlog_in_a_is_stored_before_anything_from_b_in_per_device_order() {
+    let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let devices = devices(&stack, 20).await;
+    publish(&stack.regions[0].url(), &devices, 1..=150, 1).await;
+    stack.move_senders(1).await.unwrap();
+    publish(&stack.regions[1].url(), &devices, 151..=200, 2).await;
+    let worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 4000, Duration::from_secs(60)).await;
+    assert_in_order(&stack, 200).await;
+    let (a_last, b_first): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT max(store_order) FROM telemetry WHERE epoch = 1),
+                (SELECT min(store_order) FROM telemetry WHERE epoch = 2)",
+    )
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap();
+    assert!(a_last < b_first, "all of A before any of B");
+    let by_namespace: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT namespace_id, epoch, count(*) FROM telemetry GROUP BY 1, 2 ORDER BY 2",
+    )
+    .fetch_all(stack.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        by_namespace,
+        vec![
+            (stack.namespace_ids[0], 1, 3000),
+            (stack.namespace_ids[1], 2, 1000)
+        ]
+    );
+    assert_eq!(
+        undrained(&stack).await,
+        vec![2],
+        "the trail ends drained up to B"
+    );
+    let (drain_ns, followed): (i64, i64) = sqlx::query_as(
+        "SELECT drain_namespace_id, (SELECT count(*) FROM failover_events
+                                      WHERE kind = 'drain_followed' AND actor LIKE 'drain:%')
+         FROM routing_groups WHERE id = $1",
+    )
+    .bind(stack.group_id)
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap();
+    assert_eq!((drain_ns, followed), (stack.namespace_ids[1], 1));
+    assert_eq!(
+        metric(&worker, "georelay_drain_rows_stored_total").await,
+        4000.0
+    );
+    assert_eq!(
+        connect(&stack.regions[0].url())
+            .await
+            .depth(QUEUE)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_dead_old_region_blocks_the_drain_until_it_returns() {
+    let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let devices = devices(&stack, 5).await;
+    publish(&stack.regions[0].url(), &devices, 1..=100, 1).await;
+    stack.move_senders(1).await.unwrap();
+    publish(&stack.regions[1].url(), &devices, 101..=120, 2).await;
+    stack.regions[0].kill();
+    let worker = stack.drain(DRAIN_ARGS).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            metric(&worker, "georelay_drain_blocked_seconds").await >= 2.0
+        })
+        .await,
+        "the worker reports how long it is blocked"
+    );
+    assert_eq!(stored(&stack).await, 0, "B's records wait for A's");
+    stack.regions[0].restart().unwrap();
+    wait_stored(&stack, 600, Duration::from_secs(60)).await;
+    assert_in_order(&stack, 120).await;
+    assert_eq!(undrained(&stack).await, vec![2]);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            metric(&worker, "georelay_drain_blocked_seconds").await == 0.0
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn kill_9_mid_batch_then_restart_loses_nothing_and_duplicates_nothing() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let devices = devices(&stack, 10).await;
+    publish(&stack.regions[0].url(), &devices, 1..=2000, 1).await;
+    let mut worker = stack
+        .drain(&[DRAIN_ARGS, &["--batch-size", "200"]].concat())
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            stored(&stack).await > 2000
+        })
+        .await
+    );
+    worker.kill();
+    let at_kill = stored(&stack).await;
+    assert!(at_kill < 20_000, "killed mid-backlog ({at_kill})");
+    let _again = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 20_000, Duration::from_secs(90)).await;
+    assert_in_order(&stack, 2000).await;
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_when_the_active_worker_dies() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let devices = devices(&stack, 10).await;
+    let mut first = stack.drain(DRAIN_ARGS).unwrap();
+    let mut second = stack.drain(DRAIN_ARGS).unwrap();
+    publish(&stack.regions[0].url(), &devices, 1..=50, 1).await;
+    wait_stored(&stack, 500, Duration::from_secs(30)).await;
+    let holders = metric(&first, "georelay_drain_lease_held").await
+        + metric(&second, "georelay_drain_lease_held").await;
+    assert_eq!(holders, 1.0, "one active drainer");
+    let (active, standby) = if metric(&first, "georelay_drain_lease_held").await == 1.0 {
+        (&mut first, &second)
+    } else {
+        (&mut second, &first)
+    };
+    active.kill();
+    publish(&stack.regions[0].url(), &devices, 51..=100, 1).await;
+    wait_stored(&stack, 1000, Duration::from_secs(30)).await;
+    assert_eq!(metric(standby, "georelay_drain_lease_held").await, 1.0);
+    assert_in_order(&stack, 100).await;
+}
+
+#[tokio::test]
+async fn poison_records_go_to_dead_letters_and_never_block_the_queue() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let good = stack.device("plug-good").await.unwrap();
+    let ns = connect(&stack.regions[0].url()).await;
+    let stranger = TestDevice::new("plug-nobody".parse().unwrap(), good.key.clone());
+    let mut tampered = good.envelope(3, 1);
+    tampered.record.ciphertext[0] ^= 1;
+    let mut array = good.envelope(4, 1);
+    array.record = good.seal(4, &serde_json::json!([1, 2]));
+    let items: Vec<(String, Bytes)> = vec![
+        ("plug-good/1".into(), good.envelope(1, 1).encode()),
+        ("junk".into(), Bytes::from_static(b"\x01not an envelope")),
+        ("plug-good/2".into(), good.envelope(2, 1).encode()),
+        ("plug-good/3".into(), tampered.encode()),
+        ("plug-good/4".into(), array.encode()),
+        ("plug-nobody/1".into(), stranger.envelope(1, 1).encode()),
+        ("plug-good/5".into(), good.envelope(5, 1).encode()),
+    ];
+    ns.publish_batch(QUEUE, &items).await.unwrap();
+    let worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 3, Duration::from_secs(30)).await;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM telemetry ORDER BY store_order")
+        .fetch_all(stack.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(seqs, vec![1, 2, 5]);
+    let dead: Vec<(String, Option<String>, Option<i64>, Vec<u8>)> =
+        sqlx::query_as("SELECT reason, device_id, seq, raw FROM dead_letters ORDER BY id")
+            .fetch_all(stack.db.pool())
+            .await
+            .unwrap();
+    let reasons: Vec<(&str, Option<&str>, Option<i64>)> = dead
+        .iter()
+        .map(|(r, d, s, _)| (r.as_str(), d.as_deref(), *s))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("undecodable", None, None),
+            ("bad_tag", Some("plug-good"), Some(3)),
+            ("not_json_object", Some("plug-good"), Some(4)),
+            ("unknown_device", Some("plug-nobody"), Some(1)),
+        ]
+    );
+    assert_eq!(
+        dead[0].3, b"\x01not an envelope",
+        "raw bytes kept as received"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            ns.depth(QUEUE).await.unwrap() == 0
+        })
+        .await
+    );
+    assert_eq!(
+        metric(
+            &worker,
+            "georelay_drain_dead_letters_total{reason=\"bad_tag\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_seal_barrier_holds_while_an_ingest_instance_still_acknowledges_the_old_epoch() {
+    let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let devices = devices(&stack, 2).await;
+    // An ingest instance, alive, still on epoch 1.
+    let pool = stack.db.pool();
+    sqlx::query("INSERT INTO instances (id, role, hostname, lease_until) VALUES ('00000000-0000-0000-0000-000000000001', 'ingest', 'test', now() + interval '1 hour')")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO instance_epochs (instance_id, group_id, epoch) VALUES ('00000000-0000-0000-0000-000000000001', $1, 1)")
+        .bind(stack.group_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    publish(&stack.regions[0].url(), &devices, 1..=10, 1).await;
+    stack.move_senders(1).await.unwrap();
+    publish(&stack.regions[1].url(), &devices, 11..=20, 2).await;
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 20, Duration::from_secs(30)).await;
+    // A's queue is empty, but epoch 1 is not sealed: B waits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stored(&stack).await, 20, "only A's records");
+    assert_eq!(undrained(&stack).await, vec![1, 2]);
+    let sealed: bool = sqlx::query_scalar(
+        "SELECT sealed_at IS NOT NULL FROM routing_trail WHERE group_id = $1 AND epoch = 1",
+    )
+    .bind(stack.group_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(
+        !sealed,
+        "epoch 1 is not sealed while an instance acknowledges it"
+    );
+    // The instance acknowledges epoch 2: the worker seals, drains, follows.
+    sqlx::query("UPDATE instance_epochs SET epoch = 2")
+        .execute(pool)
+        .await
+        .unwrap();
+    wait_stored(&stack, 40, Duration::from_secs(30)).await;
+    assert_in_order(&stack, 20).await;
+    assert_eq!(undrained(&stack).await, vec![2]);
+}
