@@ -281,7 +281,8 @@ async fn poison_records_go_to_dead_letters_and_never_block_the_queue() {
         .await
         .unwrap();
     assert_eq!(seqs, vec![1, 2, 5]);
-    let dead: Vec<(String, Option<String>, Option<i64>, Vec<u8>)> =
+    type Letter = (String, Option<String>, Option<i64>, Vec<u8>);
+    let dead: Vec<Letter> =
         sqlx::query_as("SELECT reason, device_id, seq, raw FROM dead_letters ORDER BY id")
             .fetch_all(stack.db.pool())
             .await

@@ -1,0 +1,218 @@
+//! Drain benchmark: the real worker (in process, real PostgreSQL, real
+//! `nats-server`) storing a pre-filled queue, beside raw PostgreSQL inserts
+//! of the same rows measured in the same run; then end-to-end lag under a
+//! steady publish rate.
+//!
+//!     cargo bench -p georelay-drain --bench drain
+//!     BENCH_RECORDS=200000 BENCH_RATE=20000 cargo bench -p georelay-drain --bench drain
+//!
+//! Prints: raw multi-row INSERT rows/s (500-row statements into telemetry
+//! itself, emptied afterwards), drain rows/s from a full queue and its ratio to raw; then, with
+//! records published at BENCH_RATE/s for BENCH_SECONDS, the queue depth each
+//! second and the p50/p99 of stored_at - received_at.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use georelay_core::{DeviceId, MasterKey};
+use georelay_store::control::{self, Actor, NewNamespace, Transport};
+use georelay_testkit::{master_key_b64, NatsRegion, TestDb, TestDevice};
+use georelay_transport::{Limits, Namespace};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const QUEUE: &str = "telemetry";
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn count(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM telemetry")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::main]
+async fn main() {
+    let records = env("BENCH_RECORDS", 100_000);
+    let devices_n = env("BENCH_DEVICES", 50);
+    let rate = env("BENCH_RATE", 15_000);
+    let seconds = env("BENCH_SECONDS", 10);
+    println!("drain benchmark: {records} records from {devices_n} devices; then {rate} records/s for {seconds} s");
+
+    let region = NatsRegion::start("bench").unwrap();
+    let db = TestDb::migrated().await.unwrap();
+    let master = MasterKey::from_base64(&master_key_b64()).unwrap();
+    let ns_id = control::add_namespace(
+        db.pool(),
+        &master,
+        &NewNamespace {
+            name: "bench",
+            region: "bench",
+            transport: Transport::Nats,
+            endpoint: &region.url(),
+            priority: 10,
+            key_name: None,
+            key: None,
+        },
+    )
+    .await
+    .unwrap();
+    control::add_group(
+        db.pool(),
+        "g",
+        QUEUE,
+        "bench",
+        &Actor {
+            actor: "bench".into(),
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+    let mut devices = Vec::new();
+    for i in 0..devices_n {
+        let id = DeviceId::parse(&format!("bench-{i}")).unwrap();
+        let key = control::add_device(db.pool(), &master, &id, "g")
+            .await
+            .unwrap();
+        devices.push(TestDevice::new(id, key));
+    }
+    let per_device = (records / devices_n) as u64;
+    let total = per_device as usize * devices_n;
+
+    // Raw PostgreSQL: the same rows, 500 a statement, into telemetry itself
+    // (same keys, checks and foreign keys), then emptied again.
+    let rows: Vec<(String, i64, String)> = (1..=per_device)
+        .flat_map(|s| {
+            devices.iter().map(move |d| {
+                (
+                    d.id.to_string(),
+                    s as i64,
+                    serde_json::json!({"seq": s, "reading": s as f64 / 10.0}).to_string(),
+                )
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in rows.chunks(500) {
+        let d: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
+        let s: Vec<i64> = chunk.iter().map(|r| r.1).collect();
+        let p: Vec<&str> = chunk.iter().map(|r| r.2.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
+             SELECT d, s, p::jsonb, now(), $4, 1 FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(d, s, p)
+             ON CONFLICT (device_id, seq) DO NOTHING",
+        )
+        .bind(&d)
+        .bind(&s)
+        .bind(&p)
+        .bind(ns_id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
+    let raw_rate = total as f64 / started.elapsed().as_secs_f64();
+    println!("raw PostgreSQL insert (500-row statements) {raw_rate:>10.0} rows/s");
+    sqlx::query("TRUNCATE telemetry")
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    // Fill the queue.
+    let ns = Namespace::connect("nats", &region.url(), None, None, Limits::default())
+        .await
+        .unwrap();
+    assert!(ns.wait_connected(Duration::from_secs(5)).await);
+    ns.ensure_queue(QUEUE).await.unwrap();
+    let items: Vec<(String, Bytes)> = (1..=per_device)
+        .flat_map(|s| {
+            devices
+                .iter()
+                .map(move |d| (d.id.record_id(s), d.envelope(s, 1).encode()))
+        })
+        .collect();
+    for chunk in items.chunks(1000) {
+        ns.publish_batch(QUEUE, chunk).await.unwrap();
+    }
+
+    // Drain it.
+    let stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pool = georelay_store::connect(db.url(), 8).await.unwrap();
+    let worker = tokio::spawn(georelay_drain::run(
+        georelay_drain::Config::default(),
+        pool,
+        MasterKey::from_base64(&master_key_b64()).unwrap(),
+        listener,
+        stop.clone(),
+    ));
+    let started = Instant::now();
+    while count(&db).await < total as i64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain_rate = total as f64 / started.elapsed().as_secs_f64();
+    println!("drain from a full queue                   {drain_rate:>10.0} rows/s");
+    println!(
+        "drain / raw insert = {:.3} (target >= 0.50)",
+        drain_rate / raw_rate
+    );
+
+    // Steady publishing at `rate` while the worker drains.
+    println!("-- steady: {rate} records/s for {seconds} s");
+    let depth_ns = ns.clone();
+    let sampler = tokio::spawn(async move {
+        let mut depths = Vec::new();
+        for _ in 0..=seconds {
+            depths.push(depth_ns.depth(QUEUE).await.unwrap_or(0));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        depths
+    });
+    let tick = Duration::from_millis(100);
+    let per_tick = (rate / 10).max(1);
+    let mut seq = per_device;
+    let mut next = tokio::time::Instant::now();
+    let end = Instant::now() + Duration::from_secs(seconds as u64);
+    let mut published = 0usize;
+    while Instant::now() < end {
+        let mut batch = Vec::with_capacity(per_tick);
+        while batch.len() < per_tick {
+            seq += 1;
+            for d in &devices {
+                batch.push((d.id.record_id(seq), d.envelope(seq, 1).encode()));
+            }
+        }
+        published += batch.len();
+        for chunk in batch.chunks(1000) {
+            ns.publish_batch(QUEUE, chunk).await.unwrap();
+        }
+        next += tick;
+        tokio::time::sleep_until(next).await;
+    }
+    let depths = sampler.await.unwrap();
+    println!(
+        "published {published} ({:.0}/s); queue depth each second: {depths:?}",
+        published as f64 / seconds as f64
+    );
+    let want = (total + published) as i64;
+    let waited = Instant::now();
+    while count(&db).await < want && waited.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (p50, p99): (f64, f64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+         FROM (SELECT extract(epoch FROM stored_at - received_at) * 1000 AS ms FROM telemetry WHERE seq > $1) t",
+    )
+    .bind(per_device as i64)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    println!("end-to-end lag (received_at -> stored_at) p50 {p50:.1} ms, p99 {p99:.1} ms");
+    stop.cancel();
+    let _ = worker.await;
+}
