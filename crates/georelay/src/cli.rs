@@ -28,6 +28,87 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Run the drain worker (regional queues in, PostgreSQL out, in order)
     Drain(DrainArgs),
+    /// The plug computer side: the agent, and a fleet simulator
+    #[command(subcommand)]
+    Agent(AgentCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// Seal readings (JSON objects, one per line) from stdin and/or a watched
+    /// folder, buffer them on disk, deliver them in order
+    Run(AgentRunArgs),
+    /// A fleet of simulated devices sending at a fixed rate, with a ledger of every 202
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentRunArgs {
+    /// This device's id
+    #[arg(long, env = "GEORELAY_DEVICE_ID")]
+    pub device: String,
+    /// File holding the device key (base64). Or set GEORELAY_DEVICE_KEY; never on the command line
+    #[arg(long, env = "GEORELAY_DEVICE_KEY_FILE")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Ingest base URL; repeat (or comma-separate) for fallbacks
+    #[arg(
+        long = "url",
+        env = "GEORELAY_URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub urls: Vec<String>,
+    /// Where the sequence counter and the offline buffer live
+    #[arg(
+        long,
+        env = "GEORELAY_STATE_DIR",
+        default_value = "/var/lib/georelay-agent"
+    )]
+    pub state_dir: std::path::PathBuf,
+    /// Read readings from standard input
+    #[arg(long)]
+    pub stdin: bool,
+    /// Take readings from files dropped into this folder
+    #[arg(long, env = "GEORELAY_WATCH_DIR")]
+    pub watch: Option<std::path::PathBuf>,
+    /// Most records kept in the buffer; when full, input waits
+    #[arg(long, env = "GEORELAY_MAX_BUFFER", default_value_t = 1_000_000)]
+    pub max_buffer: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Ingest base URL; repeat (or comma-separate) for fallbacks
+    #[arg(long = "url", value_delimiter = ',', required = true)]
+    pub urls: Vec<String>,
+    /// Device keys as ID.key (base64), as ./dev up writes them
+    #[arg(long)]
+    pub keys_dir: std::path::PathBuf,
+    /// Create devices sim-0001… in this group first (needs DATABASE_URL and
+    /// GEORELAY_MASTER_KEY) and write their keys into --keys-dir
+    #[arg(long)]
+    pub provision_group: Option<String>,
+    /// How many devices (default: every key in --keys-dir)
+    #[arg(long)]
+    pub devices: Option<usize>,
+    /// Readings per second per device
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// Readings per device
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// How long to produce readings (0 or absent with no --count: until stopped)
+    #[arg(long, value_parser = duration)]
+    pub duration: Option<Duration>,
+    /// Append a JSON line per 202 here: device, seq, at_ms, namespace, epoch
+    #[arg(long)]
+    pub ledger: Option<std::path::PathBuf>,
+    /// Where the simulated devices keep their counters and buffers
+    #[arg(long)]
+    pub state_dir: std::path::PathBuf,
+    /// After the readings stop, how long to keep delivering the backlog
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub settle: Duration,
 }
 
 /// Drain worker settings; every flag can also come from the environment.

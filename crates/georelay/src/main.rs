@@ -6,6 +6,7 @@
 //! Errors are printed as one line on stderr, never as a panic or debug dump.
 
 mod admin;
+mod agent;
 mod cli;
 mod config;
 mod service;
@@ -20,7 +21,7 @@ use crate::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(match cli.command {
-        Command::Ingest(_) | Command::Drain(_) => "info,async_nats=warn",
+        Command::Ingest(_) | Command::Drain(_) | Command::Agent(_) => "info,async_nats=warn",
         _ => "warn",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -56,6 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin(cmd) => admin::run(cmd).await,
         Command::Ingest(args) => service::ingest(args).await,
         Command::Drain(args) => service::drain(args).await,
+        Command::Agent(cmd) => agent::run(cmd).await,
     }
 }
 

@@ -72,7 +72,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn on_signal(shutdown: CancellationToken) {
+pub async fn on_signal(shutdown: CancellationToken) {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

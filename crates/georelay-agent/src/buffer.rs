@@ -1,0 +1,255 @@
+//! The durable offline buffer: one SQLite database per device, in the
+//! agent's state directory.
+//!
+//! - **A seq is never reused.** Taking the next seq, sealing the reading with
+//!   the nonce derived from it, storing the sealed record and advancing the
+//!   counter happen in one SQLite transaction. A crash before the commit
+//!   leaves neither the record nor the counter: that sealed record never left
+//!   the process, so no two ciphertexts under one nonce can ever be seen.
+//!   After the commit the seq is spent for good. Nothing is ever sealed twice.
+//! - **Nonce** = 4 zero bytes ‖ seq (big-endian u64): unique per seq, and seq
+//!   is unique per device key. (A device whose state directory is lost must
+//!   be given a new key: `georelay admin device add` a new id.)
+//! - **Encrypted at rest**: the buffer holds only sealed records.
+//! - **Crash-safe**: WAL journal; `synchronous=FULL` for a plug computer
+//!   (power cuts), `NORMAL` for simulated devices (process crashes only).
+//! - **Full**: at `max_records` the buffer takes no new readings
+//!   ([`BufferError::Full`]); the input waits (stdin is not read, dropped
+//!   files stay in the folder) until sending frees room. Nothing sealed is
+//!   ever dropped to make room.
+//! - Records the server refused for good (a 4xx other than 408/429) move to
+//!   a `rejected` table with the answer, so they never block the records
+//!   behind them.
+
+use georelay_core::{DeviceId, DeviceKey, RecordError, SealedRecord, NONCE_LEN};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error("the offline buffer is full ({0} records)")]
+    Full(u64),
+    #[error("reading is not a JSON object")]
+    NotAnObject,
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("offline buffer: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// The nonce for `seq`: 4 zero bytes, then seq big-endian.
+pub fn nonce_for(seq: u64) -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce[4..].copy_from_slice(&seq.to_be_bytes());
+    nonce
+}
+
+#[derive(Debug, Clone)]
+pub struct Buffer {
+    pool: SqlitePool,
+    device: DeviceId,
+    key: DeviceKey,
+    max_records: u64,
+}
+
+impl Buffer {
+    /// Opens (creating if needed) the buffer at `path`. `power_safe`: fsync
+    /// every commit (a real plug computer); otherwise survive process crashes.
+    pub async fn open(
+        path: &Path,
+        device: DeviceId,
+        key: DeviceKey,
+        max_records: u64,
+        power_safe: bool,
+    ) -> Result<Self, BufferError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if power_safe {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(std::time::Duration::from_secs(5));
+        // One connection: every write is serialized anyway.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        for ddl in [
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, nonce BLOB NOT NULL, ciphertext BLOB NOT NULL, sealed_at INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS rejected (seq INTEGER PRIMARY KEY, nonce BLOB NOT NULL, ciphertext BLOB NOT NULL, status INTEGER NOT NULL, answer TEXT NOT NULL, at INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, lines_done INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 0)",
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1)",
+        ] {
+            sqlx::query(ddl).execute(&pool).await?;
+        }
+        Ok(Self {
+            pool,
+            device,
+            key,
+            max_records,
+        })
+    }
+
+    pub fn device(&self) -> &DeviceId {
+        &self.device
+    }
+
+    /// Seals `reading` (a JSON object) under the next seq and stores it, in
+    /// one transaction. With `file`, also records that line `line` of that
+    /// input file is done, in the same transaction. Returns the seq.
+    pub async fn push(&self, reading: &str, file: Option<(&str, u64)>) -> Result<u64, BufferError> {
+        match serde_json::from_str::<serde_json::Value>(reading) {
+            Ok(serde_json::Value::Object(_)) => {}
+            _ => return Err(BufferError::NotAnObject),
+        }
+        let mut tx = self.pool.begin().await?;
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&mut *tx)
+            .await?;
+        if held as u64 >= self.max_records {
+            return Err(BufferError::Full(self.max_records));
+        }
+        let next: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'next_seq'")
+            .fetch_one(&mut *tx)
+            .await?;
+        let seq = next as u64;
+        let sealed = SealedRecord::seal(
+            &self.key,
+            &self.device,
+            seq,
+            nonce_for(seq),
+            reading.as_bytes(),
+        )?;
+        sqlx::query("INSERT INTO outbox (seq, nonce, ciphertext, sealed_at) VALUES (?, ?, ?, strftime('%s','now'))")
+            .bind(next)
+            .bind(&sealed.nonce[..])
+            .bind(&sealed.ciphertext)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE meta SET value = ? WHERE key = 'next_seq'")
+            .bind(next + 1)
+            .execute(&mut *tx)
+            .await?;
+        if let Some((name, line)) = file {
+            sqlx::query(
+                "INSERT INTO files (name, lines_done) VALUES (?, ?)
+                 ON CONFLICT (name) DO UPDATE SET lines_done = excluded.lines_done",
+            )
+            .bind(name)
+            .bind(line as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// The oldest `limit` records waiting, in seq order.
+    pub async fn pending(&self, limit: usize) -> Result<Vec<SealedRecord>, BufferError> {
+        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> =
+            sqlx::query_as("SELECT seq, nonce, ciphertext FROM outbox ORDER BY seq LIMIT ?")
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(seq, nonce, ciphertext)| {
+                Some(SealedRecord {
+                    seq: seq as u64,
+                    nonce: nonce.try_into().ok()?,
+                    ciphertext,
+                })
+            })
+            .collect())
+    }
+
+    /// Records waiting to be sent.
+    pub async fn len(&self) -> Result<u64, BufferError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// Removes records the server accepted (got a 202).
+    pub async fn accepted(&self, seqs: &[u64]) -> Result<(), BufferError> {
+        let mut tx = self.pool.begin().await?;
+        for seq in seqs {
+            sqlx::query("DELETE FROM outbox WHERE seq = ?")
+                .bind(*seq as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Moves a record the server refused for good aside, with its answer.
+    pub async fn reject(&self, seq: u64, status: u16, answer: &str) -> Result<(), BufferError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO rejected (seq, nonce, ciphertext, status, answer, at)
+             SELECT seq, nonce, ciphertext, ?, ?, strftime('%s','now') FROM outbox WHERE seq = ?",
+        )
+        .bind(i64::from(status))
+        .bind(answer)
+        .bind(seq as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM outbox WHERE seq = ?")
+            .bind(seq as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records moved aside, as `(seq, status)`.
+    pub async fn rejected(&self) -> Result<Vec<(u64, u16)>, BufferError> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT seq, status FROM rejected ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(s, st)| (s as u64, u16::try_from(st).unwrap_or(0)))
+            .collect())
+    }
+
+    /// Lines of input file `name` already taken (0 if new), and whether the
+    /// whole file is done.
+    pub async fn file_progress(&self, name: &str) -> Result<(u64, bool), BufferError> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT lines_done, done FROM files WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map_or((0, false), |(l, d)| (l as u64, d != 0)))
+    }
+
+    /// Marks input file `name` done (it had `lines` lines).
+    pub async fn file_done(&self, name: &str, lines: u64) -> Result<(), BufferError> {
+        sqlx::query(
+            "INSERT INTO files (name, lines_done, done) VALUES (?, ?, 1)
+             ON CONFLICT (name) DO UPDATE SET lines_done = excluded.lines_done, done = 1",
+        )
+        .bind(name)
+        .bind(lines as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The next seq that will be used (for tests and status).
+    pub async fn next_seq(&self) -> Result<u64, BufferError> {
+        let n: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'next_seq'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+}

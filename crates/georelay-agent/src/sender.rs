@@ -1,0 +1,238 @@
+//! Sending the buffer: in seq order, one record at a time when caught up,
+//! the batch endpoint for a backlog. A record leaves the buffer only after
+//! its 202. Retries back off exponentially with jitter and honour
+//! `Retry-After`; a 4xx other than 408/429 is final for that record: it is
+//! moved aside (a refused batch is re-sent one by one to find which record),
+//! so it never blocks the records behind it.
+
+use georelay_core::SealedRecord;
+use rand::Rng as _;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{Buffer, BufferError};
+
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Ingest base URLs; the next is tried after a failure.
+    pub urls: Vec<String>,
+    /// Most records in one batch request (the server takes up to 1,000).
+    pub batch_max: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            batch_max: 500,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Every 202, one JSON line each: `{"device", "seq", "at_ms", "namespace",
+/// "epoch"}` — what the invariant checker reads.
+#[derive(Debug)]
+pub struct Ledger {
+    file: Mutex<std::fs::File>,
+}
+
+impl Ledger {
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Self {
+            file: Mutex::new(file),
+        })
+    }
+
+    fn record(&self, device: &str, seqs: &[u64], namespace: &str, epoch: i64) {
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let mut lines = String::new();
+        for seq in seqs {
+            lines.push_str(
+                &serde_json::json!({"device": device, "seq": seq, "at_ms": at_ms as u64, "namespace": namespace, "epoch": epoch})
+                    .to_string(),
+            );
+            lines.push('\n');
+        }
+        if let Ok(mut f) = self.file.lock() {
+            if let Err(e) = f.write_all(lines.as_bytes()) {
+                tracing::error!(error = %e, "cannot write the ledger");
+            }
+        }
+    }
+}
+
+/// Counters a progress display or a summary reads.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub retries: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+enum Outcome {
+    Accepted { namespace: String, epoch: i64 },
+    Retry(Option<Duration>),
+    Refused { status: u16, answer: String },
+}
+
+#[derive(Debug)]
+pub struct Sender {
+    buffer: Buffer,
+    http: reqwest::Client,
+    config: SenderConfig,
+    ledger: Option<Arc<Ledger>>,
+    pub stats: Arc<Stats>,
+}
+
+impl Sender {
+    pub fn new(
+        buffer: Buffer,
+        config: SenderConfig,
+        ledger: Option<Arc<Ledger>>,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self {
+            buffer,
+            http,
+            config,
+            ledger,
+            stats: Arc::new(Stats::default()),
+        })
+    }
+
+    /// Sends until `stop`; with `until_empty`, returns as soon as the buffer
+    /// is empty too. `wake` is notified when new records are buffered.
+    pub async fn run(
+        &self,
+        wake: &Notify,
+        stop: &CancellationToken,
+        until_empty: bool,
+    ) -> Result<(), BufferError> {
+        let mut backoff = self.config.backoff_min;
+        let mut url = 0usize;
+        // While > 0: send one by one up to this seq (a refused batch).
+        let mut single_until = 0u64;
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            let pending = self.buffer.pending(self.config.batch_max).await?;
+            if pending.is_empty() {
+                if until_empty {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            let base = &self.config.urls[url % self.config.urls.len()];
+            let single = pending.len() == 1 || pending[0].seq <= single_until;
+            let records = if single { &pending[..1] } else { &pending[..] };
+            match self.post(base, records).await {
+                Outcome::Accepted { namespace, epoch } => {
+                    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+                    self.buffer.accepted(&seqs).await?;
+                    self.stats
+                        .accepted
+                        .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                    if let Some(l) = &self.ledger {
+                        l.record(self.buffer.device().as_str(), &seqs, &namespace, epoch);
+                    }
+                    backoff = self.config.backoff_min;
+                }
+                Outcome::Retry(after) => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    url += 1;
+                    let jitter = rand::thread_rng().gen_range(0.5..1.5);
+                    let wait = after.unwrap_or(backoff).max(backoff.mul_f64(jitter));
+                    backoff = (backoff * 2).min(self.config.backoff_max);
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait.min(self.config.backoff_max)) => {}
+                    }
+                }
+                Outcome::Refused { status, .. } if !single => {
+                    tracing::info!(
+                        status,
+                        "batch refused; sending its records one by one to find the bad one"
+                    );
+                    single_until = pending.last().map_or(0, |r| r.seq);
+                }
+                Outcome::Refused { status, answer } => {
+                    let seq = records[0].seq;
+                    tracing::warn!(device = %self.buffer.device(), seq, status, answer = %answer, "record refused for good; kept aside");
+                    self.buffer.reject(seq, status, &answer).await?;
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    async fn post(&self, base: &str, records: &[SealedRecord]) -> Outcome {
+        let device = self.buffer.device();
+        let (url, body) = if records.len() == 1 {
+            (
+                format!("{base}/v1/devices/{device}/telemetry"),
+                serde_json::to_value(records[0].to_body()).unwrap_or_default(),
+            )
+        } else {
+            let bodies: Vec<_> = records.iter().map(SealedRecord::to_body).collect();
+            (
+                format!("{base}/v1/devices/{device}/telemetry/batch"),
+                serde_json::json!({ "records": bodies }),
+            )
+        };
+        let response = match self.http.post(&url).json(&body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot reach ingest");
+                return Outcome::Retry(None);
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = response.text().await.unwrap_or_default();
+        match status {
+            202 => {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                Outcome::Accepted {
+                    namespace: v["namespace"].as_str().unwrap_or_default().to_owned(),
+                    epoch: v["epoch"].as_i64().unwrap_or(0),
+                }
+            }
+            408 | 429 => Outcome::Retry(retry_after),
+            400..=499 => Outcome::Refused {
+                status,
+                answer: text,
+            },
+            _ => Outcome::Retry(retry_after),
+        }
+    }
+}

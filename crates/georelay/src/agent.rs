@@ -1,0 +1,182 @@
+//! `georelay agent run` and `georelay agent simulate`: configuration in, the
+//! agent library out. Device keys come from files or the environment, never
+//! from the command line (it shows in `ps`).
+
+use anyhow::{bail, Context as _};
+use georelay_agent::sender::SenderConfig;
+use georelay_agent::{AgentConfig, SimDevice, SimulateConfig};
+use georelay_core::{DeviceId, DeviceKey};
+use std::path::Path;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{AgentCmd, AgentRunArgs, SimulateArgs};
+use crate::{config, service};
+
+pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
+    match cmd {
+        AgentCmd::Run(args) => agent(args).await,
+        AgentCmd::Simulate(args) => simulate(args).await,
+    }
+}
+
+fn sender(urls: Vec<String>) -> anyhow::Result<SenderConfig> {
+    let urls: Vec<String> = urls
+        .into_iter()
+        .map(|u| u.trim_end_matches('/').to_owned())
+        .collect();
+    for u in &urls {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            bail!("--url {u:?} must start with http:// or https://");
+        }
+    }
+    Ok(SenderConfig {
+        urls,
+        ..SenderConfig::default()
+    })
+}
+
+fn read_key(path: &Path) -> anyhow::Result<DeviceKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the device key {}", path.display()))?;
+    DeviceKey::from_base64(&text).with_context(|| {
+        format!(
+            "{} is not a device key (base64 of 32 bytes)",
+            path.display()
+        )
+    })
+}
+
+async fn agent(args: AgentRunArgs) -> anyhow::Result<()> {
+    let device =
+        DeviceId::parse(&args.device).with_context(|| format!("--device {:?}", args.device))?;
+    let key = match (&args.key_file, std::env::var("GEORELAY_DEVICE_KEY")) {
+        (Some(path), _) => read_key(path)?,
+        (None, Ok(b64)) => {
+            DeviceKey::from_base64(&b64).context("GEORELAY_DEVICE_KEY is not base64 of 32 bytes")?
+        }
+        (None, Err(_)) => bail!("give the device key with --key-file FILE or GEORELAY_DEVICE_KEY"),
+    };
+    if !args.stdin && args.watch.is_none() {
+        bail!("give --stdin and/or --watch DIR: where readings come from");
+    }
+    let stop = CancellationToken::new();
+    tokio::spawn(service::on_signal(stop.clone()));
+    georelay_agent::run(
+        AgentConfig {
+            device,
+            key,
+            sender: sender(args.urls)?,
+            state_dir: args.state_dir,
+            read_stdin: args.stdin,
+            watch: args.watch,
+            max_buffer: args.max_buffer.max(1),
+        },
+        stop,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.rate > 0.0 && args.rate.is_finite(),
+        "--rate must be above 0"
+    );
+    std::fs::create_dir_all(&args.keys_dir)
+        .with_context(|| format!("cannot create {}", args.keys_dir.display()))?;
+    if let Some(group) = &args.provision_group {
+        provision(&args.keys_dir, group, args.devices.unwrap_or(10)).await?;
+    }
+    let mut devices = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(&args.keys_dir)
+        .with_context(|| format!("cannot read {}", args.keys_dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "key"))
+        .collect();
+    entries.sort();
+    for path in entries.into_iter().take(args.devices.unwrap_or(usize::MAX)) {
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        let id = DeviceId::parse(stem)
+            .with_context(|| format!("{} is not named after a device id", path.display()))?;
+        devices.push(SimDevice {
+            id,
+            key: read_key(&path)?,
+        });
+    }
+    anyhow::ensure!(
+        !devices.is_empty(),
+        "no device keys (ID.key) in {}",
+        args.keys_dir.display()
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(service::on_signal(stop.clone()));
+    let duration = args.duration.filter(|d| !d.is_zero());
+    println!(
+        "simulating {} devices at {}/s each{}",
+        devices.len(),
+        args.rate,
+        match (args.count, duration) {
+            (Some(c), _) => format!(", {c} readings each"),
+            (None, Some(d)) => format!(" for {d:?}"),
+            (None, None) => " until stopped".to_owned(),
+        }
+    );
+    let summary = georelay_agent::simulate(
+        SimulateConfig {
+            devices,
+            sender: sender(args.urls)?,
+            state_dir: args.state_dir,
+            rate: args.rate,
+            count: args.count,
+            duration,
+            ledger: args.ledger,
+            settle: args.settle,
+        },
+        stop,
+    )
+    .await?;
+    println!(
+        "devices {}  produced {}  accepted {}  retries {}  refused {}  still buffered {}",
+        summary.devices,
+        summary.produced,
+        summary.accepted,
+        summary.retries,
+        summary.rejected,
+        summary.left
+    );
+    Ok(())
+}
+
+/// Creates devices sim-0001…sim-N in `group` where no key file exists yet.
+async fn provision(keys_dir: &Path, group: &str, n: usize) -> anyhow::Result<()> {
+    let pool = config::database().await?;
+    let master = config::master_key()?;
+    georelay_store::control::check_master_key(&pool, &master).await?;
+    for i in 1..=n {
+        let id = DeviceId::parse(&format!("sim-{i:04}"))?;
+        let path = keys_dir.join(format!("{id}.key"));
+        if path.exists() {
+            continue;
+        }
+        let key = georelay_store::control::add_device(&pool, &master, &id, group).await?;
+        write_private(&path, &key.to_base64())?;
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{text}")?;
+    Ok(())
+}
