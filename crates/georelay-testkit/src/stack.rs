@@ -129,13 +129,23 @@ impl Service {
     /// Runs `georelay <command> --listen 127.0.0.1:0 <args>` and waits for its
     /// "listening on ADDR" line.
     pub fn start(db: &TestDb, command: &str, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_at(db, command, "127.0.0.1:0", args)
+    }
+
+    /// [`start`](Self::start) on a given address (a restart on the same port).
+    pub fn start_at(
+        db: &TestDb,
+        command: &str,
+        listen: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut child = georelay_command(db)?
             .env("GEORELAY_MASTER_KEY", master_key_b64())
             .env(
                 "RUST_LOG",
                 std::env::var("GEORELAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .args([command, "--listen", "127.0.0.1:0"])
+            .args([command, "--listen", listen])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
