@@ -170,7 +170,7 @@ impl Buffer {
     }
 
     /// Records waiting to be sent.
-    pub async fn len(&self) -> Result<u64, BufferError> {
+    pub async fn waiting(&self) -> Result<u64, BufferError> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
             .fetch_one(&self.pool)
             .await?;
@@ -243,13 +243,5 @@ impl Buffer {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    /// The next seq that will be used (for tests and status).
-    pub async fn next_seq(&self) -> Result<u64, BufferError> {
-        let n: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'next_seq'")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
     }
 }

@@ -62,7 +62,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
         true,
     )
     .await?;
-    let waiting = buffer.len().await?;
+    let waiting = buffer.waiting().await?;
     if waiting > 0 {
         tracing::info!(
             records = waiting,
@@ -130,7 +130,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
         Err(e) => return Err(e.into()),
     }
     tasks.wait().await;
-    let left = buffer.len().await?;
+    let left = buffer.waiting().await?;
     let rejected = buffer.rejected().await?.len();
     tracing::info!(
         delivered = sender.stats.accepted.load(Ordering::Relaxed),
@@ -150,7 +150,7 @@ async fn progress(buffer: Buffer, stats: Arc<Stats>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let Ok(left) = buffer.len().await else {
+        let Ok(left) = buffer.waiting().await else {
             continue;
         };
         let now = (Instant::now(), stats.accepted.load(Ordering::Relaxed));
@@ -282,7 +282,7 @@ pub async fn simulate(
             };
             let (produced, sent) = tokio::join!(produce, send);
             sent?;
-            let left = buffer.len().await?;
+            let left = buffer.waiting().await?;
             let stats = &sender.stats;
             Ok::<_, BufferError>((
                 produced?,
