@@ -8,6 +8,10 @@
 //! - [`Stack`]: a database, regions registered as namespaces, a group,
 //!   devices ([`TestDevice`] seals and posts records) and real `georelay`
 //!   service processes ([`Service`]).
+//! - [`FaultProxy`]: latency, blackhole, resets and a bandwidth cap in front
+//!   of a region or PostgreSQL.
+//! - [`checker`]: DESIGN.md's invariants over a ledger of 202s and the
+//!   database, with examples of each violation.
 //! - [`georelay_command`]: the built `georelay` binary as a `Command`, for
 //!   tests that run it the way a user does.
 //!
@@ -15,12 +19,15 @@
 //! else `postgres://georelay:georelay@127.0.0.1:5432/georelay` (what `./dev`
 //! creates). That role needs `CREATEDB`.
 
+pub mod checker;
 mod db;
+mod proxy;
 mod region;
 mod servicebus_double;
 mod stack;
 
 pub use db::TestDb;
+pub use proxy::{Fault, FaultProxy};
 pub use region::NatsRegion;
 pub use servicebus_double::ServiceBusDouble;
 pub use stack::{master_key, master_key_b64, Service, Stack, TestDevice, GROUP, QUEUE};
