@@ -81,14 +81,14 @@ async fn accept(listener: TcpListener, target: SocketAddr, fault: watch::Receive
         tokio::spawn(async move {
             // Linger 0: every close of ours is a reset (RST), so aborting the
             // pipes resets both sides.
-            let _ = client.set_linger(Some(Duration::ZERO));
+            let _ = client.set_zero_linger();
             if *fault.borrow() == Fault::Reset {
                 return;
             }
             let Ok(upstream) = TcpStream::connect(target).await else {
                 return;
             };
-            let _ = upstream.set_linger(Some(Duration::ZERO));
+            let _ = upstream.set_zero_linger();
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
             let (cr, cw) = client.into_split();
