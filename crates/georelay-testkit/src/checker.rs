@@ -95,9 +95,17 @@ pub fn check(h: &History) -> Report {
     }
     let mut seen = HashSet::new();
     for a in &h.ledger {
-        if seen.insert((a.device.as_str(), a.seq)) && !count.contains_key(&(a.device.as_str(), a.seq)) {
+        if seen.insert((a.device.as_str(), a.seq))
+            && !count.contains_key(&(a.device.as_str(), a.seq))
+        {
             r.lost += 1;
-            note("lost", format!("{}/{} (202 from {} epoch {})", a.device, a.seq, a.namespace, a.epoch));
+            note(
+                "lost",
+                format!(
+                    "{}/{} (202 from {} epoch {})",
+                    a.device, a.seq, a.namespace, a.epoch
+                ),
+            );
         }
     }
     let mut by_device: HashMap<&str, Vec<&Stored>> = HashMap::new();
@@ -109,13 +117,19 @@ pub fn check(h: &History) -> Report {
         for w in rows.windows(2) {
             if w[1].seq <= w[0].seq {
                 r.reordered += 1;
-                note("reordered", format!("{device}: seq {} stored after seq {}", w[1].seq, w[0].seq));
+                note(
+                    "reordered",
+                    format!("{device}: seq {} stored after seq {}", w[1].seq, w[0].seq),
+                );
             }
         }
     }
     for (group, epoch) in &h.undrained_old_epochs {
         r.stranded_epochs += 1;
-        note("stranded", format!("group {group} epoch {epoch} not drained"));
+        note(
+            "stranded",
+            format!("group {group} epoch {epoch} not drained"),
+        );
     }
     for (namespace, depth) in &h.queue_depths {
         if *depth > 0 {
@@ -131,7 +145,8 @@ pub fn check(h: &History) -> Report {
 
 /// Reads a ledger file (JSON lines).
 pub fn read_ledger(path: &Path) -> anyhow::Result<Vec<Accepted>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the ledger {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the ledger {}", path.display()))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).with_context(|| format!("bad ledger line {l:?}")))
@@ -140,17 +155,23 @@ pub fn read_ledger(path: &Path) -> anyhow::Result<Vec<Accepted>> {
 
 /// The database's side of a history; `depths` are the queues' depths,
 /// measured by the caller.
-pub async fn gather(pool: &sqlx::PgPool, ledger: Vec<Accepted>, depths: Vec<(String, u64)>) -> anyhow::Result<History> {
-    let stored = sqlx::query_as::<_, (String, i64, i64)>("SELECT device_id, seq, store_order FROM telemetry")
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(|(device, seq, store_order)| Stored {
-            device,
-            seq,
-            store_order,
-        })
-        .collect();
+pub async fn gather(
+    pool: &sqlx::PgPool,
+    ledger: Vec<Accepted>,
+    depths: Vec<(String, u64)>,
+) -> anyhow::Result<History> {
+    let stored = sqlx::query_as::<_, (String, i64, i64)>(
+        "SELECT device_id, seq, store_order FROM telemetry",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|(device, seq, store_order)| Stored {
+        device,
+        seq,
+        store_order,
+    })
+    .collect();
     let undrained_old_epochs = sqlx::query_as::<_, (String, i64)>(
         "SELECT g.name, t.epoch FROM routing_trail t JOIN routing_groups g ON g.id = t.group_id
          WHERE t.drained_at IS NULL AND t.epoch < g.epoch ORDER BY 1, 2",
@@ -190,7 +211,9 @@ mod tests {
     /// Two devices, three records each, all stored in order.
     fn clean() -> History {
         History {
-            ledger: (1..=3).flat_map(|s| [accepted("a", s), accepted("b", s)]).collect(),
+            ledger: (1..=3)
+                .flat_map(|s| [accepted("a", s), accepted("b", s)])
+                .collect(),
             stored: vec![
                 stored("a", 1, 1),
                 stored("b", 1, 2),
@@ -238,7 +261,11 @@ mod tests {
         h.stored[2].store_order = 10;
         let r = check(&h);
         assert_eq!(r.reordered, 1);
-        assert!(r.examples[0].contains("seq 2 stored after seq 3"), "{:?}", r.examples);
+        assert!(
+            r.examples[0].contains("seq 2 stored after seq 3"),
+            "{:?}",
+            r.examples
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   service processes ([`Service`]).
 //! - [`FaultProxy`]: latency, blackhole, resets and a bandwidth cap in front
 //!   of a region or PostgreSQL.
+//! - [`chaos`]: drills: a whole system, a fault on a seeded schedule, the
+//!   checker; the chaos tests and `georelay chaos drill` run them.
 //! - [`checker`]: DESIGN.md's invariants over a ledger of 202s and the
 //!   database, with examples of each violation.
 //! - [`georelay_command`]: the built `georelay` binary as a `Command`, for
@@ -19,6 +21,7 @@
 //! else `postgres://georelay:georelay@127.0.0.1:5432/georelay` (what `./dev`
 //! creates). That role needs `CREATEDB`.
 
+pub mod chaos;
 pub mod checker;
 mod db;
 mod proxy;
@@ -43,6 +46,10 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://georelay:georelay@127.0.0.1:5
 /// running test (`cargo build --bins` puts it there; `./dev test` does that
 /// first).
 pub fn georelay_bin() -> anyhow::Result<PathBuf> {
+    // `georelay chaos drill` runs the drill with its own binary.
+    if let Some(bin) = std::env::var_os("GEORELAY_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let exe = std::env::current_exe().context("cannot locate the test executable")?;
     // target/<profile>/deps/<test> -> target/<profile>/georelay
     let profile_dir = exe

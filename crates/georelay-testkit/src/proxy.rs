@@ -43,10 +43,17 @@ impl FaultProxy {
             .enable_all()
             .build()
             .context("cannot start the proxy runtime")?;
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0"))?;
+        // Bound here, adopted by the proxy's runtime: callers may be inside
+        // a runtime of their own, which cannot block on another.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (fault, watcher) = watch::channel(Fault::None);
-        runtime.spawn(accept(listener, target, watcher));
+        runtime.spawn(async move {
+            if let Ok(listener) = TcpListener::from_std(listener) {
+                accept(listener, target, watcher).await;
+            }
+        });
         Ok(Self {
             addr,
             fault,
@@ -200,14 +207,23 @@ mod tests {
         let fast = round_trip(proxy.addr(), Duration::from_secs(2)).unwrap();
         assert!(fast < Duration::from_millis(100), "{fast:?}");
 
-        proxy.set(Fault::Latency { latency: Duration::from_millis(150), jitter: Duration::ZERO });
+        proxy.set(Fault::Latency {
+            latency: Duration::from_millis(150),
+            jitter: Duration::ZERO,
+        });
         let slow = round_trip(proxy.addr(), Duration::from_secs(2)).unwrap();
         // 150 ms each way
         assert!(slow >= Duration::from_millis(300), "{slow:?}");
 
         proxy.set(Fault::Blackhole);
         let err = round_trip(proxy.addr(), Duration::from_millis(300)).unwrap_err();
-        assert!(matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{err}");
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{err}"
+        );
 
         // An open connection is reset when the fault switches to Reset.
         proxy.set(Fault::None);

@@ -139,12 +139,25 @@ impl Service {
         listen: &str,
         args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_env(db, command, listen, args, &[])
+    }
+
+    /// [`start_at`](Self::start_at) with extra environment (`DATABASE_URL`
+    /// through a fault proxy, say).
+    pub fn start_env(
+        db: &TestDb,
+        command: &str,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = georelay_command(db)?
             .env("GEORELAY_MASTER_KEY", master_key_b64())
             .env(
                 "RUST_LOG",
                 std::env::var("GEORELAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .args([command, "--listen", listen])
             .args(args)
             .stdout(Stdio::piped())

@@ -57,6 +57,12 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         seal_grace: args.publish_deadline + args.ingest_lease,
         declare_trouble_after: args.declare_trouble_after,
         failover_cooldown: args.failover_cooldown,
+        // A broker call never outlasts half the lease, so a slow region
+        // cannot make the worker lose its lease between renewals.
+        limits: georelay_transport::Limits {
+            publish_deadline: args.publish_deadline,
+            request_deadline: (args.lease / 2).min(defaults.limits.request_deadline),
+        },
         ..defaults
     };
     let pool = config::database_with(8).await?;

@@ -1,0 +1,609 @@
+//! Chaos drills: a whole system on this machine — three regions behind fault
+//! proxies, PostgreSQL behind one too, two ingest instances, two drain
+//! workers (one standing by), a simulated fleet with a ledger — a fault
+//! injected and healed on a schedule drawn from the seed, then the invariant
+//! checker. The chaos tests and `georelay chaos drill` both run [`drill`].
+
+use anyhow::{bail, Context as _};
+use rand::{Rng as _, SeedableRng as _};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::checker::{self, Report};
+use crate::{georelay_bin, Fault, FaultProxy, NatsRegion, Service, Stack, QUEUE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// kill -9 the primary region
+    KillPrimary,
+    /// SIGSTOP the primary region (hung, not down)
+    HangPrimary,
+    /// add latency until the primary is degraded
+    SlowPrimary,
+    /// blackhole the primary (connections accepted, nothing answered)
+    BlackholePrimary,
+    /// the primary goes down, up, down, up
+    FlapPrimary,
+    /// kill the primary, then the secondary: one region left
+    KillTwo,
+    /// every region down for a while, then back (devices buffer)
+    AllDown,
+    /// kill -9 an ingest instance mid-request
+    KillIngest,
+    /// kill -9 the active drain worker mid-batch
+    KillWorker,
+    /// PostgreSQL unreachable (every connection reset) for a while
+    DatabaseOutage,
+    /// an SRE's planned failover and failback by raw SQL
+    PlannedFailover,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 11] = [
+        Self::KillPrimary,
+        Self::HangPrimary,
+        Self::SlowPrimary,
+        Self::BlackholePrimary,
+        Self::FlapPrimary,
+        Self::KillTwo,
+        Self::AllDown,
+        Self::KillIngest,
+        Self::KillWorker,
+        Self::DatabaseOutage,
+        Self::PlannedFailover,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::KillPrimary => "kill-primary",
+            Self::HangPrimary => "hang-primary",
+            Self::SlowPrimary => "slow-primary",
+            Self::BlackholePrimary => "blackhole-primary",
+            Self::FlapPrimary => "flap-primary",
+            Self::KillTwo => "kill-two",
+            Self::AllDown => "all-down",
+            Self::KillIngest => "kill-ingest",
+            Self::KillWorker => "kill-worker",
+            Self::DatabaseOutage => "database-outage",
+            Self::PlannedFailover => "planned-failover",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// Whether the senders are expected to leave the primary.
+    fn moves_senders(self) -> bool {
+        matches!(
+            self,
+            Self::KillPrimary
+                | Self::HangPrimary
+                | Self::SlowPrimary
+                | Self::BlackholePrimary
+                | Self::FlapPrimary
+                | Self::KillTwo
+                | Self::PlannedFailover
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DrillConfig {
+    pub scenario: Scenario,
+    pub seed: u64,
+    /// How long the fleet sends; the fault falls inside it.
+    pub duration: Duration,
+    pub devices: usize,
+    /// Readings per second per device.
+    pub rate: f64,
+}
+
+/// One line of the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub at_ms: u64,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillReport {
+    pub scenario: Scenario,
+    pub seed: u64,
+    pub timeline: Vec<Event>,
+    pub produced: u64,
+    pub checker: Report,
+    /// Fault to the first 202 from another namespace.
+    pub detection_ms: Option<u64>,
+    /// Fault to the worker following the senders to their last namespace.
+    pub drain_and_follow_ms: Option<u64>,
+    pub pass: bool,
+}
+
+impl DrillReport {
+    /// The report a person reads at a glance.
+    pub fn render(&self) -> String {
+        let c = &self.checker;
+        let mut out = format!(
+            "drill {} (seed {})\n\ntimeline\n",
+            self.scenario.name(),
+            self.seed
+        );
+        for e in &self.timeline {
+            out.push_str(&format!(
+                "  {:>8.3} s  {}\n",
+                e.at_ms as f64 / 1000.0,
+                e.what
+            ));
+        }
+        out.push_str(&format!(
+            "\ncounts\n  produced {}  accepted {}  stored {}  lost {}  duplicated {}  reordered {}  stranded epochs {}  stranded messages {}\n",
+            self.produced, c.accepted, c.stored, c.lost, c.duplicated, c.reordered, c.stranded_epochs, c.stranded_messages
+        ));
+        let ms =
+            |v: Option<u64>| v.map_or("-".to_owned(), |v| format!("{:.3} s", v as f64 / 1000.0));
+        out.push_str(&format!(
+            "\ntimes\n  detection (fault to first 202 elsewhere)  {}\n  drain and follow (fault to worker on the senders' namespace)  {}\n",
+            ms(self.detection_ms),
+            ms(self.drain_and_follow_ms)
+        ));
+        for e in &c.examples {
+            out.push_str(&format!("  ! {e}\n"));
+        }
+        out.push_str(if self.pass { "\nPASS\n" } else { "\nFAIL\n" });
+        out
+    }
+}
+
+const INGEST_ARGS: &[&str] = &[
+    "--publish-deadline",
+    "1s",
+    "--request-deadline",
+    "6s",
+    "--lease",
+    "2s",
+    "--failover-cooldown",
+    "2s",
+    "--poll-interval",
+    "500ms",
+];
+const DRAIN_ARGS: &[&str] = &[
+    "--publish-deadline",
+    "1s",
+    "--ingest-lease",
+    "2s",
+    "--lease",
+    "2s",
+    "--declare-trouble-after",
+    "5s",
+    "--failover-cooldown",
+    "2s",
+];
+
+struct System {
+    stack: Stack,
+    proxies: Vec<FaultProxy>,
+    db_proxy: FaultProxy,
+    db_url: String,
+    ingest: Vec<Service>,
+    drain: Vec<Service>,
+    started: Instant,
+    timeline: Vec<Event>,
+}
+
+impl System {
+    fn mark(&mut self, what: impl Into<String>) {
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        self.timeline.push(Event {
+            at_ms,
+            what: what.into(),
+        });
+    }
+
+    fn start_ingest(&self, listen: &str) -> anyhow::Result<Service> {
+        Service::start_env(
+            &self.stack.db,
+            "ingest",
+            listen,
+            INGEST_ARGS,
+            &[("DATABASE_URL", &self.db_url)],
+        )
+    }
+
+    fn start_drain(&self) -> anyhow::Result<Service> {
+        Service::start_env(
+            &self.stack.db,
+            "drain",
+            "127.0.0.1:0",
+            DRAIN_ARGS,
+            &[("DATABASE_URL", &self.db_url)],
+        )
+    }
+}
+
+/// Runs one drill and checks the invariants.
+pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    let stack = Stack::start(&["eu-west", "eu-north", "us-east"]).await?;
+    // Namespaces point at proxies in front of the regions.
+    let mut proxies = Vec::new();
+    for (i, region) in stack.regions.iter().enumerate() {
+        let proxy = FaultProxy::start(([127, 0, 0, 1], region.port()).into())?;
+        sqlx::query("UPDATE namespaces SET endpoint = $1 WHERE id = $2")
+            .bind(format!("nats://{}", proxy.addr()))
+            .bind(stack.namespace_ids[i])
+            .execute(stack.db.pool())
+            .await?;
+        proxies.push(proxy);
+    }
+    // The services reach PostgreSQL through a proxy too.
+    let mut url = url::Url::parse(stack.db.url())?;
+    let pg: std::net::SocketAddr = format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    )
+    .parse()
+    .context("the test database host must be an IP address")?;
+    let db_proxy = FaultProxy::start(pg)?;
+    url.set_port(Some(db_proxy.addr().port())).ok();
+    let db_url = url.to_string();
+
+    let keys = tempdir("keys")?;
+    for i in 0..config.devices {
+        let d = stack.device(&format!("chaos-{i:03}")).await?;
+        std::fs::write(
+            keys.join(format!("{}.key", d.id)),
+            d.key.to_base64().as_bytes(),
+        )?;
+    }
+    let mut sys = System {
+        stack,
+        proxies,
+        db_proxy,
+        db_url,
+        ingest: Vec::new(),
+        drain: Vec::new(),
+        started: Instant::now(),
+        timeline: Vec::new(),
+    };
+    for _ in 0..2 {
+        let s = sys.start_ingest("127.0.0.1:0")?;
+        sys.ingest.push(s);
+        let d = sys.start_drain()?;
+        sys.drain.push(d);
+    }
+    sys.started = Instant::now();
+    sys.mark(format!(
+        "fleet starts: {} devices at {}/s for {:?}",
+        config.devices, config.rate, config.duration
+    ));
+    let ledger = keys.join("ledger.jsonl");
+    let fleet = start_fleet(&sys, &keys, &ledger, config)?;
+
+    let d = config.duration.as_secs_f64();
+    let fault_at = Duration::from_secs_f64(d * rng.gen_range(0.2..0.3));
+    let heal_at = fault_at + Duration::from_secs_f64(d * rng.gen_range(0.3..0.4));
+    tokio::time::sleep(fault_at).await;
+    let fault_ms = sys.started.elapsed().as_millis() as u64;
+    inject(&mut sys, config.scenario, heal_at - fault_at).await?;
+    let now = sys.started.elapsed();
+    if now < heal_at {
+        tokio::time::sleep(heal_at - now).await;
+    }
+    heal(&mut sys, config.scenario).await?;
+
+    let mut produced = 0;
+    for child in fleet {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output_text()).await??;
+        produced += out
+            .split_whitespace()
+            .skip_while(|w| *w != "produced")
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    sys.mark("fleet done");
+
+    // Wait for the drain: everything accepted stored, the trail drained up
+    // to the senders, the queues empty.
+    let accepted = checker::read_ledger(&ledger)?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let report = loop {
+        let depths = depths(&sys.stack.regions).await;
+        let history = checker::gather(sys.stack.db.pool(), accepted.clone(), depths).await?;
+        let report = checker::check(&history);
+        if report.ok() || Instant::now() > deadline {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    sys.mark("drained; invariants checked");
+
+    // Timeline from the audit trail, and the two times.
+    let events: Vec<(f64, String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+        "SELECT extract(epoch FROM e.at)::float8 * 1000, e.kind, e.actor, f.name, t.name, e.epoch
+         FROM failover_events e LEFT JOIN namespaces f ON f.id = e.from_namespace_id
+         LEFT JOIN namespaces t ON t.id = e.to_namespace_id
+         WHERE e.kind <> 'group_created' ORDER BY e.id",
+    )
+    .fetch_all(sys.stack.db.pool())
+    .await?;
+    let wall_start = now_ms().saturating_sub(sys.started.elapsed().as_millis() as u64);
+    for (at, kind, actor, from, to, epoch) in &events {
+        let at_ms = (*at as u64).saturating_sub(wall_start);
+        let what = format!(
+            "{kind}: {} -> {} (epoch {epoch}) by {actor}",
+            from.as_deref().unwrap_or("-"),
+            to.as_deref().unwrap_or("-")
+        );
+        sys.timeline.push(Event { at_ms, what });
+    }
+    sys.timeline.sort_by_key(|e| e.at_ms);
+    let fault_wall = wall_start + fault_ms;
+    let detection_ms = accepted
+        .iter()
+        .filter(|a| a.at_ms >= fault_wall && a.namespace != "eu-west")
+        .map(|a| a.at_ms - fault_wall)
+        .min();
+    let drain_and_follow_ms = events
+        .iter()
+        .filter(|e| e.1 == "drain_followed")
+        .map(|e| e.0 as u64)
+        .max()
+        .map(|at| at.saturating_sub(fault_wall));
+    let mut pass = report.ok() && report.accepted > 0;
+    if config.scenario.moves_senders() && detection_ms.is_none() {
+        pass = false;
+    }
+    let _ = std::fs::remove_dir_all(&keys);
+    Ok(DrillReport {
+        scenario: config.scenario,
+        seed: config.seed,
+        timeline: sys.timeline,
+        produced,
+        checker: report,
+        detection_ms: if config.scenario.moves_senders() {
+            detection_ms
+        } else {
+            None
+        },
+        drain_and_follow_ms,
+        pass,
+    })
+}
+
+/// Two simulator processes, half the devices each, each preferring another
+/// ingest instance.
+fn start_fleet(
+    sys: &System,
+    keys: &std::path::Path,
+    ledger: &std::path::Path,
+    config: &DrillConfig,
+) -> anyhow::Result<Vec<Child>> {
+    let (a, b) = (sys.ingest[0].url(), sys.ingest[1].url());
+    let mut children = Vec::new();
+    let all: Vec<PathBuf> = {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(keys)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "key"))
+            .collect();
+        v.sort();
+        v
+    };
+    for (half, urls) in [(0, format!("{a},{b}")), (1, format!("{b},{a}"))] {
+        let dir = keys.join(format!("fleet-{half}"));
+        std::fs::create_dir_all(&dir)?;
+        for (i, k) in all.iter().enumerate() {
+            if i % 2 == half {
+                if let Some(name) = k.file_name() {
+                    std::fs::copy(k, dir.join(name))?;
+                }
+            }
+        }
+        let child = std::process::Command::new(georelay_bin()?)
+            .env_remove("RUST_LOG")
+            .env("RUST_LOG", "error")
+            .args(["agent", "simulate", "--url", &urls])
+            .arg("--keys-dir")
+            .arg(&dir)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--ledger")
+            .arg(ledger)
+            .args(["--rate", &config.rate.to_string()])
+            .args(["--duration", &format!("{}ms", config.duration.as_millis())])
+            .args(["--settle", "60s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start the simulated fleet")?;
+        children.push(child);
+    }
+    Ok(children)
+}
+
+trait WaitText {
+    fn wait_with_output_text(self) -> anyhow::Result<String>;
+}
+
+impl WaitText for Child {
+    fn wait_with_output_text(self) -> anyhow::Result<String> {
+        let out = self.wait_with_output()?;
+        if !out.status.success() {
+            bail!("the simulated fleet failed: {}", out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+async fn inject(sys: &mut System, scenario: Scenario, window: Duration) -> anyhow::Result<()> {
+    match scenario {
+        Scenario::KillPrimary => {
+            sys.stack.regions[0].kill();
+            sys.mark("fault: kill -9 eu-west");
+        }
+        Scenario::HangPrimary => {
+            sys.stack.regions[0].pause()?;
+            sys.mark("fault: SIGSTOP eu-west");
+        }
+        Scenario::SlowPrimary => {
+            sys.proxies[0].set(Fault::Latency {
+                latency: Duration::from_millis(800),
+                jitter: Duration::from_millis(100),
+            });
+            sys.mark("fault: eu-west answers 800 ms ± 100 ms late");
+        }
+        Scenario::BlackholePrimary => {
+            sys.proxies[0].set(Fault::Blackhole);
+            sys.mark("fault: eu-west blackholed");
+        }
+        Scenario::FlapPrimary => {
+            let step = window / 3;
+            sys.stack.regions[0].kill();
+            sys.mark("fault: kill -9 eu-west");
+            tokio::time::sleep(step).await;
+            sys.stack.regions[0].restart()?;
+            sys.mark("eu-west back");
+            tokio::time::sleep(step).await;
+            sys.stack.regions[0].kill();
+            sys.mark("fault: kill -9 eu-west again");
+        }
+        Scenario::KillTwo => {
+            sys.stack.regions[0].kill();
+            sys.mark("fault: kill -9 eu-west");
+            tokio::time::sleep(window / 3).await;
+            sys.stack.regions[1].kill();
+            sys.mark("fault: kill -9 eu-north");
+        }
+        Scenario::AllDown => {
+            for r in &mut sys.stack.regions {
+                r.kill();
+            }
+            sys.mark("fault: kill -9 every region");
+        }
+        Scenario::KillIngest => {
+            sys.ingest[0].kill();
+            sys.mark("fault: kill -9 ingest #1");
+        }
+        Scenario::KillWorker => {
+            let holder = active_worker(sys).await;
+            sys.drain[holder].kill();
+            sys.mark(format!(
+                "fault: kill -9 the active drain worker (#{})",
+                holder + 1
+            ));
+        }
+        Scenario::DatabaseOutage => {
+            sys.db_proxy.set(Fault::Reset);
+            sys.mark("fault: PostgreSQL unreachable (connections reset)");
+        }
+        Scenario::PlannedFailover => {
+            sys.stack.move_senders(1).await?;
+            sys.mark("SRE: UPDATE routing_groups SET sender_namespace_id = eu-north");
+        }
+    }
+    Ok(())
+}
+
+async fn heal(sys: &mut System, scenario: Scenario) -> anyhow::Result<()> {
+    match scenario {
+        Scenario::KillPrimary | Scenario::FlapPrimary => sys.stack.regions[0].restart()?,
+        Scenario::HangPrimary => sys.stack.regions[0].resume()?,
+        Scenario::SlowPrimary | Scenario::BlackholePrimary => sys.proxies[0].set(Fault::None),
+        Scenario::KillTwo => {
+            sys.stack.regions[0].restart()?;
+            sys.stack.regions[1].restart()?;
+        }
+        Scenario::AllDown => {
+            for r in &mut sys.stack.regions {
+                r.restart()?;
+            }
+        }
+        Scenario::KillIngest => {
+            let addr = sys.ingest[0].addr().to_string();
+            sys.ingest[0] = sys.start_ingest(&addr)?;
+        }
+        Scenario::KillWorker => {
+            let again = sys.start_drain()?;
+            sys.drain.push(again);
+        }
+        Scenario::DatabaseOutage => sys.db_proxy.set(Fault::None),
+        Scenario::PlannedFailover => {
+            sys.stack.move_senders(0).await?;
+            sys.mark("SRE: failback to eu-west");
+            return Ok(());
+        }
+    }
+    sys.mark("healed");
+    Ok(())
+}
+
+/// Index of the drain worker holding the lease (the first if none says so).
+async fn active_worker(sys: &System) -> usize {
+    for (i, d) in sys.drain.iter().enumerate() {
+        let Ok(r) = reqwest::get(format!("{}/metrics", d.url())).await else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.starts_with("georelay_drain_lease_held") && l.ends_with(" 1"))
+        {
+            return i;
+        }
+    }
+    0
+}
+
+async fn depths(regions: &[NatsRegion]) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for r in regions {
+        let ns = georelay_transport::Namespace::connect(
+            "nats",
+            &r.url(),
+            None,
+            None,
+            georelay_transport::Limits::default(),
+        )
+        .await;
+        let depth = match ns {
+            Ok(ns) if ns.wait_connected(Duration::from_secs(2)).await => {
+                match ns.depth(QUEUE).await {
+                    Ok(d) => d,
+                    // No such stream: the region never got the queue.
+                    Err(e) if e.kind() == georelay_transport::ErrorKind::Rejected => 0,
+                    Err(_) => {
+                        out.push((format!("{} (unreadable)", r.name()), 1));
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                out.push((format!("{} (unreachable)", r.name()), 1));
+                continue;
+            }
+        };
+        out.push((r.name().to_owned(), depth));
+    }
+    out
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn tempdir(what: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "georelay-chaos-{what}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
