@@ -324,7 +324,9 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
     sys.mark("drained; invariants checked");
 
     // Timeline from the audit trail, and the two times.
-    let events: Vec<(f64, String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+    // (at ms, kind, actor, from, to, epoch)
+    type AuditRow = (f64, String, String, Option<String>, Option<String>, i64);
+    let events: Vec<AuditRow> = sqlx::query_as(
         "SELECT extract(epoch FROM e.at)::float8 * 1000, e.kind, e.actor, f.name, t.name, e.epoch
          FROM failover_events e LEFT JOIN namespaces f ON f.id = e.from_namespace_id
          LEFT JOIN namespaces t ON t.id = e.to_namespace_id
@@ -417,7 +419,7 @@ fn start_fleet(
             .arg(ledger)
             .args(["--rate", &config.rate.to_string()])
             .args(["--duration", &format!("{}ms", config.duration.as_millis())])
-            .args(["--settle", "60s"])
+            .args(["--settle", "60s", "--max-backoff", "2s"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -20,7 +20,8 @@ pub enum Fault {
     None,
     /// Delay every chunk by `latency` ± `jitter`, each direction, in order.
     Latency { latency: Duration, jitter: Duration },
-    /// Accept connections, never forward or answer anything.
+    /// Accept connections, forward nothing until healed (a partition: data
+    /// in flight is held, not lost).
     Blackhole,
     /// Reset every open connection now, and each new one at once.
     Reset,
@@ -122,7 +123,7 @@ async fn accept(listener: TcpListener, target: SocketAddr, fault: watch::Receive
 
 /// Reads one direction and writes it on under the fault in force; chunks
 /// keep their order (a delay line), so latency does not cut throughput.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, fault: watch::Receiver<Fault>) {
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut fault: watch::Receiver<Fault>) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let reader = async move {
         let mut buf = vec![0u8; 16 * 1024];
@@ -131,6 +132,13 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, fault: watch::Rec
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            // A blackhole is a partition: nothing passes, and what was in
+            // flight passes when it heals (TCP never loses bytes silently).
+            while *fault.borrow_and_update() == Fault::Blackhole {
+                if fault.changed().await.is_err() {
+                    return;
+                }
+            }
             let now = *fault.borrow();
             let due = match now {
                 Fault::Latency { latency, jitter } => {
@@ -141,13 +149,12 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, fault: watch::Rec
                     };
                     Instant::now() + (latency + j).saturating_sub(jitter)
                 }
-                Fault::Blackhole => continue,
                 Fault::Bandwidth(rate) => {
                     let secs = n as f64 / rate.max(1) as f64;
                     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
                     Instant::now()
                 }
-                Fault::None | Fault::Reset => Instant::now(),
+                Fault::None | Fault::Reset | Fault::Blackhole => Instant::now(),
             };
             if tx.send((due, buf[..n].to_vec())).is_err() {
                 return;

@@ -16,7 +16,10 @@
 //! - One connection per namespace, shared by clones. Pings every second so a
 //!   hung server is noticed; reconnects forever with capped back-off; a
 //!   disconnected client fails publishes at once ([`ErrorKind::Unreachable`])
-//!   instead of buffering them until the deadline.
+//!   instead of buffering them until the deadline. A consumer made before a
+//!   disconnect is replaced before the next read: what the server sent on
+//!   the lost connection would otherwise come back only after the ack wait,
+//!   behind newer messages.
 
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
@@ -28,6 +31,7 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -59,7 +63,13 @@ struct Inner {
     client: Client,
     js: Context,
     limits: Limits,
-    consumers: Mutex<HashMap<String, PullConsumer>>,
+    /// Per queue: the consumer and the connection generation it was made in.
+    consumers: Mutex<HashMap<String, (PullConsumer, u64)>>,
+    /// Bumped on every disconnect: messages the server sent on a lost
+    /// connection count as delivered and come back only after the ack wait,
+    /// so a consumer from an older generation is replaced before the next
+    /// read (which then starts at the oldest unacked message).
+    generation: Arc<AtomicU64>,
 }
 
 impl NatsNamespace {
@@ -71,7 +81,17 @@ impl NatsNamespace {
         // always reported by our deadline as a Timeout.
         let backstop =
             limits.request_deadline.max(limits.publish_deadline) + Duration::from_secs(1);
+        let generation = Arc::new(AtomicU64::new(0));
+        let bump = generation.clone();
         let client = ConnectOptions::new()
+            .event_callback(move |event| {
+                let bump = bump.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Disconnected) {
+                        bump.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
             .name("georelay")
             .ping_interval(Duration::from_secs(1))
             .connection_timeout(limits.request_deadline)
@@ -98,6 +118,7 @@ impl NatsNamespace {
                 js,
                 limits,
                 consumers: Mutex::new(HashMap::new()),
+                generation,
             }),
         })
     }
@@ -281,8 +302,11 @@ impl NatsNamespace {
     /// delivery restarts at the oldest unacked message.
     async fn consumer(&self, queue: &str) -> Result<PullConsumer, TransportError> {
         let mut consumers = self.inner.consumers.lock().await;
-        if let Some(c) = consumers.get(queue) {
-            return Ok(c.clone());
+        let generation = self.inner.generation.load(Ordering::SeqCst);
+        if let Some((c, made_in)) = consumers.get(queue) {
+            if *made_in == generation {
+                return Ok(c.clone());
+            }
         }
         let consumer = self
             .bounded("create consumer", async {
@@ -307,7 +331,7 @@ impl NatsNamespace {
                     .map_err(|e| self.classify("create consumer", e))
             })
             .await??;
-        consumers.insert(queue.to_owned(), consumer.clone());
+        consumers.insert(queue.to_owned(), (consumer.clone(), generation));
         Ok(consumer)
     }
 

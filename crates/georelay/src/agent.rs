@@ -128,7 +128,10 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let summary = georelay_agent::simulate(
         SimulateConfig {
             devices,
-            sender: sender(args.urls)?,
+            sender: SenderConfig {
+                backoff_max: args.max_backoff.max(std::time::Duration::from_millis(200)),
+                ..sender(args.urls)?
+            },
             state_dir: args.state_dir,
             rate: args.rate,
             count: args.count,

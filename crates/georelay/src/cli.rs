@@ -31,6 +31,39 @@ pub enum Command {
     /// The plug computer side: the agent, and a fleet simulator
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Chaos drills: prove the invariants hold through a region outage
+    #[command(subcommand)]
+    Chaos(ChaosCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChaosCmd {
+    /// Run one drill on a throwaway system of its own (a fresh database on
+    /// DATABASE_URL's server, three local regions, two ingest, two drain, a
+    /// fleet); print the timeline, counts, times and PASS/FAIL
+    Drill(DrillArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// kill-primary, hang-primary, slow-primary, blackhole-primary, flap-primary,
+    /// kill-two, all-down, kill-ingest, kill-worker, database-outage, planned-failover
+    #[arg(long)]
+    pub scenario: String,
+    /// Reproduces the fault schedule (default: from the clock, printed)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How long the fleet sends; the fault falls inside it
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    pub duration: Duration,
+    #[arg(long, default_value_t = 8)]
+    pub devices: usize,
+    /// Readings per second per device
+    #[arg(long, default_value_t = 5.0)]
+    pub rate: f64,
+    /// The report as JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +142,9 @@ pub struct SimulateArgs {
     /// After the readings stop, how long to keep delivering the backlog
     #[arg(long, default_value = "60s", value_parser = duration)]
     pub settle: Duration,
+    /// Longest pause between retries (back-off doubles from 200 ms up to this)
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub max_backoff: Duration,
 }
 
 /// Drain worker settings; every flag can also come from the environment.

@@ -7,6 +7,7 @@
 
 mod admin;
 mod agent;
+mod chaos;
 mod cli;
 mod config;
 mod service;
@@ -16,7 +17,7 @@ use clap::Parser;
 use georelay_store::{ErrorKind, StoreError};
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{ChaosCmd, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,6 +59,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest(args) => service::ingest(args).await,
         Command::Drain(args) => service::drain(args).await,
         Command::Agent(cmd) => agent::run(cmd).await,
+        Command::Chaos(ChaosCmd::Drill(args)) => chaos::drill(args).await,
     }
 }
 
