@@ -50,6 +50,11 @@ pub async fn heartbeat(
     .bind(lease.as_secs_f64())
     .execute(&mut *tx)
     .await?;
+    // Rows of processes that died without deregistering (kill -9), long
+    // after their lease: nothing reads them any more.
+    sqlx::query("DELETE FROM instances WHERE lease_until < now() - interval '1 hour'")
+        .execute(&mut *tx)
+        .await?;
     if !epochs.is_empty() {
         let (groups, epochs): (Vec<i64>, Vec<i64>) = epochs.iter().copied().unzip();
         sqlx::query(
