@@ -3,21 +3,13 @@
 //! reading is lost through a backend outage, a kill -9 of the agent, a
 //! refused record or a full buffer; seqs are contiguous and never reused.
 
-use georelay_testkit::{georelay_command, wait_until, Service, Stack, TestDevice};
+use georelay_testkit::{
+    georelay_command, wait_until, Service, Stack, TestDevice, DRAIN_TEST_ARGS, INGEST_TEST_ARGS,
+};
 use std::io::Write as _;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Stdio};
 use std::time::Duration;
-
-const INGEST_ARGS: &[&str] = &["--publish-deadline", "1s", "--lease", "2s"];
-const DRAIN_ARGS: &[&str] = &[
-    "--publish-deadline",
-    "1s",
-    "--ingest-lease",
-    "2s",
-    "--lease",
-    "2s",
-];
 
 struct Agent {
     child: Child,
@@ -106,8 +98,8 @@ async fn wait_rows(stack: &Stack, device: &str, n: usize) -> Vec<(i64, i64)> {
 
 fn up(stack: &Stack) -> (Service, Service) {
     (
-        stack.ingest(INGEST_ARGS).unwrap(),
-        stack.drain(DRAIN_ARGS).unwrap(),
+        stack.ingest(INGEST_TEST_ARGS).unwrap(),
+        stack.drain(DRAIN_TEST_ARGS).unwrap(),
     )
 }
 
@@ -126,8 +118,13 @@ async fn readings_arrive_in_order_and_survive_a_backend_outage() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(stored(&stack, "plug-1").await.len(), 20);
     // It comes back on the same address: everything is delivered, in order.
-    let _ingest =
-        Service::start_at(&stack.db, "ingest", &ingest.addr().to_string(), INGEST_ARGS).unwrap();
+    let _ingest = Service::start_at(
+        &stack.db,
+        "ingest",
+        &ingest.addr().to_string(),
+        INGEST_TEST_ARGS,
+    )
+    .unwrap();
     let rows = wait_rows(&stack, "plug-1", 60).await;
     assert_eq!(
         rows,
@@ -215,7 +212,7 @@ async fn a_full_buffer_pauses_the_input_and_loses_nothing() {
     );
     // Back-pressure, not dropping: once the backend is back, the agent
     // delivers, takes the rest of its input and delivers that too.
-    let _ingest = Service::start_at(&stack.db, "ingest", &addr, INGEST_ARGS).unwrap();
+    let _ingest = Service::start_at(&stack.db, "ingest", &addr, INGEST_TEST_ARGS).unwrap();
     assert!(agent.finish());
     let rows = wait_rows(&stack, "plug-1", 12).await;
     assert_eq!(rows, (1..=12).map(|n| (n, n)).collect::<Vec<_>>());

@@ -3,25 +3,9 @@
 //! accepted record is stored once, in per-device order, and the worker
 //! follows the senders A → B → A.
 
-use georelay_testkit::{wait_until, Stack, TestDevice};
+use georelay_testkit::{wait_until, Stack, TestDevice, DRAIN_TEST_ARGS, INGEST_TEST_ARGS};
 use std::time::{Duration, Instant};
 
-const INGEST_ARGS: &[&str] = &[
-    "--publish-deadline",
-    "1s",
-    "--lease",
-    "2s",
-    "--poll-interval",
-    "500ms",
-];
-const DRAIN_ARGS: &[&str] = &[
-    "--publish-deadline",
-    "1s",
-    "--ingest-lease",
-    "2s",
-    "--lease",
-    "2s",
-];
 const RECORDS: u64 = 60;
 
 /// Sends `seqs`, each until it gets a 202; returns the epochs seen.
@@ -52,8 +36,8 @@ async fn send(device: TestDevice, base: String, seqs: std::ops::RangeInclusive<u
 #[tokio::test]
 async fn planned_failover_and_failback_by_raw_sql_under_load_drain_in_order() {
     let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
-    let ingest = stack.ingest(INGEST_ARGS).unwrap();
-    let _drain = stack.drain(DRAIN_ARGS).unwrap();
+    let ingest = stack.ingest(INGEST_TEST_ARGS).unwrap();
+    let _drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
     let mut devices = Vec::new();
     for i in 0..4 {
         devices.push(stack.device(&format!("plug-{i}")).await.unwrap());

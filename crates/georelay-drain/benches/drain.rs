@@ -13,14 +13,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
-use georelay_core::{DeviceId, MasterKey};
-use georelay_store::control::{self, Actor, NewNamespace, Transport};
-use georelay_testkit::{master_key_b64, NatsRegion, TestDb, TestDevice};
+use georelay_core::MasterKey;
+use georelay_testkit::{master_key_b64, Stack, TestDb, QUEUE};
 use georelay_transport::{Limits, Namespace};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-const QUEUE: &str = "telemetry";
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -44,43 +41,11 @@ async fn main() {
     let seconds = env("BENCH_SECONDS", 10);
     println!("drain benchmark: {records} records from {devices_n} devices; then {rate} records/s for {seconds} s");
 
-    let region = NatsRegion::start("bench").unwrap();
-    let db = TestDb::migrated().await.unwrap();
-    let master = MasterKey::from_base64(&master_key_b64()).unwrap();
-    let ns_id = control::add_namespace(
-        db.pool(),
-        &master,
-        &NewNamespace {
-            name: "bench",
-            region: "bench",
-            transport: Transport::Nats,
-            endpoint: &region.url(),
-            priority: 10,
-            key_name: None,
-            key: None,
-        },
-    )
-    .await
-    .unwrap();
-    control::add_group(
-        db.pool(),
-        "g",
-        QUEUE,
-        "bench",
-        &Actor {
-            actor: "bench".into(),
-            reason: None,
-        },
-    )
-    .await
-    .unwrap();
+    let stack = Stack::start(&["bench"]).await.unwrap();
+    let (db, region, ns_id) = (&stack.db, &stack.regions[0], stack.namespace_ids[0]);
     let mut devices = Vec::new();
     for i in 0..devices_n {
-        let id = DeviceId::parse(&format!("bench-{i}")).unwrap();
-        let key = control::add_device(db.pool(), &master, &id, "g")
-            .await
-            .unwrap();
-        devices.push(TestDevice::new(id, key));
+        devices.push(stack.device(&format!("bench-{i}")).await.unwrap());
     }
     let per_device = (records / devices_n) as u64;
     let total = per_device as usize * devices_n;
@@ -152,7 +117,7 @@ async fn main() {
         stop.clone(),
     ));
     let started = Instant::now();
-    while count(&db).await < total as i64 {
+    while count(db).await < total as i64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_rate = total as f64 / started.elapsed().as_secs_f64();
@@ -201,7 +166,7 @@ async fn main() {
     );
     let want = (total + published) as i64;
     let waited = Instant::now();
-    while count(&db).await < want && waited.elapsed() < Duration::from_secs(60) {
+    while count(db).await < want && waited.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (p50, p99): (f64, f64) = sqlx::query_as(

@@ -15,9 +15,8 @@ use async_nats::jetstream::context::Publish;
 use axum::routing::post;
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
-use georelay_core::{DeviceId, Envelope, MasterKey};
-use georelay_store::control::{self, Actor, NewNamespace, Transport};
-use georelay_testkit::{master_key_b64, NatsRegion, TestDb, TestDevice};
+use georelay_core::{Envelope, MasterKey};
+use georelay_testkit::{master_key_b64, Stack};
 use georelay_transport::nats::{subject, NatsNamespace};
 use georelay_transport::Limits;
 use std::time::{Duration, Instant};
@@ -173,38 +172,11 @@ async fn main() {
         "ingest benchmark: {records} records, {concurrency} concurrent single-record clients, batches of {batch} x {batch_concurrency} concurrent; raw window {window}"
     );
 
-    let region = NatsRegion::start("bench").unwrap();
-    let db = TestDb::migrated().await.unwrap();
-    let master = MasterKey::from_base64(&master_key_b64()).unwrap();
-    control::add_namespace(
-        db.pool(),
-        &master,
-        &NewNamespace {
-            name: "bench",
-            region: "bench",
-            transport: Transport::Nats,
-            endpoint: &region.url(),
-            priority: 10,
-            key_name: None,
-            key: None,
-        },
-    )
-    .await
-    .unwrap();
-    let actor = Actor {
-        actor: "bench".into(),
-        reason: None,
-    };
-    control::add_group(db.pool(), "g", "telemetry", "bench", &actor)
-        .await
-        .unwrap();
+    let stack = Stack::start(&["bench"]).await.unwrap();
+    let (db, region) = (&stack.db, &stack.regions[0]);
     let mut devices = Vec::new();
     for i in 0..concurrency.max(batch_concurrency) {
-        let id = DeviceId::parse(&format!("bench-{i}")).unwrap();
-        let key = control::add_device(db.pool(), &master, &id, "g")
-            .await
-            .unwrap();
-        devices.push(TestDevice::new(id, key));
+        devices.push(stack.device(&format!("bench-{i}")).await.unwrap());
     }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -122,17 +122,24 @@ impl GroupFlight {
 
     /// Moves new publishes to `(epoch, namespace_id)` unless already there or
     /// further (epochs only grow).
-    fn advance(&self, epoch: i64, namespace_id: i64, queue: &str) -> bool {
+    fn advance(&self, epoch: i64, namespace_id: i64) -> bool {
         let Ok(mut s) = self.state.lock() else {
             return false;
         };
         if epoch > s.epoch {
             s.epoch = epoch;
             s.namespace_id = namespace_id;
-            s.queue = queue.to_owned();
             true
         } else {
             false
+        }
+    }
+
+    fn set_queue(&self, queue: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.queue != queue {
+                s.queue = queue.to_owned();
+            }
         }
     }
 
@@ -273,7 +280,8 @@ impl Router {
         for g in groups {
             match flights.get(&g.id) {
                 Some(f) => {
-                    if f.advance(g.epoch, g.sender_namespace_id, &g.queue) {
+                    f.set_queue(&g.queue);
+                    if f.advance(g.epoch, g.sender_namespace_id) {
                         tracing::info!(group = %g.name, epoch = g.epoch, "senders moved: writing to the new epoch");
                     }
                 }
@@ -600,29 +608,21 @@ impl Router {
             Failover::Moved {
                 namespace_id,
                 epoch,
-            } => {
-                let queue = flight
-                    .state
-                    .lock()
-                    .map(|s| s.queue.clone())
-                    .unwrap_or_default();
-                flight.advance(epoch, namespace_id, &queue);
-                let to = self.namespace_name(namespace_id);
-                tracing::warn!(group = %flight.name, from = %troubled.info.name, to = %to, epoch, reason = what, "senders failed over");
-                ("moved", Ok(()))
             }
-            Failover::Adopted {
+            | Failover::Adopted {
                 namespace_id,
                 epoch,
             } => {
-                let queue = flight
-                    .state
-                    .lock()
-                    .map(|s| s.queue.clone())
-                    .unwrap_or_default();
-                flight.advance(epoch, namespace_id, &queue);
-                tracing::info!(group = %flight.name, epoch, "adopted another instance's failover");
-                ("adopted", Ok(()))
+                let moved = matches!(outcome, Failover::Moved { .. });
+                flight.advance(epoch, namespace_id);
+                if moved {
+                    let to = self.namespace_name(namespace_id);
+                    tracing::warn!(group = %flight.name, from = %troubled.info.name, to = %to, epoch, reason = what, "senders failed over");
+                    ("moved", Ok(()))
+                } else {
+                    tracing::info!(group = %flight.name, epoch, "adopted another instance's failover");
+                    ("adopted", Ok(()))
+                }
             }
             Failover::Disabled => (
                 "disabled",

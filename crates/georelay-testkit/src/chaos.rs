@@ -12,7 +12,10 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::checker::{self, Report};
-use crate::{georelay_bin, Fault, FaultProxy, NatsRegion, Service, Stack, QUEUE};
+use crate::{
+    georelay_bin, Fault, FaultProxy, NatsRegion, Service, Stack, DRAIN_TEST_ARGS, INGEST_TEST_ARGS,
+    QUEUE,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -158,31 +161,6 @@ impl DrillReport {
     }
 }
 
-const INGEST_ARGS: &[&str] = &[
-    "--publish-deadline",
-    "1s",
-    "--request-deadline",
-    "6s",
-    "--lease",
-    "2s",
-    "--failover-cooldown",
-    "2s",
-    "--poll-interval",
-    "500ms",
-];
-const DRAIN_ARGS: &[&str] = &[
-    "--publish-deadline",
-    "1s",
-    "--ingest-lease",
-    "2s",
-    "--lease",
-    "2s",
-    "--declare-trouble-after",
-    "5s",
-    "--failover-cooldown",
-    "2s",
-];
-
 struct System {
     stack: Stack,
     proxies: Vec<FaultProxy>,
@@ -208,7 +186,7 @@ impl System {
             &self.stack.db,
             "ingest",
             listen,
-            INGEST_ARGS,
+            INGEST_TEST_ARGS,
             &[("DATABASE_URL", &self.db_url)],
         )
     }
@@ -218,7 +196,7 @@ impl System {
             &self.stack.db,
             "drain",
             "127.0.0.1:0",
-            DRAIN_ARGS,
+            DRAIN_TEST_ARGS,
             &[("DATABASE_URL", &self.db_url)],
         )
     }

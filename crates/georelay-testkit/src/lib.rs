@@ -33,7 +33,10 @@ pub use db::TestDb;
 pub use proxy::{Fault, FaultProxy};
 pub use region::NatsRegion;
 pub use servicebus_double::ServiceBusDouble;
-pub use stack::{master_key, master_key_b64, Service, Stack, TestDevice, GROUP, QUEUE};
+pub use stack::{
+    master_key, master_key_b64, Service, Stack, TestDevice, DRAIN_TEST_ARGS, GROUP,
+    INGEST_TEST_ARGS, QUEUE,
+};
 
 use anyhow::{bail, Context as _};
 use std::path::PathBuf;

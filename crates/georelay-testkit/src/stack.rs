@@ -37,6 +37,34 @@ pub struct Stack {
     pub group_id: i64,
 }
 
+/// `georelay ingest` flags for tests: faults show within a second or two.
+pub const INGEST_TEST_ARGS: &[&str] = &[
+    "--publish-deadline",
+    "1s",
+    "--request-deadline",
+    "6s",
+    "--lease",
+    "2s",
+    "--failover-cooldown",
+    "2s",
+    "--poll-interval",
+    "500ms",
+];
+
+/// `georelay drain` flags matching [`INGEST_TEST_ARGS`].
+pub const DRAIN_TEST_ARGS: &[&str] = &[
+    "--publish-deadline",
+    "1s",
+    "--ingest-lease",
+    "2s",
+    "--lease",
+    "2s",
+    "--declare-trouble-after",
+    "5s",
+    "--failover-cooldown",
+    "2s",
+];
+
 pub const GROUP: &str = "g";
 pub const QUEUE: &str = "telemetry";
 

@@ -7,7 +7,6 @@ use georelay_agent::sender::SenderConfig;
 use georelay_agent::{AgentConfig, SimDevice, SimulateConfig};
 use georelay_core::{DeviceId, DeviceKey};
 use std::path::Path;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::{AgentCmd, AgentRunArgs, SimulateArgs};
 use crate::{config, service};
@@ -59,8 +58,7 @@ async fn agent(args: AgentRunArgs) -> anyhow::Result<()> {
     if !args.stdin && args.watch.is_none() {
         bail!("give --stdin and/or --watch DIR: where readings come from");
     }
-    let stop = CancellationToken::new();
-    tokio::spawn(service::on_signal(stop.clone()));
+    let stop = service::shutdown_on_signal();
     georelay_agent::run(
         AgentConfig {
             device,
@@ -112,8 +110,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         "no device keys (ID.key) in {}",
         args.keys_dir.display()
     );
-    let stop = CancellationToken::new();
-    tokio::spawn(service::on_signal(stop.clone()));
+    let stop = service::shutdown_on_signal();
     let duration = args.duration.filter(|d| !d.is_zero());
     println!(
         "simulating {} devices at {}/s each{}",

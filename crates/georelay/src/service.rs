@@ -31,14 +31,8 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     );
     let pool = config::database_with(16).await?;
     georelay_store::control::check_master_key(&pool, &master).await?;
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    // The one line on stdout: where to send records (tests read it).
-    println!("listening on {}", listener.local_addr()?);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(on_signal(shutdown.clone()));
-    georelay_ingest::run(ingest, pool, master, listener, shutdown).await?;
+    let listener = bind(&args.listen).await?;
+    georelay_ingest::run(ingest, pool, master, listener, shutdown_on_signal()).await?;
     Ok(())
 }
 
@@ -67,18 +61,30 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     };
     let pool = config::database_with(8).await?;
     georelay_store::control::check_master_key(&pool, &master).await?;
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    println!("listening on {}", listener.local_addr()?);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(on_signal(shutdown.clone()));
-    georelay_drain::run(drain, pool, master, listener, shutdown).await?;
+    let listener = bind(&args.listen).await?;
+    georelay_drain::run(drain, pool, master, listener, shutdown_on_signal()).await?;
     Ok(())
 }
 
+/// Binds `listen` and prints the one line on stdout: `listening on ADDR`
+/// (the actual port when 0 was asked; tests read it).
+async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!("listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    shutdown
+}
+
 /// Cancels `shutdown` on SIGTERM or SIGINT.
-pub async fn on_signal(shutdown: CancellationToken) {
+async fn on_signal(shutdown: CancellationToken) {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
