@@ -364,3 +364,48 @@ async fn the_seal_barrier_holds_while_an_ingest_instance_still_acknowledges_the_
     assert_in_order(&stack, 20).await;
     assert_eq!(undrained(&stack).await, vec![2]);
 }
+
+#[tokio::test]
+async fn a_reused_seq_with_another_payload_is_kept_as_a_seq_conflict() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let ns = connect(&stack.regions[0].url()).await;
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    ns.publish(QUEUE, "plug-1/1", device.envelope(1, 1).encode())
+        .await
+        .unwrap();
+    wait_stored(&stack, 1, Duration::from_secs(30)).await;
+    // The device lost its state and seals seq 1 again, with another reading
+    // (and so the same nonce). A redelivery of the first one is harmless.
+    let mut reused = device.envelope(1, 1);
+    reused.record = device.seal(1, &serde_json::json!({"other": true}));
+    let items: Vec<(String, Bytes)> = vec![
+        ("plug-1/1-again".into(), device.envelope(1, 1).encode()),
+        ("plug-1/1-reused".into(), reused.encode()),
+        ("plug-1/2".into(), device.envelope(2, 1).encode()),
+    ];
+    ns.publish_batch(QUEUE, &items).await.unwrap();
+    wait_stored(&stack, 2, Duration::from_secs(30)).await;
+    let first: serde_json::Value =
+        sqlx::query_scalar("SELECT payload FROM telemetry WHERE device_id = 'plug-1' AND seq = 1")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(first["reading"], 0.1, "the first record stays");
+    let dead: Vec<(String, i64, Vec<u8>)> =
+        sqlx::query_as("SELECT reason, seq, raw FROM dead_letters")
+            .fetch_all(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        dead.len(),
+        1,
+        "only the different payload is a conflict: {dead:?}"
+    );
+    assert_eq!((dead[0].0.as_str(), dead[0].1), ("seq_conflict", 1));
+    assert_eq!(
+        dead[0].2,
+        reused.encode().to_vec(),
+        "kept sealed, as queued"
+    );
+}

@@ -425,6 +425,11 @@ impl GroupWorker {
         m.rows_stored.inc_by(stored.inserted);
         m.duplicates.inc_by(stored.duplicates);
         m.batch_size.observe(batch.len() as f64);
+        for (device, seq) in &stored.conflicts {
+            m.dead_letters.with_label_values(&["seq_conflict"]).inc();
+            tracing::error!(group = %pos.group, device = %device, seq,
+                "the device reused a seq (and so a nonce) with a different payload: kept in dead_letters as seq_conflict; re-key the device");
+        }
         for d in &dead {
             m.dead_letters.with_label_values(&[d.reason]).inc();
             tracing::warn!(group = %pos.group, reason = d.reason, message_id = ?d.message_id, "record dead-lettered");
@@ -479,6 +484,7 @@ impl GroupWorker {
                 device_id: device,
                 seq: seq.unwrap_or(i64::MAX),
                 epoch: i64::try_from(envelope.epoch).unwrap_or(i64::MAX),
+                raw: d.payload.to_vec(),
                 payload: serde_json::Value::Object(object).to_string(),
                 received_at: DateTime::from_timestamp_micros(envelope.received_at_micros)
                     .unwrap_or_else(Utc::now),

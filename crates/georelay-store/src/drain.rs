@@ -3,7 +3,7 @@
 //! the seal barrier, storing a batch, and following the trail.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Row as _, Transaction};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -177,6 +177,9 @@ pub struct Row {
     /// The JSON object, as text
     pub payload: String,
     pub received_at: DateTime<Utc>,
+    /// The queue message, still sealed: kept as a dead letter if the seq
+    /// turns out to be taken by a different payload.
+    pub raw: Vec<u8>,
 }
 
 /// A record that can never be stored.
@@ -191,11 +194,14 @@ pub struct DeadLetter {
 }
 
 /// What storing a batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     pub inserted: u64,
     pub duplicates: u64,
     pub dead_letters: u64,
+    /// `(device_id, seq)` of duplicates whose payload differs from the
+    /// stored one (a reused seq), dead-lettered as `seq_conflict`.
+    pub conflicts: Vec<(String, i64)>,
 }
 
 /// Stores `rows` (in order: `store_order` follows it), received from
@@ -241,6 +247,37 @@ pub async fn store_batch(
         .await?
         .rows_affected();
     }
+    // A duplicate is normally a redelivery (same payload). A different
+    // payload under a stored (device_id, seq) means the device reused a seq:
+    // keep the newcomer, sealed, as a dead letter.
+    let mut conflicts = Vec::new();
+    if inserted < rows.len() as u64 {
+        let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+        let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
+        conflicts = sqlx::query(
+            "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
+             SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, 'seq_conflict',
+                    'seq already stored with a different payload: the device reused a seq (and a nonce); re-key it', u.w
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) AS u(d, s, p, w)
+             JOIN telemetry t ON t.device_id = u.d AND t.seq = u.s
+             WHERE t.payload <> u.p::jsonb
+             RETURNING device_id, seq",
+        )
+        .bind(&devices)
+        .bind(&seqs)
+        .bind(&payloads)
+        .bind(&raws)
+        .bind(lease.group_id)
+        .bind(namespace_id)
+        .bind(epoch)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    }
     for d in dead {
         sqlx::query(
             "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
@@ -261,8 +298,9 @@ pub async fn store_batch(
     tx.commit().await?;
     Ok(Some(Stored {
         inserted,
-        duplicates: rows.len() as u64 - inserted,
+        duplicates: (rows.len() as u64).saturating_sub(inserted + conflicts.len() as u64),
         dead_letters: dead.len() as u64,
+        conflicts,
     }))
 }
 
