@@ -413,8 +413,15 @@ async fn fleet_through_fault(
             })
         })
         .collect();
-    // Let every device get some records in first.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Let the devices get some records into the primary first.
+    let primary = queue_reader(&stack.regions[0].url()).await;
+    primary.ensure_queue(QUEUE).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            primary.depth(QUEUE).await.unwrap_or(0) >= 2 * DEVICES as u64
+        })
+        .await
+    );
     let fault_at = Instant::now();
     fault(stack);
     let mut out = Vec::new();

@@ -25,10 +25,12 @@ use georelay_store::routing::{
 };
 use georelay_store::{PgPool, StoreError};
 use georelay_transport::{ErrorKind, Limits, Namespace, TransportError};
+use prometheus::Histogram;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
+use zeroize::Zeroizing;
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::error::ApiError;
@@ -61,8 +63,11 @@ pub struct Placement {
 
 #[derive(Debug)]
 struct NsRuntime {
+    name: String,
     endpoint: String,
-    key: Option<String>,
+    key: Option<Zeroizing<String>>,
+    /// This namespace's publish latency histogram (label looked up once).
+    publish_seconds: Histogram,
     conn: Option<Namespace>,
     breaker: Mutex<Breaker>,
     ensured: Mutex<HashSet<String>>,
@@ -309,13 +314,14 @@ impl Router {
     }
 
     async fn runtime_for(&self, info: &RouteNamespace) -> Arc<NsRuntime> {
-        let key = info.key.as_ref().map(|k| k.as_str().to_owned());
         let existing = self
             .runtimes
             .lock()
             .ok()
             .and_then(|r| r.get(&info.id).cloned())
-            .filter(|rt| rt.endpoint == info.endpoint && rt.key == key);
+            .filter(|rt| {
+                rt.name == info.name && rt.endpoint == info.endpoint && rt.key == info.key
+            });
         if let Some(rt) = existing {
             return rt;
         }
@@ -340,8 +346,13 @@ impl Router {
             }
         };
         let rt = Arc::new(NsRuntime {
+            name: info.name.clone(),
             endpoint: info.endpoint.clone(),
-            key,
+            key: info.key.clone(),
+            publish_seconds: self
+                .metrics
+                .publish_seconds
+                .with_label_values(&[&info.name]),
             conn,
             breaker: Mutex::new(Breaker::new(self.config.breaker.clone())),
             ensured: Mutex::new(HashSet::new()),
@@ -500,10 +511,7 @@ impl Router {
             let started = Instant::now();
             let result = conn.publish_batch(queue, items).await;
             let elapsed = started.elapsed();
-            self.metrics
-                .publish_seconds
-                .with_label_values(&[&entry.info.name])
-                .observe(elapsed.as_secs_f64());
+            rt.publish_seconds.observe(elapsed.as_secs_f64());
             match result {
                 Ok(()) => {
                     let tripped = rt
