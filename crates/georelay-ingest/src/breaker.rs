@@ -53,6 +53,8 @@ pub struct Breaker {
     consecutive_timeouts: u32,
     /// (when, slow?) of recent publishes, oldest first.
     samples: VecDeque<(Instant, bool)>,
+    /// How many of `samples` are slow (kept as they come and go).
+    slow_samples: usize,
     good_probes: u32,
 }
 
@@ -63,6 +65,7 @@ impl Breaker {
             open: None,
             consecutive_timeouts: 0,
             samples: VecDeque::new(),
+            slow_samples: 0,
             good_probes: 0,
         }
     }
@@ -117,6 +120,7 @@ impl Breaker {
             self.open = None;
             self.consecutive_timeouts = 0;
             self.samples.clear();
+            self.slow_samples = 0;
             true
         } else {
             false
@@ -128,16 +132,18 @@ impl Breaker {
             return self.open;
         }
         self.samples.push_back((now, slow));
-        while let Some(&(at, _)) = self.samples.front() {
+        self.slow_samples += usize::from(slow);
+        while let Some(&(at, was_slow)) = self.samples.front() {
             if now.duration_since(at) > self.config.window || self.samples.len() > 1024 {
                 self.samples.pop_front();
+                self.slow_samples -= usize::from(was_slow);
             } else {
                 break;
             }
         }
         let total = self.samples.len();
-        let slow = self.samples.iter().filter(|(_, s)| *s).count();
-        if total >= self.config.min_samples && slow as f64 >= self.config.slow_ratio * total as f64
+        if total >= self.config.min_samples
+            && self.slow_samples as f64 >= self.config.slow_ratio * total as f64
         {
             self.trip(Trouble::Slow)
         } else {

@@ -29,8 +29,11 @@ use crate::router::{Placement, Router};
 use crate::Config;
 use georelay_store::keys::Devices;
 
-#[derive(Debug, Clone)]
-pub struct AppState {
+/// Shared by every handler; cloned (one `Arc`) per extraction.
+pub type AppState = Arc<App>;
+
+#[derive(Debug)]
+pub struct App {
     pub config: Arc<Config>,
     pub router: Arc<Router>,
     pub devices: Arc<Devices>,

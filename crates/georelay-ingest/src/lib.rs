@@ -185,7 +185,7 @@ pub async fn run(
     ));
 
     let accepting = Arc::new(AtomicBool::new(true));
-    let state = http::AppState {
+    let state = Arc::new(http::App {
         config: Arc::new(config.clone()),
         router,
         devices,
@@ -193,7 +193,7 @@ pub async fn run(
         permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         tasks: tasks.clone(),
         accepting: accepting.clone(),
-    };
+    });
     tracing::info!(%instance, addr = ?listener.local_addr().ok(), "ingest accepting");
     server::serve(listener, http::app(state), &config, shutdown, accepting).await;
 
