@@ -6,7 +6,8 @@
 //!   `Nats-Msg-Id`.
 //! - The worker reads through one durable pull consumer per queue,
 //!   [`CONSUMER`], with explicit acks: nats-server 2.9 refuses `AckPolicy::All`
-//!   on a work-queue stream (error 10098).
+//!   on a work-queue stream (error 10098). The last ack of a batch waits for
+//!   the server's confirmation, so an acked batch is gone when `ack` returns.
 //! - **Order across crashes and nacks.** A durable consumer redelivers an
 //!   unacked message only after its ack wait, and meanwhile hands out newer
 //!   ones: a reorder. So a process that starts reading a queue, and every
@@ -237,7 +238,12 @@ impl NatsNamespace {
         }
     }
 
+    /// Acks every message; the last one with the server's confirmation. The
+    /// server handles one connection's acks in order, so when the last is
+    /// confirmed every ack before it is done too: the batch is gone from
+    /// the queue (and from `depth`) when this returns. One round trip a batch.
     pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        let mut messages = Vec::with_capacity(batch.len());
         for d in batch {
             let Handle::Nats(message) = d.handle else {
                 return Err(TransportError::new(
@@ -245,11 +251,17 @@ impl NatsNamespace {
                     "delivery came from another namespace",
                 ));
             };
+            messages.push(message);
+        }
+        let Some(last) = messages.pop() else {
+            return Ok(());
+        };
+        for message in messages {
             message.ack().await.map_err(|e| self.classify("ack", e))?;
         }
-        self.bounded("flush acks", self.inner.client.flush())
+        self.bounded("ack", last.double_ack())
             .await?
-            .map_err(|e| self.classify("flush acks", e))
+            .map_err(|e| self.classify("ack", e))
     }
 
     pub async fn nack(&self, queue: &str, batch: Vec<Delivery>) -> Result<(), TransportError> {
