@@ -161,13 +161,15 @@ impl DrillReport {
     }
 }
 
+/// Fields drop in order: the processes first, then the proxies, then the
+/// regions and the database they were using.
 struct System {
-    stack: Stack,
+    ingest: Vec<Service>,
+    drain: Vec<Service>,
     proxies: Vec<FaultProxy>,
     db_proxy: FaultProxy,
     db_url: String,
-    ingest: Vec<Service>,
-    drain: Vec<Service>,
+    stack: Stack,
     started: Instant,
     timeline: Vec<Event>,
 }
