@@ -69,10 +69,6 @@ impl FaultProxy {
     pub fn set(&self, fault: Fault) {
         self.fault.send_replace(fault);
     }
-
-    pub fn fault(&self) -> Fault {
-        *self.fault.borrow()
-    }
 }
 
 impl Drop for FaultProxy {
