@@ -727,6 +727,25 @@ async fn two_instances_follow_one_move_and_both_acknowledge_the_new_epoch() {
         wait_until(Duration::from_secs(5), || async { acked(2).await == 2 }).await,
         "the barrier shows both instances on epoch 2"
     );
+    // So does `georelay admin status`, for an SRE.
+    let out = georelay_testkit::georelay_command(&stack.db)
+        .unwrap()
+        .env("GEORELAY_MASTER_KEY", georelay_testkit::master_key_b64())
+        .args(["admin", "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    let processes: Vec<&str> = status
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ingest "))
+        .collect();
+    assert_eq!(processes.len(), 2, "{status}");
+    assert!(
+        processes
+            .iter()
+            .all(|l| l.contains("live") && l.contains("g:2")),
+        "{status}"
+    );
     // A clean shutdown deregisters: the barrier no longer waits for it.
     let mut a = a;
     assert!(a.terminate().unwrap());

@@ -364,3 +364,36 @@ pub async fn check_master_key(pool: &PgPool, master: &MasterKey) -> Result<(), S
         Some(None) => Err(SecretError::Format.into()),
     }
 }
+
+/// A running (or lately running) ingest or drain process, as operators see it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Process {
+    pub role: String,
+    pub hostname: String,
+    pub pid: Option<i32>,
+    /// Seconds the lease has left (negative: lapsed that long ago).
+    pub lease_left: f64,
+    /// `group:epoch` the process acknowledges (ingest), space-separated.
+    pub epochs: String,
+    /// Groups whose drain lease it holds (drain), space-separated.
+    pub draining: String,
+}
+
+/// Every registered process, ingest first.
+pub async fn list_processes(pool: &PgPool) -> Result<Vec<Process>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT i.role, i.hostname, i.pid,
+                extract(epoch FROM i.lease_until - now())::float8 AS lease_left,
+                coalesce(string_agg(g.name || ':' || e.epoch, ' ' ORDER BY g.name), '') AS epochs,
+                coalesce((SELECT string_agg(g2.name, ' ' ORDER BY g2.name) FROM drain_leases l
+                          JOIN routing_groups g2 ON g2.id = l.group_id
+                          WHERE l.instance_id = i.id AND l.lease_until > clock_timestamp()), '') AS draining
+         FROM instances i
+         LEFT JOIN instance_epochs e ON e.instance_id = i.id
+         LEFT JOIN routing_groups g ON g.id = e.group_id
+         GROUP BY i.id
+         ORDER BY i.role DESC, i.hostname, i.started_at",
+    )
+    .fetch_all(pool)
+    .await?)
+}

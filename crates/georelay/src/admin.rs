@@ -217,6 +217,29 @@ async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
     }
     out.push_str("\nNAMESPACES\n");
     out.push_str(&namespaces_table(&namespaces));
+    out.push_str("\nPROCESSES\n");
+    let processes = control::list_processes(pool).await?;
+    if processes.is_empty() {
+        out.push_str("  (none registered)\n");
+    } else {
+        let mut t = Table::new(&["ROLE", "HOST", "PID", "LEASE", "ACKNOWLEDGES", "DRAINS"]);
+        for p in &processes {
+            let lease = if p.lease_left >= 0.0 {
+                format!("live, {:.1} s left", p.lease_left)
+            } else {
+                format!("LAPSED {:.0} s ago", -p.lease_left)
+            };
+            t.row(vec![
+                p.role.clone(),
+                p.hostname.clone(),
+                p.pid.map_or_else(|| "-".to_owned(), |pid| pid.to_string()),
+                lease,
+                p.epochs.clone(),
+                p.draining.clone(),
+            ]);
+        }
+        out.push_str(&t.render(2));
+    }
     Ok(out)
 }
 
