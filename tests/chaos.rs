@@ -88,6 +88,10 @@ async fn database_outage() {
     run(Scenario::DatabaseOutage).await
 }
 #[tokio::test]
+async fn database_hang() {
+    run(Scenario::DatabaseHang).await
+}
+#[tokio::test]
 async fn planned_failover() {
     run(Scenario::PlannedFailover).await
 }

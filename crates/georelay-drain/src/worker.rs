@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
+/// The longest one drain step may take before it counts as hung.
+const STEP_LIMIT: Duration = Duration::from_secs(30);
+
 /// Why a step did not go on.
 #[derive(Debug, thiserror::Error)]
 enum StepError {
@@ -134,7 +137,18 @@ impl GroupWorker {
             .drain_epoch
             .with_label_values(&[&position.group])
             .set(position.drain_epoch);
-        let result = self.step(&lease, &position).await;
+        // Bounded: a database or broker that hangs (rather than refuses)
+        // must not freeze the worker; what was in flight is read again. Far
+        // above a slow but working step (every call in it has its own bound).
+        let result = match tokio::time::timeout(STEP_LIMIT, self.step(&lease, &position)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.shared.forget_consumers(&position.queue).await;
+                Err(StepError::Store(StoreError::Unavailable(format!(
+                    "a drain step took longer than {STEP_LIMIT:?}"
+                ))))
+            }
+        };
         if result.is_ok() && self.db_failing {
             tracing::info!(group = %position.group, "database answers again: draining");
             self.db_failing = false;

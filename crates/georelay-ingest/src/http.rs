@@ -265,20 +265,31 @@ async fn verify(
     records: &[SealedRecord],
     batch: bool,
 ) -> Result<i64, ApiError> {
-    let auth = state
-        .devices
-        .get(device.as_str())
-        .await
-        .map_err(|e| {
+    let unavailable = || {
+        ApiError::unavailable(
+            "control_plane_unavailable",
+            "device keys cannot be read now; retry",
+            Duration::from_secs(1),
+        )
+    };
+    // A database that hangs (rather than refuses) must not hang requests.
+    let lookup = tokio::time::timeout(
+        state.config.request_deadline,
+        state.devices.get(device.as_str()),
+    );
+    let auth = match lookup.await {
+        Err(_) => {
+            tracing::warn!("reading device keys timed out");
+            return Err(unavailable());
+        }
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot read device keys");
-            ApiError::unavailable(
-                "control_plane_unavailable",
-                "device keys cannot be read now; retry",
-                Duration::from_secs(1),
-            )
-        })?
-        .filter(|a| a.enabled)
-        .ok_or(ApiError::Unauthorized)?;
+            return Err(unavailable());
+        }
+        Ok(Ok(found)) => found,
+    }
+    .filter(|a| a.enabled)
+    .ok_or(ApiError::Unauthorized)?;
     for (i, r) in records.iter().enumerate() {
         r.open_object(&auth.key, device)
             .map_err(|e| ApiError::from_record(e, batch.then_some(i)))?;

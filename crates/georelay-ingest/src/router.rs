@@ -594,7 +594,7 @@ impl Router {
             actor: self.actor.clone(),
             reason: Some(format!("namespace {} is {what}", troubled.info.name)),
         };
-        let outcome = fail_over(
+        let transaction = fail_over(
             &self.pool,
             group_id,
             troubled.info.id,
@@ -602,16 +602,23 @@ impl Router {
             avoid,
             self.config.cooldown,
             &actor,
-        )
-        .await
-        .map_err(|e| {
-            tracing::warn!(group = %flight.name, error = %e, "cannot reach the control plane to fail over");
-            ApiError::unavailable(
-                "control_plane_unavailable",
-                "the region is unavailable and failover cannot reach the control plane",
-                Duration::from_secs(1),
-            )
-        })?;
+        );
+        // Bounded: a hung database must not hold the group's failover lock.
+        let outcome = match tokio::time::timeout(self.config.lease, transaction).await {
+            Ok(Ok(outcome)) => outcome,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {:?}", self.config.lease),
+                };
+                tracing::warn!(group = %flight.name, %error, "cannot reach the control plane to fail over");
+                return Err(ApiError::unavailable(
+                    "control_plane_unavailable",
+                    "the region is unavailable and failover cannot reach the control plane",
+                    Duration::from_secs(1),
+                ));
+            }
+        };
         let (label, result) = match outcome {
             Failover::Moved {
                 namespace_id,

@@ -40,12 +40,14 @@ pub enum Scenario {
     KillWorker,
     /// PostgreSQL unreachable (every connection reset) for a while
     DatabaseOutage,
+    /// PostgreSQL hangs (a partition: nothing answers) for a while
+    DatabaseHang,
     /// an SRE's planned failover and failback by raw SQL
     PlannedFailover,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Self::KillPrimary,
         Self::HangPrimary,
         Self::SlowPrimary,
@@ -56,6 +58,7 @@ impl Scenario {
         Self::KillIngest,
         Self::KillWorker,
         Self::DatabaseOutage,
+        Self::DatabaseHang,
         Self::PlannedFailover,
     ];
 
@@ -71,6 +74,7 @@ impl Scenario {
             Self::KillIngest => "kill-ingest",
             Self::KillWorker => "kill-worker",
             Self::DatabaseOutage => "database-outage",
+            Self::DatabaseHang => "database-hang",
             Self::PlannedFailover => "planned-failover",
         }
     }
@@ -484,6 +488,10 @@ async fn inject(sys: &mut System, scenario: Scenario, window: Duration) -> anyho
             sys.db_proxy.set(Fault::Reset);
             sys.mark("fault: PostgreSQL unreachable (connections reset)");
         }
+        Scenario::DatabaseHang => {
+            sys.db_proxy.set(Fault::Blackhole);
+            sys.mark("fault: PostgreSQL hangs (nothing answers)");
+        }
         Scenario::PlannedFailover => {
             sys.stack.move_senders(1).await?;
             sys.mark("SRE: UPDATE routing_groups SET sender_namespace_id = eu-north");
@@ -514,7 +522,7 @@ async fn heal(sys: &mut System, scenario: Scenario) -> anyhow::Result<()> {
             let again = sys.start_drain()?;
             sys.drain.push(again);
         }
-        Scenario::DatabaseOutage => sys.db_proxy.set(Fault::None),
+        Scenario::DatabaseOutage | Scenario::DatabaseHang => sys.db_proxy.set(Fault::None),
         Scenario::PlannedFailover => {
             sys.stack.move_senders(0).await?;
             sys.mark("SRE: failback to eu-west");

@@ -47,7 +47,8 @@ pub enum ChaosCmd {
 #[derive(Debug, Args)]
 pub struct DrillArgs {
     /// kill-primary, hang-primary, slow-primary, blackhole-primary, flap-primary,
-    /// kill-two, all-down, kill-ingest, kill-worker, database-outage, planned-failover
+    /// kill-two, all-down, kill-ingest, kill-worker, database-outage, database-hang,
+    /// planned-failover
     #[arg(long)]
     pub scenario: String,
     /// Reproduces the fault schedule (default: from the clock, printed)
