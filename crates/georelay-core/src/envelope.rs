@@ -51,19 +51,12 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn encode(&self) -> Bytes {
-        let id = self.device.as_str().as_bytes();
-        let mut out =
-            BytesMut::with_capacity(FIXED_LEN - TAG_LEN + id.len() + self.record.ciphertext.len());
-        out.put_u8(FORMAT_V1);
-        out.put_u64(self.epoch);
-        out.put_i64(self.received_at_micros);
-        // DeviceId guarantees 1..=128 bytes.
-        out.put_u8(id.len() as u8);
-        out.put_slice(id);
-        out.put_u64(self.record.seq);
-        out.put_slice(&self.record.nonce);
-        out.put_slice(&self.record.ciphertext);
-        out.freeze()
+        encode(
+            self.epoch,
+            self.received_at_micros,
+            &self.device,
+            &self.record,
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
@@ -99,6 +92,28 @@ impl Envelope {
             },
         })
     }
+}
+
+/// The envelope of `record` from `device` under `epoch`, encoded without
+/// first copying the record into an [`Envelope`] (ingest's publish path).
+pub fn encode(
+    epoch: u64,
+    received_at_micros: i64,
+    device: &DeviceId,
+    record: &SealedRecord,
+) -> Bytes {
+    let id = device.as_str().as_bytes();
+    let mut out = BytesMut::with_capacity(FIXED_LEN - TAG_LEN + id.len() + record.ciphertext.len());
+    out.put_u8(FORMAT_V1);
+    out.put_u64(epoch);
+    out.put_i64(received_at_micros);
+    // DeviceId guarantees 1..=128 bytes.
+    out.put_u8(id.len() as u8);
+    out.put_slice(id);
+    out.put_u64(record.seq);
+    out.put_slice(&record.nonce);
+    out.put_slice(&record.ciphertext);
+    out.freeze()
 }
 
 struct Reader<'a>(&'a [u8]);

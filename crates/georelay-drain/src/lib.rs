@@ -159,7 +159,6 @@ impl Shared {
             self.config.limits.clone(),
         )
         .await?;
-        ns.wait_connected(Duration::from_secs(1)).await;
         conns.insert(id, (info.endpoint, ns.clone()));
         Ok(ns)
     }

@@ -519,9 +519,6 @@ impl GroupWorker {
     }
 
     async fn blocked_on(&mut self, pos: &Position, e: TransportError) -> Duration {
-        // What was in flight may be lost with the connection: read again
-        // from the oldest unacked message.
-        self.shared.forget_consumers(&pos.queue).await;
         let name = self.shared.namespace_name(pos.drain_namespace_id);
         let now = Instant::now();
         let b = match &mut self.blocked {

@@ -18,7 +18,7 @@
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use georelay_core::{DeviceId, Envelope, MasterKey, SealedRecord};
+use georelay_core::{envelope, DeviceId, MasterKey, SealedRecord};
 use georelay_store::control::Actor;
 use georelay_store::routing::{
     fail_over, load_routing, set_health, Failover, Health, RouteGroup, RouteNamespace, Trouble,
@@ -38,9 +38,6 @@ use crate::metrics::Metrics;
 
 /// Namespaces one request may try (the first, then up to two failovers).
 const MAX_ATTEMPTS: usize = 3;
-
-/// How long a reload waits for a new namespace connection to come up.
-const CONNECT_WAIT: Duration = Duration::from_secs(1);
 
 /// What [`Router`] needs from the configuration.
 #[derive(Debug, Clone)]
@@ -334,12 +331,7 @@ impl Router {
         )
         .await
         {
-            Ok(conn) => {
-                if !conn.wait_connected(CONNECT_WAIT).await {
-                    tracing::warn!(namespace = %info.name, "namespace does not answer yet; connecting in the background");
-                }
-                Some(conn)
-            }
+            Ok(conn) => Some(conn),
             Err(e) => {
                 tracing::warn!(namespace = %info.name, error = %e, "cannot set up a connection to the namespace; it counts as down");
                 None
@@ -446,13 +438,8 @@ impl Router {
             let items: Vec<(String, Bytes)> = records
                 .iter()
                 .map(|r| {
-                    let envelope = Envelope {
-                        epoch,
-                        received_at_micros,
-                        device: device.clone(),
-                        record: r.clone(),
-                    };
-                    (device.record_id(r.seq), envelope.encode())
+                    let envelope = envelope::encode(epoch, received_at_micros, device, r);
+                    (device.record_id(r.seq), envelope)
                 })
                 .collect();
             match self.publish(&entry, &ticket.queue, &items).await {

@@ -89,6 +89,9 @@ impl TransportError {
     }
 }
 
+/// How long [`Namespace::connect`] waits for a NATS server to answer.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(1);
+
 /// Limits every broker call obeys.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -142,8 +145,11 @@ pub enum Namespace {
 impl Namespace {
     /// Connects to a namespace as the control plane describes it:
     /// `transport` is `nats` or `servicebus`; Service Bus needs the SAS
-    /// policy name and key. NATS returns at once even when the server is down
-    /// (calls fail as [`ErrorKind::Unreachable`] until it is up).
+    /// policy name and key. NATS waits up to [`CONNECT_WAIT`] for the first
+    /// connection, so the first calls do not fail while it is being set up;
+    /// a server that is down does not fail this call (calls fail as
+    /// [`ErrorKind::Unreachable`] until it is up, and the client keeps
+    /// connecting in the background).
     pub async fn connect(
         transport: &str,
         endpoint: &str,
@@ -152,9 +158,16 @@ impl Namespace {
         limits: Limits,
     ) -> Result<Self, TransportError> {
         match (transport, key_name, key) {
-            ("nats", _, _) => Ok(Self::Nats(
-                nats::NatsNamespace::connect(endpoint, limits).await?,
-            )),
+            ("nats", _, _) => {
+                let ns = Self::Nats(nats::NatsNamespace::connect(endpoint, limits).await?);
+                if !ns.wait_connected(CONNECT_WAIT).await {
+                    tracing::warn!(
+                        endpoint,
+                        "namespace does not answer yet; connecting in the background"
+                    );
+                }
+                Ok(ns)
+            }
             ("servicebus", Some(key_name), Some(key)) => {
                 let config = servicebus::ServiceBusConfig::new(endpoint, key_name, key);
                 Ok(Self::ServiceBus(servicebus::ServiceBusNamespace::new(

@@ -232,10 +232,16 @@ impl NatsNamespace {
             Ok(out)
         };
         let bound = wait + self.inner.limits.request_deadline;
-        match tokio::time::timeout(bound, fetch).await {
+        let result = match tokio::time::timeout(bound, fetch).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::timeout("receive", bound)),
+        };
+        if result.is_err() {
+            // Messages of a failed fetch may have been sent and lost: the
+            // next read starts over at the oldest unacked message.
+            self.inner.consumers.lock().await.remove(queue);
         }
+        result
     }
 
     /// Acks every message; the last one with the server's confirmation. The
