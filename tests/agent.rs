@@ -115,7 +115,14 @@ async fn readings_arrive_in_order_and_survive_a_backend_outage() {
     // The backend goes away; readings keep coming and are buffered.
     ingest.kill();
     agent.send(21, 60);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let db = state.join("plug-1.db");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            buffered(&db).await == 40
+        })
+        .await,
+        "the 40 new readings wait in the buffer"
+    );
     assert_eq!(stored(&stack, "plug-1").await.len(), 20);
     // It comes back on the same address: everything is delivered, in order.
     let _ingest = Service::start_at(

@@ -340,7 +340,9 @@ async fn the_seal_barrier_holds_while_an_ingest_instance_still_acknowledges_the_
     publish(&stack.regions[1].url(), &devices, 11..=20, 2).await;
     let _worker = stack.drain(DRAIN_ARGS).unwrap();
     wait_stored(&stack, 20, Duration::from_secs(30)).await;
-    // A's queue is empty, but epoch 1 is not sealed: B waits.
+    // A's queue is empty, but epoch 1 is not sealed: B waits. A negative
+    // check, so a bounded look: 2 s is four seal graces (200 ms + 300 ms);
+    // without the barrier the worker would have followed to B by then.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(stored(&stack).await, 20, "only A's records");
     assert_eq!(undrained(&stack).await, vec![1, 2]);
