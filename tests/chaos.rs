@@ -8,6 +8,7 @@
 //! sending per scenario). Scenarios run one at a time: they share 2 cores.
 
 use georelay_testkit::chaos::{drill, DrillConfig, Scenario};
+use georelay_testkit::Georelay;
 use std::time::Duration;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -29,6 +30,7 @@ async fn run(scenario: Scenario) {
         duration,
         devices: 6,
         rate: 5.0,
+        georelay: Georelay::for_tests().unwrap(),
     })
     .await
     .unwrap();

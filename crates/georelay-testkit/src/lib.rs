@@ -14,8 +14,8 @@
 //!   checker; the chaos tests and `georelay chaos drill` run them.
 //! - [`checker`]: DESIGN.md's invariants over a ledger of 202s and the
 //!   database, with examples of each violation.
-//! - [`georelay_command`]: the built `georelay` binary as a `Command`, for
-//!   tests that run it the way a user does.
+//! - [`Georelay`], [`georelay_command`]: the built `georelay` binary as a
+//!   `Command`, for tests that run it the way a user does.
 //!
 //! The server comes from `GEORELAY_TEST_DATABASE_URL`, else `DATABASE_URL`,
 //! else `postgres://georelay:georelay@127.0.0.1:5432/georelay` (what `./dev`
@@ -45,14 +45,41 @@ use std::process::Command;
 /// The default server, as `./dev up` sets it up.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://georelay:georelay@127.0.0.1:5432/georelay";
 
-/// Path of the `georelay` binary built in the same target directory as the
-/// running test (`cargo build --bins` puts it there; `./dev test` does that
-/// first).
-pub fn georelay_bin() -> anyhow::Result<PathBuf> {
-    // `georelay chaos drill` runs the drill with its own binary.
-    if let Some(bin) = std::env::var_os("GEORELAY_BIN") {
-        return Ok(PathBuf::from(bin));
+/// The `georelay` binary the test kit starts, and the log filter its
+/// services get (`RUST_LOG`). Passed explicitly, never through the process
+/// environment: `georelay chaos drill` runs the harness with its own binary.
+#[derive(Debug, Clone)]
+pub struct Georelay {
+    pub bin: PathBuf,
+    pub log: String,
+}
+
+impl Georelay {
+    /// The binary built in the same target directory as the running test
+    /// (`cargo build --bins` puts it there; `./dev test` does that first);
+    /// services log at `GEORELAY_TEST_LOG` (default `warn`).
+    pub fn for_tests() -> anyhow::Result<Self> {
+        Ok(Self {
+            bin: georelay_bin()?,
+            log: std::env::var("GEORELAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        })
     }
+
+    /// A command for this binary with `DATABASE_URL` pointing at `db`, and
+    /// nothing else from the caller's environment that georelay reads (no
+    /// master key, no log filter), so each caller states what it gives.
+    pub fn command(&self, db: &TestDb) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env_remove("GEORELAY_MASTER_KEY")
+            .env_remove("RUST_LOG")
+            .env("DATABASE_URL", db.url());
+        cmd
+    }
+}
+
+/// Path of the `georelay` binary built in the same target directory as the
+/// running test.
+pub fn georelay_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate the test executable")?;
     // target/<profile>/deps/<test> -> target/<profile>/georelay
     let profile_dir = exe
@@ -69,15 +96,9 @@ pub fn georelay_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// A `georelay` command with `DATABASE_URL` pointing at `db`, nothing else
-/// from the test's environment that georelay reads (no master key, no log
-/// filter), so each test states what it gives.
+/// [`Georelay::command`] for the binary built beside the running test.
 pub fn georelay_command(db: &TestDb) -> anyhow::Result<Command> {
-    let mut cmd = Command::new(georelay_bin()?);
-    cmd.env_remove("GEORELAY_MASTER_KEY")
-        .env_remove("RUST_LOG")
-        .env("DATABASE_URL", db.url());
-    Ok(cmd)
+    Ok(Georelay::for_tests()?.command(db))
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` passes; returns

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
 use georelay_core::DeviceId;
-use georelay_store::control::{self, Actor, NewNamespace, Transport};
+use georelay_store::control::{self, Actor, NewNamespace, TransportKind};
 use std::io::Read as _;
 use zeroize::Zeroizing;
 
@@ -24,8 +24,8 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
                 None => None,
             };
             let transport = match a.transport {
-                TransportArg::Nats => Transport::Nats,
-                TransportArg::Servicebus => Transport::ServiceBus,
+                TransportArg::Nats => TransportKind::Nats,
+                TransportArg::Servicebus => TransportKind::ServiceBus,
             };
             control::add_namespace(
                 &pool,

@@ -32,10 +32,13 @@ pub enum Command {
     #[command(subcommand)]
     Agent(AgentCmd),
     /// Chaos drills: prove the invariants hold through a region outage
+    /// (built with the `chaos` feature, as `./dev` builds; not in the image)
+    #[cfg(feature = "chaos")]
     #[command(subcommand)]
     Chaos(ChaosCmd),
 }
 
+#[cfg(feature = "chaos")]
 #[derive(Debug, Subcommand)]
 pub enum ChaosCmd {
     /// Run one drill on a throwaway system of its own (a fresh database on
@@ -44,13 +47,12 @@ pub enum ChaosCmd {
     Drill(DrillArgs),
 }
 
+#[cfg(feature = "chaos")]
 #[derive(Debug, Args)]
 pub struct DrillArgs {
-    /// kill-primary, hang-primary, slow-primary, blackhole-primary, flap-primary,
-    /// kill-two, all-down, kill-ingest, kill-worker, database-outage, database-hang,
-    /// planned-failover
-    #[arg(long)]
-    pub scenario: String,
+    /// The fault to inject
+    #[arg(long, value_enum)]
+    pub scenario: georelay_testkit::chaos::Scenario,
     /// Reproduces the fault schedule (default: from the clock, printed)
     #[arg(long)]
     pub seed: Option<u64>,

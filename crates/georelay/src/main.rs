@@ -7,6 +7,7 @@
 
 mod admin;
 mod agent;
+#[cfg(feature = "chaos")]
 mod chaos;
 mod cli;
 mod config;
@@ -17,7 +18,7 @@ use clap::Parser;
 use georelay_store::{ErrorKind, StoreError};
 use std::process::ExitCode;
 
-use crate::cli::{ChaosCmd, Cli, Command};
+use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -59,7 +60,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest(args) => service::ingest(args).await,
         Command::Drain(args) => service::drain(args).await,
         Command::Agent(cmd) => agent::run(cmd).await,
-        Command::Chaos(ChaosCmd::Drill(args)) => chaos::drill(args).await,
+        #[cfg(feature = "chaos")]
+        Command::Chaos(cli::ChaosCmd::Drill(args)) => chaos::drill(args).await,
     }
 }
 
