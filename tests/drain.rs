@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use georelay_testkit::{wait_until, Service, Stack, TestDevice, QUEUE};
-use georelay_transport::{Limits, Namespace};
+use georelay_transport::{Limits, Namespace, Triplet};
 use std::time::Duration;
 
 /// Short grace so epochs seal quickly when no ingest instance is running.
@@ -19,7 +19,7 @@ const DRAIN_ARGS: &[&str] = &[
 ];
 
 async fn connect(url: &str) -> Namespace {
-    let ns = Namespace::connect("nats", url, None, None, Limits::default())
+    let ns = Namespace::connect(&Triplet::nats(url), Limits::default())
         .await
         .unwrap();
     assert!(ns.wait_connected(Duration::from_secs(5)).await);

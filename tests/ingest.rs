@@ -6,7 +6,7 @@
 use base64::Engine as _;
 use georelay_core::Envelope;
 use georelay_testkit::{wait_until, Stack, TestDevice, QUEUE};
-use georelay_transport::{Limits, Namespace};
+use georelay_transport::{Limits, Namespace, Triplet};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,7 @@ fn assert_error(got: &(u16, Value, Option<String>), status: u16, code: &str, cas
 }
 
 async fn queue_reader(url: &str) -> Namespace {
-    let ns = Namespace::connect("nats", url, None, None, Limits::default())
+    let ns = Namespace::connect(&Triplet::nats(url), Limits::default())
         .await
         .unwrap();
     assert!(ns.wait_connected(Duration::from_secs(5)).await);

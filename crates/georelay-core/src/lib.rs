@@ -12,13 +12,17 @@
 //! - [`secret`]: sealing of secrets at rest (device keys, SAS keys) with the
 //!   master key. A sealed secret names the master key that sealed it, so a
 //!   wrong master key is a clear error and the key can be rotated later.
+//! - [`triplet`]: a namespace as the brokers need it (transport kind,
+//!   endpoint, credentials), shared by the control plane and the transports.
 
 pub mod envelope;
 pub mod ids;
 pub mod record;
 pub mod secret;
+pub mod triplet;
 
 pub use envelope::{Envelope, EnvelopeError};
 pub use ids::{DeviceId, IdError, MAX_SEQ};
 pub use record::{DeviceKey, RecordBody, RecordError, SealedRecord, KEY_LEN, NONCE_LEN, TAG_LEN};
 pub use secret::{KeyId, MasterKey, SecretError};
+pub use triplet::{TransportKind, Triplet};

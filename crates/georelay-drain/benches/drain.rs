@@ -15,7 +15,7 @@
 use bytes::Bytes;
 use georelay_core::MasterKey;
 use georelay_testkit::{master_key_b64, Stack, TestDb, QUEUE};
-use georelay_transport::{Limits, Namespace};
+use georelay_transport::{Limits, Namespace, Triplet};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -89,7 +89,7 @@ async fn main() {
         .unwrap();
 
     // Fill the queue.
-    let ns = Namespace::connect("nats", &region.url(), None, None, Limits::default())
+    let ns = Namespace::connect(&Triplet::nats(region.url()), Limits::default())
         .await
         .unwrap();
     assert!(ns.wait_connected(Duration::from_secs(5)).await);

@@ -28,7 +28,7 @@ use georelay_store::instances::{self, Role};
 use georelay_store::keys::Devices;
 use georelay_store::routing::load_routing;
 use georelay_store::PgPool;
-use georelay_transport::{Limits, Namespace, TransportError};
+use georelay_transport::{Limits, NamespacePool, Pooled, TransportError};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -109,9 +109,8 @@ pub struct Shared {
     metrics: Metrics,
     instance: Uuid,
     actor: String,
-    /// namespace id -> (endpoint, connection)
-    conns: tokio::sync::Mutex<HashMap<i64, (String, Namespace)>>,
-    ensured: tokio::sync::Mutex<HashSet<(i64, String)>>,
+    /// One connection per namespace, replaced when its triplet changes.
+    conns: NamespacePool,
     names: RwLock<HashMap<i64, String>>,
     groups: RwLock<HashMap<i64, String>>,
 }
@@ -129,11 +128,11 @@ impl Shared {
         self.groups.read().ok()?.get(&id).cloned()
     }
 
-    /// The connection to namespace `id`, made on first use.
-    async fn namespace(&self, id: i64) -> Result<Namespace, TransportError> {
-        let mut conns = self.conns.lock().await;
-        if let Some((_, ns)) = conns.get(&id) {
-            return Ok(ns.clone());
+    /// The connection to namespace `id`, made on first use (and anew once
+    /// [`refresh`](Self::refresh) saw the namespace change).
+    async fn namespace(&self, id: i64) -> Result<Pooled, TransportError> {
+        if let Some(conn) = self.conns.cached(id) {
+            return Ok(conn);
         }
         let routing = load_routing(&self.pool, &self.master).await.map_err(|e| {
             TransportError::new(
@@ -151,60 +150,27 @@ impl Shared {
                     format!("no namespace #{id}"),
                 )
             })?;
-        let ns = Namespace::connect(
-            &info.transport,
-            &info.endpoint,
-            info.key_name.as_deref(),
-            info.key.clone(),
-            self.config.limits.clone(),
-        )
-        .await?;
-        conns.insert(id, (info.endpoint, ns.clone()));
-        Ok(ns)
-    }
-
-    async fn ensure_queue(
-        &self,
-        id: i64,
-        ns: &Namespace,
-        queue: &str,
-    ) -> Result<(), TransportError> {
-        let key = (id, queue.to_owned());
-        if self.ensured.lock().await.contains(&key) {
-            return Ok(());
-        }
-        ns.ensure_queue(queue).await?;
-        self.ensured.lock().await.insert(key);
-        Ok(())
+        self.conns.get(id, &info.triplet).await
     }
 
     /// Makes the next read of `queue` in every namespace start at its oldest
     /// unacked message.
     async fn forget_consumers(&self, queue: &str) {
-        let conns: Vec<Namespace> = self
-            .conns
-            .lock()
-            .await
-            .values()
-            .map(|(_, n)| n.clone())
-            .collect();
-        for ns in conns {
-            let _ = ns.nack(queue, Vec::new()).await;
+        for conn in self.conns.all() {
+            let _ = conn.namespace().nack(queue, Vec::new()).await;
         }
     }
 
-    /// Reloads names and drops connections whose endpoint changed.
+    /// Reloads names and drops connections whose namespace is gone or
+    /// changed (endpoint, transport or key: a rotated key is picked up here).
     async fn refresh(&self) -> Result<Vec<i64>, georelay_store::StoreError> {
         let routing = load_routing(&self.pool, &self.master).await?;
-        {
-            let mut conns = self.conns.lock().await;
-            conns.retain(|id, (endpoint, _)| {
-                routing
-                    .namespaces
-                    .iter()
-                    .any(|n| n.id == *id && &n.endpoint == endpoint)
-            });
-        }
+        self.conns.retain(|id, triplet| {
+            routing
+                .namespaces
+                .iter()
+                .any(|n| n.id == id && n.triplet == *triplet)
+        });
         if let Ok(mut names) = self.names.write() {
             *names = routing
                 .namespaces
@@ -239,8 +205,7 @@ pub async fn run(
         metrics: Metrics::new()?,
         actor: format!("drain:{instance}"),
         instance,
-        conns: tokio::sync::Mutex::new(HashMap::new()),
-        ensured: tokio::sync::Mutex::new(HashSet::new()),
+        conns: NamespacePool::new(config.limits.clone()),
         names: RwLock::new(HashMap::new()),
         groups: RwLock::new(HashMap::new()),
         config,

@@ -270,15 +270,15 @@ impl GroupWorker {
     async fn step(&mut self, lease: &LeaseToken, pos: &Position) -> Result<Step, StepError> {
         let shared = self.shared.clone();
         let config = &shared.config;
-        let ns = self
+        let conn = self
             .shared
             .namespace(pos.drain_namespace_id)
             .await
             .map_err(StepError::Broker)?;
-        self.shared
-            .ensure_queue(pos.drain_namespace_id, &ns, &pos.queue)
+        conn.ensure_queue(&pos.queue)
             .await
             .map_err(StepError::Broker)?;
+        let ns = conn.namespace();
         let old_epoch = pos.drain_epoch < pos.epoch;
         if self.last_depth.elapsed() >= Duration::from_secs(2) {
             self.last_depth = Instant::now();
@@ -317,7 +317,7 @@ impl GroupWorker {
                 .map_err(StepError::Broker)?;
         }
         if !batch.is_empty() {
-            self.store(lease, pos, &ns, batch).await?;
+            self.store(lease, pos, ns, batch).await?;
             if !reached_later_epoch {
                 return Ok(Step::Stored);
             }
@@ -607,9 +607,10 @@ impl GroupWorker {
             Err(_) => return,
         };
         for namespace_id in drained {
-            let Ok(ns) = self.shared.namespace(namespace_id).await else {
+            let Ok(conn) = self.shared.namespace(namespace_id).await else {
                 continue;
             };
+            let ns = conn.namespace();
             if !ns.depth(&pos.queue).await.is_ok_and(|d| d > 0) {
                 continue;
             }
@@ -631,7 +632,7 @@ impl GroupWorker {
                 drain_namespace_id: namespace_id,
                 ..pos.clone()
             };
-            match self.store(lease, &leftover, &ns, batch).await {
+            match self.store(lease, &leftover, ns, batch).await {
                 Ok(()) => {
                     tracing::info!(group = %pos.group, namespace = %self.shared.namespace_name(namespace_id), count, "swept leftovers from a drained namespace")
                 }

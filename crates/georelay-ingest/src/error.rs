@@ -1,17 +1,109 @@
 //! Every error the HTTP API returns, mapped to a status and a stable code in
 //! one place, always as `{"error": {"code", "message"}}`. Messages never
 //! carry internals (database errors, broker addresses, keys).
+//!
+//! The codes are a contract (clients match on them): [`ErrorCode`] is the
+//! whole set, and a test checks that docs/architecture.md lists exactly it.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use georelay_core::RecordError;
 use std::time::Duration;
 
+use crate::senders::RouteError;
+
+/// The stable `error.code` values of the HTTP API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    MalformedJson,
+    InvalidRecord,
+    NotJsonObject,
+    InvalidDeviceId,
+    BadBatchSize,
+    DuplicateSeq,
+    BodyUnreadable,
+    Unauthorized,
+    BodyTimeout,
+    TooLarge,
+    UnsupportedMediaType,
+    NotFound,
+    MethodNotAllowed,
+    RegionUnavailable,
+    FailoverDisabled,
+    CoolingDown,
+    NoRegion,
+    Fenced,
+    Overloaded,
+    Deadline,
+    ControlPlaneUnavailable,
+    UnknownGroup,
+    UnknownNamespace,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 24] = [
+        Self::MalformedJson,
+        Self::InvalidRecord,
+        Self::NotJsonObject,
+        Self::InvalidDeviceId,
+        Self::BadBatchSize,
+        Self::DuplicateSeq,
+        Self::BodyUnreadable,
+        Self::Unauthorized,
+        Self::BodyTimeout,
+        Self::TooLarge,
+        Self::UnsupportedMediaType,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::RegionUnavailable,
+        Self::FailoverDisabled,
+        Self::CoolingDown,
+        Self::NoRegion,
+        Self::Fenced,
+        Self::Overloaded,
+        Self::Deadline,
+        Self::ControlPlaneUnavailable,
+        Self::UnknownGroup,
+        Self::UnknownNamespace,
+        Self::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedJson => "malformed_json",
+            Self::InvalidRecord => "invalid_record",
+            Self::NotJsonObject => "not_json_object",
+            Self::InvalidDeviceId => "invalid_device_id",
+            Self::BadBatchSize => "bad_batch_size",
+            Self::DuplicateSeq => "duplicate_seq",
+            Self::BodyUnreadable => "body_unreadable",
+            Self::Unauthorized => "unauthorized",
+            Self::BodyTimeout => "body_timeout",
+            Self::TooLarge => "too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::RegionUnavailable => "region_unavailable",
+            Self::FailoverDisabled => "failover_disabled",
+            Self::CoolingDown => "cooling_down",
+            Self::NoRegion => "no_region",
+            Self::Fenced => "fenced",
+            Self::Overloaded => "overloaded",
+            Self::Deadline => "deadline",
+            Self::ControlPlaneUnavailable => "control_plane_unavailable",
+            Self::UnknownGroup => "unknown_group",
+            Self::UnknownNamespace => "unknown_namespace",
+            Self::Internal => "internal",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The body or path is not what the contract says.
     #[error("{message}")]
-    BadRequest { code: &'static str, message: String },
+    BadRequest { code: ErrorCode, message: String },
     /// Unknown device, disabled device, or a record that does not
     /// authenticate: one answer for all, so a caller cannot probe which.
     #[error("unknown or disabled device, or the record does not authenticate")]
@@ -30,25 +122,21 @@ pub enum ApiError {
     /// `retry_after` (the plug computers buffer meanwhile).
     #[error("{message}")]
     Unavailable {
-        code: &'static str,
+        code: ErrorCode,
         message: String,
         retry_after: Duration,
     },
 }
 
 impl ApiError {
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::BadRequest {
             code,
             message: message.into(),
         }
     }
 
-    pub fn unavailable(
-        code: &'static str,
-        message: impl Into<String>,
-        retry_after: Duration,
-    ) -> Self {
+    pub fn unavailable(code: ErrorCode, message: impl Into<String>, retry_after: Duration) -> Self {
         Self::Unavailable {
             code,
             message: message.into(),
@@ -62,10 +150,10 @@ impl ApiError {
         match e {
             RecordError::Authentication => Self::Unauthorized,
             RecordError::NotJsonObject => Self::bad_request(
-                "not_json_object",
+                ErrorCode::NotJsonObject,
                 format!("{place}the plaintext is not a JSON object"),
             ),
-            other => Self::bad_request("invalid_record", format!("{place}{other}")),
+            other => Self::bad_request(ErrorCode::InvalidRecord, format!("{place}{other}")),
         }
     }
 
@@ -82,23 +170,41 @@ impl ApiError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::BadRequest { code, .. } | Self::Unavailable { code, .. } => code,
-            Self::Unauthorized => "unauthorized",
-            Self::TooLarge { .. } => "too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::BodyTimeout(_) => "body_timeout",
-            Self::NotFound => "not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BadRequest { code, .. } | Self::Unavailable { code, .. } => *code,
+            Self::Unauthorized => ErrorCode::Unauthorized,
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
+            Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
+            Self::BodyTimeout(_) => ErrorCode::BodyTimeout,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
         }
+    }
+}
+
+/// Routing's errors at the HTTP edge: all 503 with a Retry-After.
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        let second = Duration::from_secs(1);
+        let (code, retry_after) = match &e {
+            RouteError::Fenced => (ErrorCode::Fenced, second),
+            RouteError::UnknownGroup => (ErrorCode::UnknownGroup, second),
+            RouteError::UnknownNamespace => (ErrorCode::UnknownNamespace, second),
+            RouteError::RegionUnavailable => (ErrorCode::RegionUnavailable, second),
+            RouteError::FailoverDisabled => (ErrorCode::FailoverDisabled, Duration::from_secs(5)),
+            RouteError::CoolingDown { retry_after } => (ErrorCode::CoolingDown, *retry_after),
+            RouteError::NoRegion => (ErrorCode::NoRegion, Duration::from_secs(5)),
+            RouteError::ControlPlaneUnavailable => (ErrorCode::ControlPlaneUnavailable, second),
+        };
+        Self::unavailable(code, format!("{e}; retry later"), retry_after)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({
-            "error": {"code": self.code(), "message": self.to_string()}
+            "error": {"code": self.code().as_str(), "message": self.to_string()}
         });
         let mut response = (self.status(), axum::Json(body)).into_response();
         // The body may be left unread: the connection cannot be reused.
@@ -115,5 +221,52 @@ impl IntoResponse for ApiError {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// The codes docs/architecture.md lists in its "### HTTP error codes"
+    /// table (first column, in backticks).
+    fn documented_codes() -> BTreeSet<String> {
+        let doc = include_str!("../../../docs/architecture.md");
+        let section = doc
+            .split("### HTTP error codes")
+            .nth(1)
+            .expect("docs/architecture.md has a '### HTTP error codes' section");
+        section
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .filter_map(|l| {
+                let cell = l.trim_start_matches('|').split('|').next()?.trim();
+                let code = cell.strip_prefix('`')?.strip_suffix('`')?;
+                Some(code.to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_docs_list_exactly_the_codes_the_api_has() {
+        let ours: BTreeSet<String> = ErrorCode::ALL
+            .iter()
+            .map(|c| c.as_str().to_owned())
+            .collect();
+        assert_eq!(ours.len(), ErrorCode::ALL.len(), "a code is listed twice");
+        assert_eq!(documented_codes(), ours);
+    }
+
+    #[test]
+    fn routing_errors_are_503_with_retry_after() {
+        let r = ApiError::from(RouteError::CoolingDown {
+            retry_after: Duration::from_millis(2500),
+        })
+        .into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(ApiError::from(RouteError::Fenced).code(), ErrorCode::Fenced);
     }
 }

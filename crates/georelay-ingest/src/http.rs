@@ -23,9 +23,9 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
-use crate::router::{Placement, Router};
+use crate::senders::{Placement, Senders};
 use crate::Config;
 use georelay_store::keys::Devices;
 
@@ -35,7 +35,7 @@ pub type AppState = Arc<App>;
 #[derive(Debug)]
 pub struct App {
     pub config: Arc<Config>,
-    pub router: Arc<Router>,
+    pub senders: Arc<Senders>,
     pub devices: Arc<Devices>,
     pub metrics: Metrics,
     pub permits: Arc<Semaphore>,
@@ -74,7 +74,7 @@ async fn shed_load(State(state): State<AppState>, request: Request, next: Next) 
             response
         }
         Err(_) => ApiError::unavailable(
-            "overloaded",
+            ErrorCode::Overloaded,
             "too many requests in progress; retry shortly",
             Duration::from_secs(1),
         )
@@ -135,7 +135,10 @@ async fn post_one(
     let device = parse_device(&device_id)?;
     let bytes = read_json_body(&state, &headers, body, state.config.max_body).await?;
     let record: RecordBody = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request("malformed_json", format!("body is not a record: {e}"))
+        ApiError::bad_request(
+            ErrorCode::MalformedJson,
+            format!("body is not a record: {e}"),
+        )
     })?;
     let sealed = SealedRecord::from_body(&record).map_err(|e| ApiError::from_record(e, None))?;
     let group_id = verify(&state, &device, std::slice::from_ref(&sealed), false).await?;
@@ -162,14 +165,14 @@ async fn post_batch(
     let bytes = read_json_body(&state, &headers, body, state.config.max_batch_body).await?;
     let batch: BatchBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
-            "malformed_json",
+            ErrorCode::MalformedJson,
             format!("body is not {{\"records\": [...]}}: {e}"),
         )
     })?;
     let max = state.config.max_batch;
     if batch.records.is_empty() || batch.records.len() > max {
         return Err(ApiError::bad_request(
-            "bad_batch_size",
+            ErrorCode::BadBatchSize,
             format!(
                 "a batch holds 1 to {max} records, got {}",
                 batch.records.len()
@@ -186,7 +189,7 @@ async fn post_batch(
     sealed.sort_by_key(|r| r.seq);
     if let Some(w) = sealed.windows(2).find(|w| w[0].seq == w[1].seq) {
         return Err(ApiError::bad_request(
-            "duplicate_seq",
+            ErrorCode::DuplicateSeq,
             format!("seq {} appears twice in the batch", w[0].seq),
         ));
     }
@@ -211,7 +214,8 @@ async fn post_batch(
 }
 
 fn parse_device(id: &str) -> Result<DeviceId, ApiError> {
-    DeviceId::parse(id).map_err(|e| ApiError::bad_request("invalid_device_id", e.to_string()))
+    DeviceId::parse(id)
+        .map_err(|e| ApiError::bad_request(ErrorCode::InvalidDeviceId, e.to_string()))
 }
 
 /// Checks the content type, then reads the body within the size limit and
@@ -249,7 +253,7 @@ async fn read_json_body(
                 Err(ApiError::TooLarge { limit })
             } else {
                 Err(ApiError::bad_request(
-                    "body_unreadable",
+                    ErrorCode::BodyUnreadable,
                     "the request body could not be read",
                 ))
             }
@@ -267,7 +271,7 @@ async fn verify(
 ) -> Result<i64, ApiError> {
     let unavailable = || {
         ApiError::unavailable(
-            "control_plane_unavailable",
+            ErrorCode::ControlPlaneUnavailable,
             "device keys cannot be read now; retry",
             Duration::from_secs(1),
         )
@@ -305,23 +309,23 @@ async fn publish(
     device: DeviceId,
     records: Vec<SealedRecord>,
 ) -> Result<Placement, ApiError> {
-    let router = state.router.clone();
+    let senders = state.senders.clone();
     let task = state
         .tasks
-        .spawn(async move { router.deliver(group_id, &device, &records).await });
+        .spawn(async move { senders.deliver(group_id, &device, &records).await });
     let deadline = state.config.request_deadline;
     match tokio::time::timeout(deadline, task).await {
-        Ok(Ok(result)) => result,
+        Ok(Ok(result)) => result.map_err(ApiError::from),
         Ok(Err(join)) => {
             tracing::error!(error = %join, "publish task failed");
             Err(ApiError::unavailable(
-                "internal",
+                ErrorCode::Internal,
                 "the record was not queued; retry",
                 Duration::from_secs(1),
             ))
         }
         Err(_) => Err(ApiError::unavailable(
-            "deadline",
+            ErrorCode::Deadline,
             "the record was not queued within the request deadline; retry",
             Duration::from_secs(1),
         )),
@@ -336,8 +340,8 @@ async fn healthz() -> Json<serde_json::Value> {
 /// heartbeat lately) and some region is writable.
 async fn readyz(State(state): State<AppState>) -> Response {
     let accepting = state.accepting.load(Ordering::Relaxed);
-    let lease = state.router.lease.is_valid();
-    let region = state.router.some_region_writable();
+    let lease = state.senders.lease.is_valid();
+    let region = state.senders.some_region_writable();
     let ready = accepting && lease && region;
     let status = if ready {
         StatusCode::OK

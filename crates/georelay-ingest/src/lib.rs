@@ -26,11 +26,11 @@ mod breaker;
 mod error;
 mod http;
 mod metrics;
-mod router;
+mod senders;
 mod server;
 
 pub use breaker::BreakerConfig;
-pub use error::ApiError;
+pub use error::{ApiError, ErrorCode};
 
 use georelay_core::MasterKey;
 use georelay_store::instances::{self, Role};
@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::router::{Router, RouterConfig};
+use crate::senders::{Senders, SendersConfig};
 use georelay_store::keys::Devices;
 
 /// Everything tunable, with the defaults documented in docs/architecture.md.
@@ -129,8 +129,8 @@ pub async fn run(
     let master = Arc::new(master);
     let metrics = metrics::Metrics::new()?;
     let instance = Uuid::new_v4();
-    let router = Arc::new(Router::new(
-        RouterConfig {
+    let senders = Arc::new(Senders::new(
+        SendersConfig {
             limits: Limits {
                 publish_deadline: config.publish_deadline,
                 request_deadline: config.broker_request_deadline,
@@ -144,17 +144,17 @@ pub async fn run(
         format!("ingest:{instance}"),
         metrics.clone(),
     ));
-    router.reload().await?;
+    senders.reload().await?;
     let started = Instant::now();
     instances::heartbeat(
         &pool,
         instance,
         Role::Ingest,
         config.lease,
-        &router.acked_epochs(),
+        &senders.acked_epochs(),
     )
     .await?;
-    router.lease.renewed(started);
+    senders.lease.renewed(started);
 
     let devices = Arc::new(Devices::new(pool.clone(), master));
     let background = CancellationToken::new();
@@ -164,30 +164,30 @@ pub async fn run(
         config.clone(),
         pool.clone(),
         instance,
-        router.clone(),
+        senders.clone(),
         background.clone(),
     ));
     loops.spawn(reload_loop(
         config.poll_interval,
-        router.clone(),
+        senders.clone(),
         background.clone(),
     ));
     loops.spawn(listen_loop(
         pool.clone(),
-        router.clone(),
+        senders.clone(),
         devices.clone(),
         background.clone(),
     ));
     loops.spawn(probe_loop(
         config.probe_interval,
-        router.clone(),
+        senders.clone(),
         background.clone(),
     ));
 
     let accepting = Arc::new(AtomicBool::new(true));
     let state = Arc::new(http::App {
         config: Arc::new(config.clone()),
-        router,
+        senders,
         devices,
         metrics,
         permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
@@ -221,7 +221,7 @@ async fn heartbeat_loop(
     config: Config,
     pool: PgPool,
     instance: Uuid,
-    router: Arc<Router>,
+    senders: Arc<Senders>,
     stop: CancellationToken,
 ) {
     let mut failing = false;
@@ -233,7 +233,7 @@ async fn heartbeat_loop(
             _ = tick.tick() => {}
         }
         let started = Instant::now();
-        let epochs = router.acked_epochs();
+        let epochs = senders.acked_epochs();
         let beat = tokio::time::timeout(
             config.lease,
             instances::heartbeat(&pool, instance, Role::Ingest, config.lease, &epochs),
@@ -241,7 +241,7 @@ async fn heartbeat_loop(
         .await;
         match beat {
             Ok(Ok(())) => {
-                router.lease.renewed(started);
+                senders.lease.renewed(started);
                 if failing {
                     tracing::info!("heartbeat renewed: accepting records again");
                     failing = false;
@@ -262,14 +262,14 @@ async fn heartbeat_loop(
 
 /// Reloads the routing when asked (NOTIFY, a failover) and every
 /// `poll_interval` in any case.
-async fn reload_loop(poll_interval: Duration, router: Arc<Router>, stop: CancellationToken) {
+async fn reload_loop(poll_interval: Duration, senders: Arc<Senders>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = router.reload_wanted.notified() => {}
+            _ = senders.reload_wanted.notified() => {}
             _ = tokio::time::sleep(poll_interval) => {}
         }
-        if let Err(e) = router.reload().await {
+        if let Err(e) = senders.reload().await {
             tracing::debug!(error = %e, "routing reload failed; keeping the last one");
         }
     }
@@ -280,7 +280,7 @@ async fn reload_loop(poll_interval: Duration, router: Arc<Router>, stop: Cancell
 /// (changes may have been missed) and reconnects with back-off.
 async fn listen_loop(
     pool: PgPool,
-    router: Arc<Router>,
+    senders: Arc<Senders>,
     devices: Arc<Devices>,
     stop: CancellationToken,
 ) {
@@ -308,7 +308,7 @@ async fn listen_loop(
         };
         backoff = Duration::from_millis(100);
         devices.clear();
-        router.reload_wanted.notify_one();
+        senders.reload_wanted.notify_one();
         loop {
             let message = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -323,13 +323,13 @@ async fn listen_loop(
                             devices.invalidate(id);
                         }
                     } else {
-                        router.reload_wanted.notify_one();
+                        senders.reload_wanted.notify_one();
                     }
                 }
                 // The connection was lost; the next try_recv reconnects.
                 Ok(None) => {
                     devices.clear();
-                    router.reload_wanted.notify_one();
+                    senders.reload_wanted.notify_one();
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "LISTEN connection failed");
@@ -340,12 +340,12 @@ async fn listen_loop(
     }
 }
 
-async fn probe_loop(interval: Duration, router: Arc<Router>, stop: CancellationToken) {
+async fn probe_loop(interval: Duration, senders: Arc<Senders>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        router.probe_round().await;
+        senders.probe_round().await;
     }
 }

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use georelay_core::secret::{device_key_context, namespace_key_context};
+pub use georelay_core::TransportKind;
 use georelay_core::{DeviceId, DeviceKey, KeyId, MasterKey, SecretError};
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -33,28 +34,13 @@ pub async fn set_actor(
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Nats,
-    ServiceBus,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Nats => "nats",
-            Self::ServiceBus => "servicebus",
-        }
-    }
-}
-
 /// A namespace to register. `key` is the plaintext SAS/issuer key; it is
 /// sealed before it reaches the database.
 #[derive(Debug)]
 pub struct NewNamespace<'a> {
     pub name: &'a str,
     pub region: &'a str,
-    pub transport: Transport,
+    pub transport: TransportKind,
     pub endpoint: &'a str,
     pub priority: i32,
     pub key_name: Option<&'a str>,

@@ -9,7 +9,7 @@
 //! The drain worker uses the same function when it declares trouble.
 
 use georelay_core::secret::{device_key_context, namespace_key_context};
-use georelay_core::{DeviceKey, MasterKey, SecretError};
+use georelay_core::{DeviceKey, MasterKey, SecretError, TransportKind, Triplet};
 use sqlx::PgPool;
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -29,16 +29,13 @@ pub struct RouteGroup {
     pub failover_enabled: bool,
 }
 
-/// A namespace with its SAS key opened (Service Bus only).
+/// A namespace with its key opened: what a transport connects with.
 #[derive(Debug, Clone)]
 pub struct RouteNamespace {
     pub id: i64,
     pub name: String,
     pub region: String,
-    pub transport: String,
-    pub endpoint: String,
-    pub key_name: Option<String>,
-    pub key: Option<Zeroizing<String>>,
+    pub triplet: Triplet,
     pub priority: i32,
     pub enabled: bool,
     pub health: Health,
@@ -116,14 +113,22 @@ pub async fn load_routing(pool: &PgPool, master: &MasterKey) -> Result<Routing, 
                 .key_sealed
                 .map(|sealed| open_text(master, &namespace_key_context(&r.name), &sealed))
                 .transpose()?;
+            let transport = TransportKind::parse(&r.transport).ok_or_else(|| {
+                StoreError::Refused(format!(
+                    "namespace {} has an unknown transport {:?}",
+                    r.name, r.transport
+                ))
+            })?;
             Ok(RouteNamespace {
                 id: r.id,
                 name: r.name,
                 region: r.region,
-                transport: r.transport,
-                endpoint: r.endpoint,
-                key_name: r.key_name,
-                key,
+                triplet: Triplet {
+                    transport,
+                    endpoint: r.endpoint,
+                    key_name: r.key_name,
+                    key,
+                },
                 priority: r.priority,
                 enabled: r.enabled,
                 health: Health::parse(&r.health),

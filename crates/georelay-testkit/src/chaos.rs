@@ -13,12 +13,15 @@ use std::time::{Duration, Instant};
 
 use crate::checker::{self, Report};
 use crate::{
-    georelay_bin, Fault, FaultProxy, NatsRegion, Service, Stack, DRAIN_TEST_ARGS, INGEST_TEST_ARGS,
+    Fault, FaultProxy, Georelay, NatsRegion, Service, Stack, DRAIN_TEST_ARGS, INGEST_TEST_ARGS,
     QUEUE,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A drill's fault. Its kebab-case name (`kill-primary`) is what
+/// `georelay chaos drill --scenario` takes and the report prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
 pub enum Scenario {
     /// kill -9 the primary region
     KillPrimary,
@@ -47,40 +50,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
-        Self::KillPrimary,
-        Self::HangPrimary,
-        Self::SlowPrimary,
-        Self::BlackholePrimary,
-        Self::FlapPrimary,
-        Self::KillTwo,
-        Self::AllDown,
-        Self::KillIngest,
-        Self::KillWorker,
-        Self::DatabaseOutage,
-        Self::DatabaseHang,
-        Self::PlannedFailover,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::KillPrimary => "kill-primary",
-            Self::HangPrimary => "hang-primary",
-            Self::SlowPrimary => "slow-primary",
-            Self::BlackholePrimary => "blackhole-primary",
-            Self::FlapPrimary => "flap-primary",
-            Self::KillTwo => "kill-two",
-            Self::AllDown => "all-down",
-            Self::KillIngest => "kill-ingest",
-            Self::KillWorker => "kill-worker",
-            Self::DatabaseOutage => "database-outage",
-            Self::DatabaseHang => "database-hang",
-            Self::PlannedFailover => "planned-failover",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|x| x.name() == s)
+    /// The scenario's name, as `--scenario` takes it.
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_owned())
     }
 
     /// Whether the senders are expected to leave the primary.
@@ -107,6 +80,8 @@ pub struct DrillConfig {
     pub devices: usize,
     /// Readings per second per device.
     pub rate: f64,
+    /// The binary whose processes the drill starts, and their log filter.
+    pub georelay: Georelay,
 }
 
 /// One line of the timeline.
@@ -176,6 +151,7 @@ struct System {
     stack: Stack,
     started: Instant,
     timeline: Vec<Event>,
+    georelay: Georelay,
 }
 
 impl System {
@@ -188,7 +164,8 @@ impl System {
     }
 
     fn start_ingest(&self, listen: &str) -> anyhow::Result<Service> {
-        Service::start_env(
+        Service::start_with(
+            &self.georelay,
             &self.stack.db,
             "ingest",
             listen,
@@ -198,7 +175,8 @@ impl System {
     }
 
     fn start_drain(&self) -> anyhow::Result<Service> {
-        Service::start_env(
+        Service::start_with(
+            &self.georelay,
             &self.stack.db,
             "drain",
             "127.0.0.1:0",
@@ -253,6 +231,7 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
         drain: Vec::new(),
         started: Instant::now(),
         timeline: Vec::new(),
+        georelay: config.georelay.clone(),
     };
     for _ in 0..2 {
         let s = sys.start_ingest("127.0.0.1:0")?;
@@ -391,7 +370,7 @@ fn start_fleet(
                 }
             }
         }
-        let child = std::process::Command::new(georelay_bin()?)
+        let child = std::process::Command::new(&config.georelay.bin)
             .env_remove("RUST_LOG")
             .env("RUST_LOG", "error")
             .args(["agent", "simulate", "--url", &urls])
@@ -554,10 +533,7 @@ async fn depths(regions: &[NatsRegion]) -> Vec<(String, u64)> {
     let mut out = Vec::new();
     for r in regions {
         let ns = georelay_transport::Namespace::connect(
-            "nats",
-            &r.url(),
-            None,
-            None,
+            &georelay_transport::Triplet::nats(r.url()),
             georelay_transport::Limits::default(),
         )
         .await;

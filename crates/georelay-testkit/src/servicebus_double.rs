@@ -116,6 +116,13 @@ impl ServiceBusDouble {
         format!("https://{}.servicebus.windows.net", self.namespace)
     }
 
+    /// `http://127.0.0.1:PORT/NAME`: the endpoint a namespace row holds so
+    /// that georelay processes reach this double (signed as for
+    /// [`endpoint`](Self::endpoint)).
+    pub fn local_endpoint(&self) -> String {
+        format!("http://{}/{}", self.addr, self.namespace)
+    }
+
     /// Where requests for [`endpoint`](Self::endpoint) must be sent instead.
     pub fn base_url(&self) -> anyhow::Result<url::Url> {
         url::Url::parse(&format!("http://{}", self.addr)).context("double address")

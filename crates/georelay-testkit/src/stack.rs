@@ -5,7 +5,7 @@
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use georelay_core::{DeviceId, DeviceKey, Envelope, MasterKey, SealedRecord, NONCE_LEN};
-use georelay_store::control::{self, Actor, NewNamespace, Transport};
+use georelay_store::control::{self, Actor, NewNamespace, TransportKind};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::io::{BufRead as _, BufReader};
@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::{georelay_command, NatsRegion, TestDb};
+use crate::{Georelay, NatsRegion, TestDb};
 
 /// The master key every test stack uses (tests only).
 pub const TEST_MASTER_KEY: [u8; 32] = [7; 32];
@@ -83,7 +83,7 @@ impl Stack {
                 &NewNamespace {
                     name,
                     region: name,
-                    transport: Transport::Nats,
+                    transport: TransportKind::Nats,
                     endpoint: &region.url(),
                     priority,
                     key_name: None,
@@ -179,12 +179,22 @@ impl Service {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let mut child = georelay_command(db)?
+        Self::start_with(&Georelay::for_tests()?, db, command, listen, args, env)
+    }
+
+    /// [`start_env`](Self::start_env) with a given binary and log filter.
+    pub fn start_with(
+        georelay: &Georelay,
+        db: &TestDb,
+        command: &str,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut child = georelay
+            .command(db)
             .env("GEORELAY_MASTER_KEY", master_key_b64())
-            .env(
-                "RUST_LOG",
-                std::env::var("GEORELAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", &georelay.log)
             .envs(env.iter().copied())
             .args([command, "--listen", listen])
             .args(args)

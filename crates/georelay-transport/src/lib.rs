@@ -30,7 +30,11 @@
 //! every call site monomorphic and easy to read.
 
 pub mod nats;
+mod pool;
 pub mod servicebus;
+
+pub use georelay_core::{TransportKind, Triplet};
+pub use pool::{NamespacePool, Pooled};
 
 use bytes::Bytes;
 use std::fmt;
@@ -143,22 +147,16 @@ pub enum Namespace {
 }
 
 impl Namespace {
-    /// Connects to a namespace as the control plane describes it:
-    /// `transport` is `nats` or `servicebus`; Service Bus needs the SAS
-    /// policy name and key. NATS waits up to [`CONNECT_WAIT`] for the first
-    /// connection, so the first calls do not fail while it is being set up;
-    /// a server that is down does not fail this call (calls fail as
-    /// [`ErrorKind::Unreachable`] until it is up, and the client keeps
-    /// connecting in the background).
-    pub async fn connect(
-        transport: &str,
-        endpoint: &str,
-        key_name: Option<&str>,
-        key: Option<zeroize::Zeroizing<String>>,
-        limits: Limits,
-    ) -> Result<Self, TransportError> {
-        match (transport, key_name, key) {
-            ("nats", _, _) => {
+    /// Connects to a namespace as the control plane describes it. Service
+    /// Bus needs the SAS policy name and key. NATS waits up to
+    /// [`CONNECT_WAIT`] for the first connection, so the first calls do not
+    /// fail while it is being set up; a server that is down does not fail
+    /// this call (calls fail as [`ErrorKind::Unreachable`] until it is up,
+    /// and the client keeps connecting in the background).
+    pub async fn connect(triplet: &Triplet, limits: Limits) -> Result<Self, TransportError> {
+        match (triplet.transport, &triplet.key_name, &triplet.key) {
+            (TransportKind::Nats, _, _) => {
+                let endpoint = triplet.endpoint.as_str();
                 let ns = Self::Nats(nats::NatsNamespace::connect(endpoint, limits).await?);
                 if !ns.wait_connected(CONNECT_WAIT).await {
                     tracing::warn!(
@@ -168,19 +166,16 @@ impl Namespace {
                 }
                 Ok(ns)
             }
-            ("servicebus", Some(key_name), Some(key)) => {
-                let config = servicebus::ServiceBusConfig::new(endpoint, key_name, key);
+            (TransportKind::ServiceBus, Some(key_name), Some(key)) => {
+                let config =
+                    servicebus::ServiceBusConfig::new(&triplet.endpoint, key_name, key.clone());
                 Ok(Self::ServiceBus(servicebus::ServiceBusNamespace::new(
                     config, limits,
                 )?))
             }
-            ("servicebus", _, _) => Err(TransportError::new(
+            (TransportKind::ServiceBus, _, _) => Err(TransportError::new(
                 ErrorKind::Auth,
                 "a servicebus namespace needs its SAS key name and key",
-            )),
-            (other, _, _) => Err(TransportError::new(
-                ErrorKind::Rejected,
-                format!("unknown transport {other:?}"),
             )),
         }
     }

@@ -67,19 +67,30 @@ pub struct ServiceBusConfig {
     /// Most HTTP requests in flight at once to this namespace.
     pub max_in_flight: usize,
     /// Send every request to this base URL instead of the namespace's host:
-    /// for the local contract double in tests.
+    /// set from a local endpoint (`http://127.0.0.1:PORT/NAME`, see
+    /// [`ServiceBusConfig::new`]), for a contract double or an emulator.
     pub rewrite_to: Option<Url>,
 }
 
 impl ServiceBusConfig {
+    /// `endpoint` is `https://NAME.servicebus.windows.net`, `sb://…` or
+    /// `NAME`; or, for a local contract double or emulator,
+    /// `http://LOOPBACK:PORT/NAME`: requests go there over plain HTTP, signed
+    /// for `https://NAME.servicebus.windows.net` as the service expects.
+    /// Plain HTTP is taken only to a loopback address, so a SAS token never
+    /// crosses a network in clear.
     pub fn new(endpoint: &str, key_name: &str, key: Zeroizing<String>) -> Self {
+        let (endpoint, rewrite_to) = match local_endpoint(endpoint) {
+            Some((name, base)) => (name, Some(base)),
+            None => (endpoint.to_owned(), None),
+        };
         Self {
-            endpoint: endpoint.to_owned(),
+            endpoint,
             key_name: key_name.to_owned(),
             key,
             lock_duration: Duration::from_secs(30),
             max_in_flight: 256,
-            rewrite_to: None,
+            rewrite_to,
         }
     }
 }
@@ -107,7 +118,7 @@ impl ServiceBusNamespace {
         let namespace = namespace_name(&config.endpoint).ok_or_else(|| {
             TransportError::new(
                 ErrorKind::Rejected,
-                "endpoint must be https://NAME.servicebus.windows.net or NAME",
+                "endpoint must be https://NAME.servicebus.windows.net, NAME, or http://LOOPBACK:PORT/NAME for a local double",
             )
         })?;
         let client = reqwest::Client::builder()
@@ -382,6 +393,26 @@ pub fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `http://LOOPBACK[:PORT]/NAME` -> (`NAME`, `http://LOOPBACK[:PORT]`).
+fn local_endpoint(endpoint: &str) -> Option<(String, Url)> {
+    let url = Url::parse(endpoint.trim()).ok()?;
+    if url.scheme() != "http" {
+        return None;
+    }
+    let loopback = match url.host()? {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    };
+    let name = url.path().trim_matches('/').to_owned();
+    if !loopback || name.is_empty() {
+        return None;
+    }
+    let mut base = url;
+    base.set_path("");
+    Some((name, base))
+}
+
 fn namespace_name(endpoint: &str) -> Option<String> {
     let host = endpoint
         .trim()
@@ -501,4 +532,29 @@ fn keep_broker_properties(response: Response) -> Response {
         headers.insert(ORIGINAL_BROKER_PROPERTIES, raw);
     }
     Response::new(status, headers, Box::pin(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_endpoints_only_on_loopback() {
+        let (name, base) = local_endpoint("http://127.0.0.1:4545/sb-eu").unwrap();
+        assert_eq!(name, "sb-eu");
+        assert_eq!(base.as_str(), "http://127.0.0.1:4545/");
+        assert!(local_endpoint("http://localhost:1/x").is_some());
+        assert!(local_endpoint("http://[::1]:1/x").is_some());
+        // a network address, https, or no namespace name: not local
+        assert!(local_endpoint("http://10.0.0.8:4545/sb-eu").is_none());
+        assert!(local_endpoint("http://example.com/sb-eu").is_none());
+        assert!(local_endpoint("https://127.0.0.1:4545/sb-eu").is_none());
+        assert!(local_endpoint("http://127.0.0.1:4545/").is_none());
+        assert_eq!(
+            namespace_name("https://georelay-eu.servicebus.windows.net/").as_deref(),
+            Some("georelay-eu")
+        );
+        // a non-local http endpoint is not a name either
+        assert_eq!(namespace_name("http://10.0.0.8:4545/sb-eu"), None);
+    }
 }

@@ -1,0 +1,335 @@
+//! Sender routing: where a group's records go now, and getting them there
+//! through breakers and failover. One concern per module:
+//!
+//! - [`snapshot`]: the namespaces as the control plane last described them,
+//!   each with its pooled connection, breaker and histogram; reloaded on
+//!   `NOTIFY` and by polling ([`Senders::reload`]).
+//! - [`flights`]: per group, the route new publishes use and the publishes
+//!   in flight per epoch — what fencing acknowledges ([`Senders::acked_epochs`]).
+//! - [`failover`]: a publish whose breaker trips runs the failover
+//!   transaction (one per group at a time here) and adopts its outcome.
+//! - [`lease`]: the instance's lease; past it, records are refused.
+//!
+//! [`Senders::deliver`] ties them together: publish to the group's route;
+//! on a trip, fail over and re-publish the waiting records to the new
+//! namespace under the new epoch, so the device still gets its 202. Errors
+//! are [`RouteError`]s: what went wrong for routing, not HTTP; the HTTP edge
+//! maps them to answers (`crate::error`).
+
+mod failover;
+mod flights;
+mod lease;
+mod snapshot;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use georelay_core::{envelope, DeviceId, MasterKey, SealedRecord};
+use georelay_store::routing::{load_routing, set_health, Health, Trouble};
+use georelay_store::{PgPool, StoreError};
+use georelay_transport::{ErrorKind, Limits, NamespacePool, TransportError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+
+use crate::breaker::BreakerConfig;
+use crate::metrics::Metrics;
+use flights::{Flights, Route};
+pub use lease::Lease;
+use snapshot::{Namespaces, NsEntry};
+
+/// Namespaces one request may try (the first, then up to two failovers).
+const MAX_ATTEMPTS: usize = 3;
+
+/// What [`Senders`] needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct SendersConfig {
+    pub limits: Limits,
+    pub breaker: BreakerConfig,
+    /// Least time between two automatic moves of a group.
+    pub cooldown: Duration,
+    /// Lease length: an instance that could not renew for this long stops.
+    pub lease: Duration,
+}
+
+/// Why records were not queued. Each says what the client can do: all of
+/// them are worth a retry later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("this ingest instance lost its lease on the control plane")]
+    Fenced,
+    #[error("the device's group is not routed yet")]
+    UnknownGroup,
+    #[error("the group's namespace is not loaded yet")]
+    UnknownNamespace,
+    /// One publish failed; the namespace is not (yet) judged troubled.
+    #[error("the region did not take the record in time")]
+    RegionUnavailable,
+    #[error("the group's region is unavailable and its failover bit is off")]
+    FailoverDisabled,
+    #[error("the group moved moments ago; it is not moved again so soon")]
+    CoolingDown { retry_after: Duration },
+    #[error("no region can take records now")]
+    NoRegion,
+    #[error("the region is unavailable and failover cannot reach the control plane")]
+    ControlPlaneUnavailable,
+}
+
+/// Where a record went.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Placement {
+    pub namespace: String,
+    pub region: String,
+    pub epoch: i64,
+}
+
+enum Failure {
+    /// The breaker is open: fail over.
+    Tripped(Trouble),
+    /// This publish failed, the namespace is not (yet) judged troubled.
+    Transient(TransportError),
+}
+
+/// The ingest instance's sender side: routing snapshot, flights, failover.
+#[derive(Debug)]
+pub struct Senders {
+    config: SendersConfig,
+    pool: PgPool,
+    master: Arc<MasterKey>,
+    actor: String,
+    namespaces: Namespaces,
+    flights: Flights,
+    metrics: Metrics,
+    pub lease: Lease,
+    /// Ask the reload task for a fresh snapshot.
+    pub reload_wanted: Notify,
+}
+
+impl Senders {
+    pub fn new(
+        config: SendersConfig,
+        pool: PgPool,
+        master: Arc<MasterKey>,
+        actor: String,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            lease: Lease::new(config.lease),
+            namespaces: Namespaces::new(
+                NamespacePool::new(config.limits.clone()),
+                config.breaker.clone(),
+                metrics.clone(),
+            ),
+            config,
+            pool,
+            master,
+            actor,
+            flights: Flights::default(),
+            metrics,
+            reload_wanted: Notify::new(),
+        }
+    }
+
+    /// Reads the control plane and makes it the routing in force: new or
+    /// changed namespaces get a connection and a breaker, groups whose
+    /// senders moved (a higher epoch) send to the new namespace from now on.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let routing = load_routing(&self.pool, &self.master).await?;
+        self.namespaces.load(routing.namespaces).await;
+        for g in &routing.groups {
+            let route = Route {
+                epoch: g.epoch,
+                namespace_id: g.sender_namespace_id,
+                queue: g.queue.clone(),
+            };
+            let (epoch, moved) = self.flights.apply(g.id, &g.name, route);
+            if moved {
+                tracing::info!(group = %g.name, epoch, "senders moved: writing to the new epoch");
+            }
+            self.metrics
+                .group_epoch
+                .with_label_values(&[&g.name])
+                .set(epoch);
+        }
+        Ok(())
+    }
+
+    /// Every known group with the epoch this instance acknowledges for it.
+    pub fn acked_epochs(&self) -> Vec<(i64, i64)> {
+        self.flights.acked_epochs()
+    }
+
+    /// Whether some enabled, not-down namespace has a closed breaker here.
+    pub fn some_region_writable(&self) -> bool {
+        self.namespaces.snapshot().namespaces.values().any(|e| {
+            e.info.enabled
+                && e.info.health != Health::Down
+                && e.rt.conn.is_some()
+                && e.rt.breaker_open().is_none()
+        })
+    }
+
+    /// Queues `records` of `device` (verified, in seq order) to the group's
+    /// namespace, failing over as needed. `Ok` once durably queued.
+    pub async fn deliver(
+        &self,
+        group_id: i64,
+        device: &DeviceId,
+        records: &[SealedRecord],
+    ) -> Result<Placement, RouteError> {
+        let received_at_micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let mut avoid = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            if !self.lease.is_valid() {
+                return Err(RouteError::Fenced);
+            }
+            let ticket = self.flights.begin(group_id).ok_or_else(|| {
+                self.reload_wanted.notify_one();
+                RouteError::UnknownGroup
+            })?;
+            let Some(entry) = self.namespaces.get(ticket.route.namespace_id) else {
+                self.reload_wanted.notify_one();
+                return Err(RouteError::UnknownNamespace);
+            };
+            let epoch = u64::try_from(ticket.route.epoch).unwrap_or(0);
+            let items: Vec<(String, Bytes)> = records
+                .iter()
+                .map(|r| {
+                    let envelope = envelope::encode(epoch, received_at_micros, device, r);
+                    (device.record_id(r.seq), envelope)
+                })
+                .collect();
+            match self.publish(&entry, &ticket.route.queue, &items).await {
+                Ok(()) => {
+                    return Ok(Placement {
+                        namespace: entry.info.name.clone(),
+                        region: entry.info.region.clone(),
+                        epoch: ticket.route.epoch,
+                    })
+                }
+                Err(Failure::Transient(e)) => {
+                    tracing::debug!(namespace = %entry.info.name, error = %e, "publish failed");
+                    return Err(RouteError::RegionUnavailable);
+                }
+                Err(Failure::Tripped(trouble)) => {
+                    let (flight, failed_epoch) = (ticket.flight().clone(), ticket.route.epoch);
+                    drop(ticket);
+                    avoid.push(entry.info.id);
+                    self.fail_over(group_id, &flight, failed_epoch, &entry, trouble, &avoid)
+                        .await?;
+                }
+            }
+        }
+        Err(RouteError::NoRegion)
+    }
+
+    async fn publish(
+        &self,
+        entry: &NsEntry,
+        queue: &str,
+        items: &[(String, Bytes)],
+    ) -> Result<(), Failure> {
+        let rt = &entry.rt;
+        if let Some(trouble) = rt.breaker_open() {
+            return Err(Failure::Tripped(trouble));
+        }
+        let Some(conn) = &rt.conn else {
+            return Err(Failure::Tripped(Trouble::Down));
+        };
+        let mut retried = false;
+        loop {
+            if let Err(e) = conn.ensure_queue(queue).await {
+                return Err(self.failed(entry, e));
+            }
+            let started = Instant::now();
+            let result = conn.namespace().publish_batch(queue, items).await;
+            let elapsed = started.elapsed();
+            rt.publish_seconds.observe(elapsed.as_secs_f64());
+            match result {
+                Ok(()) => {
+                    let tripped = rt.breaker.lock().success(elapsed, Instant::now());
+                    if let Some(trouble) = tripped {
+                        self.note_trip(entry, trouble);
+                    }
+                    return Ok(());
+                }
+                // The queue may be gone (a region restarted on an empty
+                // store): create it and try once more.
+                Err((_, e)) if e.kind() == ErrorKind::Rejected && !retried => {
+                    retried = true;
+                    conn.forget_queue(queue);
+                }
+                Err((_, e)) => return Err(self.failed(entry, e)),
+            }
+        }
+    }
+
+    fn failed(&self, entry: &NsEntry, e: TransportError) -> Failure {
+        let tripped = entry.rt.breaker.lock().failure(e.kind(), Instant::now());
+        match tripped {
+            Some(trouble) => {
+                self.note_trip(entry, trouble);
+                Failure::Tripped(trouble)
+            }
+            None => Failure::Transient(e),
+        }
+    }
+
+    fn note_trip(&self, entry: &NsEntry, trouble: Trouble) {
+        let gauge = self
+            .metrics
+            .breaker_open
+            .with_label_values(&[&entry.info.name]);
+        if gauge.get() == 0 {
+            gauge.set(1);
+            tracing::warn!(namespace = %entry.info.name, region = %entry.info.region, trouble = ?trouble, "breaker tripped");
+        }
+    }
+
+    /// Probes every namespace whose breaker is open here or that the control
+    /// plane marks unhealthy. A namespace that answered well for
+    /// `recover_probes` probes in a row gets its breaker closed and is marked
+    /// healthy (so it can be chosen again); senders do not move back by
+    /// themselves.
+    pub async fn probe_round(&self) {
+        let snapshot = self.namespaces.snapshot();
+        let probes = snapshot.namespaces.values().filter_map(|entry| {
+            let open = entry.rt.breaker_open().is_some();
+            let unhealthy = entry.info.enabled && entry.info.health != Health::Healthy;
+            let conn = entry.rt.conn.clone()?;
+            if !(open || unhealthy) {
+                return None;
+            }
+            Some(async move {
+                let result = conn.namespace().probe().await.map_err(|e| e.kind());
+                (entry, result)
+            })
+        });
+        for (entry, result) in join_all(probes).await {
+            let recovered = entry.rt.breaker.lock().probe(result);
+            if !recovered {
+                continue;
+            }
+            self.metrics
+                .breaker_open
+                .with_label_values(&[&entry.info.name])
+                .set(0);
+            if entry.info.health != Health::Healthy {
+                match set_health(&self.pool, entry.info.id, Health::Healthy).await {
+                    Ok(true) => {
+                        tracing::info!(namespace = %entry.info.name, "namespace answers well again: marked healthy");
+                        self.reload_wanted.notify_one();
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(namespace = %entry.info.name, error = %e, "cannot mark namespace healthy")
+                    }
+                }
+            } else {
+                tracing::info!(namespace = %entry.info.name, "breaker closed: namespace answers well again");
+            }
+        }
+    }
+}
