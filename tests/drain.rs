@@ -411,3 +411,96 @@ async fn a_reused_seq_with_another_payload_is_kept_as_a_seq_conflict() {
         "kept sealed, as queued"
     );
 }
+
+/// A Service Bus key regenerated on the service and set with `admin
+/// namespace set-key` reaches a running worker without a restart: its
+/// namespace pool reconnects when the namespace's triplet changes (it used
+/// to reconnect only on an endpoint change, so it read with the old key
+/// until restarted).
+#[tokio::test]
+async fn a_rotated_service_bus_key_reaches_a_running_worker() {
+    use georelay_store::control::{self, Actor, NewNamespace, TransportKind};
+    use georelay_testkit::{georelay_command, master_key, master_key_b64, ServiceBusDouble};
+    use std::io::Write as _;
+
+    const OLD_KEY: &str = "b2xkLWtleS1vbGQta2V5LW9sZA==";
+    const NEW_KEY: &str = "bmV3LWtleS1uZXcta2V5LW5ldw==";
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let double = ServiceBusDouble::start("georelay-rotate", "drain", OLD_KEY).unwrap();
+    let pool = stack.db.pool();
+    let master = master_key().unwrap();
+    control::add_namespace(
+        pool,
+        &master,
+        &NewNamespace {
+            name: "sb-west",
+            region: "sb-west",
+            transport: TransportKind::ServiceBus,
+            endpoint: &double.local_endpoint(),
+            priority: 50,
+            key_name: Some("drain"),
+            key: Some(OLD_KEY.as_bytes()),
+        },
+    )
+    .await
+    .unwrap();
+    let actor = Actor {
+        actor: "test".into(),
+        reason: None,
+    };
+    control::add_group(pool, "sb", QUEUE, "sb-west", &actor)
+        .await
+        .unwrap();
+    let id = georelay_core::DeviceId::parse("sb-plug").unwrap();
+    let device = TestDevice::new(
+        id.clone(),
+        control::add_device(pool, &master, &id, "sb").await.unwrap(),
+    );
+    let publish_with = |key: &'static str, seqs: std::ops::RangeInclusive<u64>| {
+        let triplet = Triplet {
+            transport: TransportKind::ServiceBus,
+            endpoint: double.local_endpoint(),
+            key_name: Some("drain".into()),
+            key: Some(zeroize::Zeroizing::new(key.into())),
+        };
+        let device = &device;
+        async move {
+            let ns = Namespace::connect(&triplet, Limits::default())
+                .await
+                .unwrap();
+            ns.ensure_queue(QUEUE).await.unwrap();
+            let items: Vec<(String, Bytes)> = seqs
+                .map(|seq| (device.id.record_id(seq), device.envelope(seq, 1).encode()))
+                .collect();
+            ns.publish_batch(QUEUE, &items).await.unwrap();
+        }
+    };
+
+    publish_with(OLD_KEY, 1..=5).await;
+    let _drain = stack.drain(DRAIN_ARGS).unwrap();
+    // A fresh Service Bus reader waits out one lock duration (30 s) first.
+    wait_stored(&stack, 5, Duration::from_secs(60)).await;
+
+    // The key is regenerated: the worker's connection is refused from now on.
+    double.rotate_key(NEW_KEY);
+    publish_with(NEW_KEY, 6..=10).await;
+    let mut set_key = georelay_command(&stack.db)
+        .unwrap()
+        .env("GEORELAY_MASTER_KEY", master_key_b64())
+        .args(["admin", "namespace", "set-key", "--name", "sb-west"])
+        .args(["--key-name", "drain", "--key", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    set_key
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(NEW_KEY.as_bytes())
+        .unwrap();
+    assert!(set_key.wait().unwrap().success());
+    // The new connection waits out one lock duration again, then reads.
+    wait_stored(&stack, 10, Duration::from_secs(60)).await;
+    assert_in_order(&stack, 10).await;
+}

@@ -12,15 +12,19 @@
 //! - [`secret`]: sealing of secrets at rest (device keys, SAS keys) with the
 //!   master key. A sealed secret names the master key that sealed it, so a
 //!   wrong master key is a clear error and the key can be rotated later.
+//! - [`config`]: a setting out of range, named by its flag, for the
+//!   services' config constructors.
 //! - [`triplet`]: a namespace as the brokers need it (transport kind,
 //!   endpoint, credentials), shared by the control plane and the transports.
 
+pub mod config;
 pub mod envelope;
 pub mod ids;
 pub mod record;
 pub mod secret;
 pub mod triplet;
 
+pub use config::{check_range, ConfigError};
 pub use envelope::{Envelope, EnvelopeError};
 pub use ids::{DeviceId, IdError, MAX_SEQ};
 pub use record::{DeviceKey, RecordBody, RecordError, SealedRecord, KEY_LEN, NONCE_LEN, TAG_LEN};

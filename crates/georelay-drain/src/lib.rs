@@ -23,7 +23,7 @@ mod worker;
 
 use axum::extract::State;
 use axum::routing::get;
-use georelay_core::MasterKey;
+use georelay_core::{check_range, ConfigError, MasterKey};
 use georelay_store::instances::{self, Role};
 use georelay_store::keys::Devices;
 use georelay_store::routing::load_routing;
@@ -40,52 +40,117 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::worker::GroupWorker;
 
+/// What an operator sets (`georelay drain` flags). Everything else in
+/// [`Config`] is derived from it by [`Config::new`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Most records stored in one transaction (`--batch-size`).
+    pub batch_size: usize,
+    /// Drain lease length (`--lease`).
+    pub lease: Duration,
+    /// The ingest instances' `--publish-deadline`.
+    pub ingest_publish_deadline: Duration,
+    /// The ingest instances' `--lease`.
+    pub ingest_lease: Duration,
+    /// How long the senders' own namespace must be unreadable before the
+    /// worker moves them (`--declare-trouble-after`).
+    pub declare_trouble_after: Duration,
+    /// `--failover-cooldown`.
+    pub failover_cooldown: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            lease: Duration::from_secs(5),
+            ingest_publish_deadline: Duration::from_secs(2),
+            ingest_lease: Duration::from_secs(5),
+            declare_trouble_after: Duration::from_secs(10),
+            failover_cooldown: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The worker's configuration: built only by [`Config::new`], which checks
+/// each setting's range and derives the rest, so the timing rules the
+/// protocol rests on hold whoever builds it.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Most records stored in one transaction.
-    pub batch_size: usize,
+    batch_size: usize,
     /// How long a receive on the current epoch waits for the first message.
-    pub receive_wait: Duration,
+    receive_wait: Duration,
     /// Drain lease length; renewed at every batch and every lease/4 when idle.
-    pub lease: Duration,
-    /// How often a standby tries to take a group's lease.
-    pub standby_poll: Duration,
+    lease: Duration,
+    /// How often a standby tries to take a group's lease: lease/5.
+    standby_poll: Duration,
     /// Ingest's publish deadline: an ingest instance whose lease lapsed less
     /// than this ago may still have a publish landing.
-    pub publish_deadline: Duration,
+    publish_deadline: Duration,
     /// Least time after the senders moved before an epoch can be sealed:
-    /// at least ingest's publish deadline plus its lease.
-    pub seal_grace: Duration,
+    /// ingest's publish deadline plus its lease (a publish that started just
+    /// before an instance's last heartbeat lands within it).
+    seal_grace: Duration,
     /// How often an empty old epoch re-checks the seal barrier.
-    pub seal_poll: Duration,
+    seal_poll: Duration,
     /// How often drained namespaces are swept for leftovers.
-    pub sweep_interval: Duration,
-    /// How long the senders' own namespace must be unreadable before the
-    /// worker moves them.
-    pub declare_trouble_after: Duration,
-    pub failover_cooldown: Duration,
-    /// Bounds on broker calls.
-    pub limits: Limits,
+    sweep_interval: Duration,
+    declare_trouble_after: Duration,
+    failover_cooldown: Duration,
+    /// Bounds on broker calls: never more than half the lease, so a slow
+    /// region cannot make the worker lose its lease between renewals.
+    limits: Limits,
     /// How often the group list and namespaces are reloaded.
-    pub poll_interval: Duration,
+    poll_interval: Duration,
+}
+
+impl Config {
+    pub fn new(s: Settings) -> Result<Self, ConfigError> {
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        check_range("batch-size", s.batch_size, 1, 10_000)?;
+        check_range("lease", s.lease, ms(200), hour)?;
+        check_range("publish-deadline", s.ingest_publish_deadline, ms(10), hour)?;
+        check_range("ingest-lease", s.ingest_lease, ms(100), hour)?;
+        check_range(
+            "declare-trouble-after",
+            s.declare_trouble_after,
+            ms(100),
+            hour,
+        )?;
+        check_range(
+            "failover-cooldown",
+            s.failover_cooldown,
+            Duration::ZERO,
+            hour,
+        )?;
+        let defaults = Limits::default();
+        Ok(Self {
+            batch_size: s.batch_size,
+            receive_wait: ms(500),
+            lease: s.lease,
+            standby_poll: (s.lease / 5).max(ms(100)),
+            publish_deadline: s.ingest_publish_deadline,
+            seal_grace: s.ingest_publish_deadline + s.ingest_lease,
+            seal_poll: ms(250),
+            sweep_interval: Duration::from_secs(10),
+            declare_trouble_after: s.declare_trouble_after,
+            failover_cooldown: s.failover_cooldown,
+            limits: Limits {
+                publish_deadline: s.ingest_publish_deadline.min(s.lease / 2),
+                request_deadline: (s.lease / 2).min(defaults.request_deadline),
+            },
+            poll_interval: Duration::from_secs(2),
+        })
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            batch_size: 500,
-            receive_wait: Duration::from_millis(500),
-            lease: Duration::from_secs(5),
-            standby_poll: Duration::from_secs(1),
-            publish_deadline: Duration::from_secs(2),
-            seal_grace: Duration::from_secs(7),
-            seal_poll: Duration::from_millis(250),
-            sweep_interval: Duration::from_secs(10),
-            declare_trouble_after: Duration::from_secs(10),
-            failover_cooldown: Duration::from_secs(10),
-            limits: Limits::default(),
-            poll_interval: Duration::from_secs(2),
-        }
+        // The default settings are within every range (a unit test checks).
+        Self::new(Settings::default())
+            .unwrap_or_else(|e| unreachable!("default drain settings: {e}"))
     }
 }
 
@@ -274,4 +339,58 @@ pub async fn run(
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     shared.metrics.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seal_grace_covers_ingest_publish_deadline_plus_lease() {
+        let c = Config::new(Settings {
+            ingest_publish_deadline: Duration::from_secs(3),
+            ingest_lease: Duration::from_secs(4),
+            ..Settings::default()
+        })
+        .unwrap();
+        assert_eq!(c.seal_grace, Duration::from_secs(7));
+        // Broker calls fit in half the drain lease.
+        assert!(c.limits.request_deadline <= c.lease / 2);
+        assert!(c.limits.publish_deadline <= c.lease / 2);
+        assert_eq!(Config::default().seal_grace, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn nonsense_settings_are_refused_naming_the_flag() {
+        let refused = |s: Settings| Config::new(s).unwrap_err().setting;
+        let d = Settings::default;
+        assert_eq!(
+            refused(Settings {
+                lease: Duration::ZERO,
+                ..d()
+            }),
+            "lease"
+        );
+        assert_eq!(
+            refused(Settings {
+                batch_size: 0,
+                ..d()
+            }),
+            "batch-size"
+        );
+        assert_eq!(
+            refused(Settings {
+                ingest_publish_deadline: Duration::ZERO,
+                ..d()
+            }),
+            "publish-deadline"
+        );
+        assert_eq!(
+            refused(Settings {
+                ingest_lease: Duration::ZERO,
+                ..d()
+            }),
+            "ingest-lease"
+        );
+    }
 }

@@ -32,7 +32,7 @@ mod server;
 pub use breaker::BreakerConfig;
 pub use error::{ApiError, ErrorCode};
 
-use georelay_core::MasterKey;
+use georelay_core::{check_range, ConfigError, MasterKey};
 use georelay_store::instances::{self, Role};
 use georelay_store::PgPool;
 use georelay_transport::Limits;
@@ -49,56 +49,129 @@ use uuid::Uuid;
 use crate::senders::{Senders, SendersConfig};
 use georelay_store::keys::Devices;
 
-/// Everything tunable, with the defaults documented in docs/architecture.md.
+/// What an operator sets (`georelay ingest` flags). Everything else in
+/// [`Config`] is derived from it, or fixed, by [`Config::new`].
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct Settings {
     /// Bound on one publish (or one batch) to a broker.
     pub publish_deadline: Duration,
-    /// Bound on broker management calls and probes.
-    pub broker_request_deadline: Duration,
     /// Bound on a whole records request, failovers included.
     pub request_deadline: Duration,
-    pub breaker: BreakerConfig,
+    /// A publish slower than this is a slow sample for the breaker.
+    pub breaker_slow: Duration,
     /// Least time between two automatic moves of one group.
     pub failover_cooldown: Duration,
-    /// Lease length, renewed every `heartbeat_interval`.
+    /// Lease length; the heartbeat renews it every lease/5.
     pub lease: Duration,
-    pub heartbeat_interval: Duration,
     /// Routing is reloaded on NOTIFY, and at least this often.
     pub poll_interval: Duration,
-    pub probe_interval: Duration,
-    pub max_body: usize,
-    pub max_batch_body: usize,
-    pub max_batch: usize,
     pub max_concurrent_requests: usize,
-    pub max_connections: usize,
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    /// How long shutdown waits for requests in flight.
-    pub shutdown_grace: Duration,
 }
 
-impl Default for Config {
+impl Default for Settings {
     fn default() -> Self {
         Self {
             publish_deadline: Duration::from_secs(2),
-            broker_request_deadline: Duration::from_secs(5),
             request_deadline: Duration::from_secs(10),
-            breaker: BreakerConfig::default(),
+            breaker_slow: Duration::from_millis(500),
             failover_cooldown: Duration::from_secs(10),
             lease: Duration::from_secs(5),
-            heartbeat_interval: Duration::from_secs(1),
             poll_interval: Duration::from_secs(2),
+            max_concurrent_requests: 2048,
+        }
+    }
+}
+
+/// Everything tunable, with the defaults documented in docs/architecture.md.
+/// Built only by [`Config::new`], which checks each setting's range and the
+/// rules between them.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Bound on one publish (or one batch) to a broker.
+    pub(crate) publish_deadline: Duration,
+    /// Bound on broker management calls and probes.
+    pub(crate) broker_request_deadline: Duration,
+    /// Bound on a whole records request, failovers included: longer than
+    /// the publish deadline, so a publish can finish within it.
+    pub(crate) request_deadline: Duration,
+    pub(crate) breaker: BreakerConfig,
+    /// Least time between two automatic moves of one group.
+    pub(crate) failover_cooldown: Duration,
+    /// Lease length, renewed every `heartbeat_interval` (lease/5).
+    pub(crate) lease: Duration,
+    pub(crate) heartbeat_interval: Duration,
+    /// Routing is reloaded on NOTIFY, and at least this often.
+    pub(crate) poll_interval: Duration,
+    pub(crate) probe_interval: Duration,
+    pub(crate) max_body: usize,
+    pub(crate) max_batch_body: usize,
+    pub(crate) max_batch: usize,
+    pub(crate) max_concurrent_requests: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub(crate) shutdown_grace: Duration,
+}
+
+impl Config {
+    pub fn new(s: Settings) -> Result<Self, ConfigError> {
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        check_range("publish-deadline", s.publish_deadline, ms(10), ms(60_000))?;
+        // A request must outlive its publish, or every slow publish is a 503.
+        check_range(
+            "request-deadline",
+            s.request_deadline,
+            s.publish_deadline + ms(1),
+            ms(300_000),
+        )?;
+        check_range("breaker-slow", s.breaker_slow, ms(1), s.publish_deadline)?;
+        check_range(
+            "failover-cooldown",
+            s.failover_cooldown,
+            Duration::ZERO,
+            hour,
+        )?;
+        check_range("lease", s.lease, ms(200), hour)?;
+        check_range("poll-interval", s.poll_interval, ms(50), hour)?;
+        // tokio's semaphore holds at most Semaphore::MAX_PERMITS.
+        check_range(
+            "max-concurrent-requests",
+            s.max_concurrent_requests,
+            1,
+            1_000_000,
+        )?;
+        Ok(Self {
+            publish_deadline: s.publish_deadline,
+            broker_request_deadline: Duration::from_secs(5),
+            request_deadline: s.request_deadline,
+            breaker: BreakerConfig {
+                slow: s.breaker_slow,
+                ..BreakerConfig::default()
+            },
+            failover_cooldown: s.failover_cooldown,
+            lease: s.lease,
+            heartbeat_interval: (s.lease / 5).max(ms(40)),
+            poll_interval: s.poll_interval,
             probe_interval: Duration::from_secs(1),
             max_body: 64 * 1024,
             max_batch_body: 8 * 1024 * 1024,
             max_batch: 1000,
-            max_concurrent_requests: 2048,
+            max_concurrent_requests: s.max_concurrent_requests,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(5),
             body_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(15),
-        }
+        })
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The default settings are within every range (a unit test checks).
+        Self::new(Settings::default())
+            .unwrap_or_else(|e| unreachable!("default ingest settings: {e}"))
     }
 }
 
@@ -347,5 +420,60 @@ async fn probe_loop(interval: Duration, senders: Arc<Senders>, stop: Cancellatio
             _ = tokio::time::sleep(interval) => {}
         }
         senders.probe_round().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_the_heartbeat_is_a_fifth_of_the_lease() {
+        let c = Config::default();
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
+        assert!(c.request_deadline > c.publish_deadline);
+    }
+
+    #[test]
+    fn nonsense_settings_are_refused_naming_the_flag() {
+        let refused = |s: Settings| Config::new(s).unwrap_err().setting;
+        let d = Settings::default;
+        let zero = Duration::ZERO;
+        assert_eq!(refused(Settings { lease: zero, ..d() }), "lease");
+        assert_eq!(
+            refused(Settings {
+                poll_interval: zero,
+                ..d()
+            }),
+            "poll-interval"
+        );
+        assert_eq!(
+            refused(Settings {
+                publish_deadline: zero,
+                ..d()
+            }),
+            "publish-deadline"
+        );
+        assert_eq!(
+            refused(Settings {
+                request_deadline: Duration::from_secs(2),
+                ..d()
+            }),
+            "request-deadline"
+        );
+        assert_eq!(
+            refused(Settings {
+                max_concurrent_requests: usize::MAX,
+                ..d()
+            }),
+            "max-concurrent-requests"
+        );
+        assert_eq!(
+            refused(Settings {
+                max_concurrent_requests: 0,
+                ..d()
+            }),
+            "max-concurrent-requests"
+        );
     }
 }

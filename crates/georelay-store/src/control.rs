@@ -118,6 +118,31 @@ pub async fn set_namespace_enabled(
     }
 }
 
+/// Replaces a namespace's credentials (a rotated SAS key), sealed with
+/// `master`. Running services reconnect with them at their next reload.
+pub async fn set_namespace_key(
+    pool: &PgPool,
+    master: &MasterKey,
+    name: &str,
+    key_name: &str,
+    key: &[u8],
+) -> Result<(), StoreError> {
+    let sealed = master.seal(&namespace_key_context(name), key)?;
+    let done = sqlx::query("UPDATE namespaces SET key_name = $2, key_sealed = $3 WHERE name = $1")
+        .bind(name)
+        .bind(key_name)
+        .bind(sealed)
+        .execute(pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::NotFound {
+            what: "namespace",
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Group {
     pub id: i64,

@@ -52,7 +52,9 @@ pub struct ServiceBusDouble {
 struct Shared {
     namespace: String,
     key_name: String,
-    key: String,
+    /// The SAS key; [`ServiceBusDouble::rotate_key`] replaces it, as
+    /// regenerating a policy's key does on the service.
+    key: Mutex<String>,
     queues: Mutex<HashMap<String, Queue>>,
     paused: watch::Sender<bool>,
     auth_failures: AtomicUsize,
@@ -90,7 +92,7 @@ impl ServiceBusDouble {
         let state = Arc::new(Shared {
             namespace: namespace.to_owned(),
             key_name: key_name.to_owned(),
-            key: key.to_owned(),
+            key: Mutex::new(key.to_owned()),
             queues: Mutex::new(HashMap::new()),
             paused: watch::channel(false).0,
             auth_failures: AtomicUsize::new(0),
@@ -126,6 +128,16 @@ impl ServiceBusDouble {
     /// Where requests for [`endpoint`](Self::endpoint) must be sent instead.
     pub fn base_url(&self) -> anyhow::Result<url::Url> {
         url::Url::parse(&format!("http://{}", self.addr)).context("double address")
+    }
+
+    /// Regenerates the policy's key: from now on only tokens signed with
+    /// `key` are accepted.
+    pub fn rotate_key(&self, key: &str) {
+        *self
+            .state
+            .key
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = key.to_owned();
     }
 
     /// Requests refused for a missing or wrong SAS token so far.
@@ -224,7 +236,12 @@ fn authorized(state: &Shared, uri: &Uri, headers: &HeaderMap) -> bool {
     let (Some(resource), Some(signature)) = (decode(sr), decode(sig)) else {
         return false;
     };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(state.key.as_bytes()) else {
+    let key = state
+        .key
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key.as_bytes()) else {
         return false;
     };
     mac.update(format!("{sr}\n{se}").as_bytes());

@@ -50,6 +50,17 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
                 a.priority
             );
         }
+        Admin::Namespace(NamespaceCmd::SetKey(a)) => {
+            let master = config::master_key()?;
+            control::check_master_key(&pool, &master).await?;
+            let key = match a.key.as_str() {
+                "-" => read_secret_from_stdin()?,
+                k => Zeroizing::new(k.to_owned()),
+            };
+            control::set_namespace_key(&pool, &master, &a.name, &a.key_name, key.as_bytes())
+                .await?;
+            println!("namespace {}: key {} set", a.name, a.key_name);
+        }
         Admin::Namespace(NamespaceCmd::List) => print!(
             "{}",
             namespaces_table(&control::list_namespaces(&pool).await?)

@@ -256,6 +256,21 @@ pub enum NamespaceCmd {
     Enable(NameArg),
     /// Take a namespace out of rotation (senders are never moved to it)
     Disable(NameArg),
+    /// Replace a namespace's SAS key (after regenerating it); running
+    /// services reconnect with it without a restart
+    SetKey(NamespaceSetKey),
+}
+
+#[derive(Debug, Args)]
+pub struct NamespaceSetKey {
+    #[arg(long)]
+    pub name: String,
+    /// SAS policy (issuer) name
+    #[arg(long)]
+    pub key_name: String,
+    /// SAS (issuer) key, stored sealed with the master key; `-` reads it from stdin
+    #[arg(long)]
+    pub key: String,
 }
 
 #[derive(Debug, Args)]

@@ -1,7 +1,8 @@
 //! `georelay`: the one binary. Thin: it parses the command line and the
 //! environment, picks concrete backends and hands over to the library crates.
 //!
-//! Exit codes: 0 success; 1 error; 2 usage (from clap); 3 the thing already
+//! Exit codes: 0 success; 1 error; 2 usage (from clap, or a setting out
+//! of range); 3 the thing already
 //! exists; 4 the thing named does not exist; 69 the database is unreachable.
 //! Errors are printed as one line on stderr, never as a panic or debug dump.
 
@@ -79,6 +80,10 @@ fn init_tracing(default: &str) {
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
+    // A setting out of range is a usage error, like clap's.
+    if e.downcast_ref::<georelay_core::ConfigError>().is_some() {
+        return 2;
+    }
     match e.downcast_ref::<StoreError>().map(StoreError::kind) {
         Some(ErrorKind::AlreadyExists) => 3,
         Some(ErrorKind::NotFound) => 4,

@@ -9,26 +9,16 @@ use crate::cli::{DrainArgs, IngestArgs};
 use crate::config;
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
-    let master = config::master_key()?;
-    let defaults = georelay_ingest::Config::default();
-    let ingest = georelay_ingest::Config {
+    let ingest = georelay_ingest::Config::new(georelay_ingest::Settings {
         publish_deadline: args.publish_deadline,
         request_deadline: args.request_deadline,
-        breaker: georelay_ingest::BreakerConfig {
-            slow: args.breaker_slow,
-            ..defaults.breaker.clone()
-        },
+        breaker_slow: args.breaker_slow,
         failover_cooldown: args.failover_cooldown,
         lease: args.lease,
-        heartbeat_interval: (args.lease / 5).max(std::time::Duration::from_millis(100)),
         poll_interval: args.poll_interval,
-        max_concurrent_requests: args.max_concurrent_requests.max(1),
-        ..defaults
-    };
-    anyhow::ensure!(
-        ingest.request_deadline > ingest.publish_deadline,
-        "--request-deadline must be longer than --publish-deadline"
-    );
+        max_concurrent_requests: args.max_concurrent_requests,
+    })?;
+    let master = config::master_key()?;
     let pool = config::database_with(16).await?;
     georelay_store::control::check_master_key(&pool, &master).await?;
     let listener = bind(&args.listen).await?;
@@ -37,28 +27,15 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 }
 
 pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
-    let master = config::master_key()?;
-    let defaults = georelay_drain::Config::default();
-    anyhow::ensure!(
-        (1..=10_000).contains(&args.batch_size),
-        "--batch-size must be between 1 and 10000"
-    );
-    let drain = georelay_drain::Config {
+    let drain = georelay_drain::Config::new(georelay_drain::Settings {
         batch_size: args.batch_size,
         lease: args.lease,
-        standby_poll: (args.lease / 5).max(std::time::Duration::from_millis(100)),
-        publish_deadline: args.publish_deadline,
-        seal_grace: args.publish_deadline + args.ingest_lease,
+        ingest_publish_deadline: args.publish_deadline,
+        ingest_lease: args.ingest_lease,
         declare_trouble_after: args.declare_trouble_after,
         failover_cooldown: args.failover_cooldown,
-        // A broker call never outlasts half the lease, so a slow region
-        // cannot make the worker lose its lease between renewals.
-        limits: georelay_transport::Limits {
-            publish_deadline: args.publish_deadline,
-            request_deadline: (args.lease / 2).min(defaults.limits.request_deadline),
-        },
-        ..defaults
-    };
+    })?;
+    let master = config::master_key()?;
     let pool = config::database_with(8).await?;
     georelay_store::control::check_master_key(&pool, &master).await?;
     let listener = bind(&args.listen).await?;
