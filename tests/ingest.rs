@@ -11,6 +11,20 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 /// Short deadlines so faults show quickly.
+/// [`INGEST_ARGS`] for an ingest service run in this process: the HTTP
+/// contract and routing cases need no process boundary (kill -9 and SIGSTOP
+/// of a region under load, and SIGTERM of ingest, keep real processes).
+fn settings() -> georelay_ingest::Settings {
+    georelay_ingest::Settings {
+        publish_deadline: Duration::from_secs(1),
+        request_deadline: Duration::from_secs(8),
+        failover_cooldown: Duration::from_secs(1),
+        lease: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(500),
+        ..georelay_ingest::Settings::default()
+    }
+}
+
 const INGEST_ARGS: &[&str] = &[
     "--publish-deadline",
     "1s",
@@ -97,7 +111,7 @@ async fn every_contract_error_and_a_valid_record_queued_sealed() {
     georelay_store::control::set_device_enabled(stack.db.pool(), "plug-off", false)
         .await
         .unwrap();
-    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    let ingest = stack.ingest_in_process(settings()).await.unwrap();
     let base = ingest.url();
     let http = http();
     let url = device.url(&base);
@@ -557,7 +571,7 @@ async fn with_the_failover_bit_off_a_down_region_gets_503_and_nothing_moves() {
         .await
         .unwrap();
     let device = stack.device("plug-1").await.unwrap();
-    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    let ingest = stack.ingest_in_process(settings()).await.unwrap();
     assert_eq!(device.post(&http(), &ingest.url(), 1).await.unwrap().0, 202);
     stack.regions[0].kill();
     let got = post_until_code(
@@ -594,7 +608,7 @@ async fn all_regions_down_is_503_and_one_exhausted_event() {
         .await
         .unwrap();
     let device = stack.device("plug-1").await.unwrap();
-    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    let ingest = stack.ingest_in_process(settings()).await.unwrap();
     assert_eq!(device.post(&http(), &ingest.url(), 1).await.unwrap().0, 202);
     for r in &mut stack.regions {
         r.kill();
@@ -642,7 +656,7 @@ async fn all_regions_down_is_503_and_one_exhausted_event() {
 async fn a_raw_sql_move_redirects_new_traffic_within_a_second() {
     let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
     let device = stack.device("plug-1").await.unwrap();
-    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    let ingest = stack.ingest_in_process(settings()).await.unwrap();
     let http = http();
     assert_eq!(
         device.post(&http, &ingest.url(), 1).await.unwrap().1["namespace"],

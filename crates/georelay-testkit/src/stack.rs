@@ -125,6 +125,31 @@ impl Stack {
         Service::start(&self.db, "drain", args)
     }
 
+    /// Runs the ingest service in this process (no binary, no process
+    /// boundary) on a free port, for HTTP contract cases; real processes
+    /// stay for kill -9 and SIGSTOP.
+    pub async fn ingest_in_process(
+        &self,
+        settings: georelay_ingest::Settings,
+    ) -> anyhow::Result<InProcessIngest> {
+        let config = georelay_ingest::Config::new(settings)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(georelay_ingest::run(
+            config,
+            self.db.pool().clone(),
+            master_key()?,
+            listener,
+            shutdown.clone(),
+        ));
+        Ok(InProcessIngest {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
     /// Moves the senders by raw SQL, as an SRE would.
     pub async fn move_senders(&self, to_region: usize) -> anyhow::Result<()> {
         sqlx::query("UPDATE routing_groups SET sender_namespace_id = $1 WHERE id = $2")
@@ -143,6 +168,33 @@ impl Stack {
                 .fetch_one(self.db.pool())
                 .await?,
         )
+    }
+}
+
+/// The ingest service running in this process; stopped on drop.
+#[derive(Debug)]
+pub struct InProcessIngest {
+    addr: SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), georelay_ingest::IngestError>>,
+}
+
+impl InProcessIngest {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops it as SIGTERM would and returns how `run` ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        (&mut self.task).await??;
+        Ok(())
+    }
+}
+
+impl Drop for InProcessIngest {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
