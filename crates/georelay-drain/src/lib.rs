@@ -1,4 +1,4 @@
-//! georelay-drain: the worker side of DESIGN.md's failover protocol — what
+//! georelay-drain: the worker side of docs/DESIGN.md's failover protocol — what
 //! makes a failover lose nothing and reorder nothing.
 //!
 //! - **One active drainer per group**: a lease row with a fencing token

@@ -1,4 +1,4 @@
-//! The HTTP API of DESIGN.md: handlers, limits and load shedding.
+//! The HTTP API of docs/DESIGN.md: handlers, limits and load shedding.
 //!
 //! A record is checked in this order, cheapest first: content type (415),
 //! body size and arrival time (413, 408), JSON shape and record fields (400),

@@ -1,4 +1,4 @@
-//! georelay-ingest: the stateless REST side of DESIGN.md's failover protocol.
+//! georelay-ingest: the stateless REST side of docs/DESIGN.md's failover protocol.
 //!
 //! Plug computers POST sealed records; this service verifies each one (device
 //! known and enabled, AES-256-GCM tag, plaintext a JSON object) and publishes

@@ -122,7 +122,7 @@ pub async fn position(pool: &PgPool, group_id: i64) -> Result<Option<Position>, 
     .await?)
 }
 
-/// The seal barrier (DESIGN.md "Worker", step 3): epoch `epoch` of the group
+/// The seal barrier (docs/DESIGN.md "Worker", step 3): epoch `epoch` of the group
 /// is sealed when the senders are past it, `grace` has passed since they
 /// moved on, and no ingest instance that may still be publishing (lease not
 /// lapsed by more than `publish_deadline`) acknowledges `epoch` or older — an

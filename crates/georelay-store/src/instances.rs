@@ -1,5 +1,5 @@
 //! Process registration, leases and the epochs ingest instances acknowledge
-//! (DESIGN.md "Senders", step 5: fencing).
+//! (docs/DESIGN.md "Senders", step 5: fencing).
 //!
 //! Leases are in database time: `lease_until = now() + lease` at each
 //! heartbeat. The worker's seal barrier reads `instance_epochs` joined to

@@ -1,5 +1,5 @@
 //! The senders' view of the control plane and the one transaction that moves
-//! them (DESIGN.md "Senders", step 3).
+//! them (docs/DESIGN.md "Senders", step 3).
 //!
 //! Ingest instances keep a [`Routing`] snapshot in memory, reloaded on
 //! `NOTIFY georelay` and by polling. When a namespace's breaker trips,
@@ -215,7 +215,7 @@ impl Trouble {
     }
 }
 
-/// Moves `group_id` away from `troubled` (DESIGN.md "Senders", step 3), in one
+/// Moves `group_id` away from `troubled` (docs/DESIGN.md "Senders", step 3), in one
 /// transaction holding the group row's lock:
 ///
 /// 1. if the group's senders are no longer on `troubled`, adopt that move;

@@ -1,4 +1,4 @@
-//! The invariant checker: DESIGN.md's invariants, from the record of what got
+//! The invariant checker: docs/DESIGN.md's invariants, from the record of what got
 //! a 202 (the simulator's ledger) and what the database and queues hold.
 //!
 //! - **No loss**: every `(device, seq)` in the ledger is in `telemetry`.

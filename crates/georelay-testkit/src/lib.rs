@@ -12,7 +12,7 @@
 //!   of a region or PostgreSQL.
 //! - [`chaos`]: drills: a whole system, a fault on a seeded schedule, the
 //!   checker; the chaos tests and `georelay chaos drill` run them.
-//! - [`checker`]: DESIGN.md's invariants over a ledger of 202s and the
+//! - [`checker`]: docs/DESIGN.md's invariants over a ledger of 202s and the
 //!   database, with examples of each violation.
 //! - [`Georelay`], [`georelay_command`]: the built `georelay` binary as a
 //!   `Command`, for tests that run it the way a user does.

@@ -1,4 +1,4 @@
-//! The command line, as DESIGN.md's external contract gives it.
+//! The command line, as docs/DESIGN.md's external contract gives it.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::time::Duration;
