@@ -315,6 +315,8 @@ async fn every_contract_error_and_a_valid_record_queued_sealed() {
             "metrics lack {needle}:\n{metrics}"
         );
     }
+    // A stop as on SIGTERM ends `run` without an error.
+    ingest.stop().await.unwrap();
 }
 
 /// One accepted record, as the client saw it.
