@@ -2,6 +2,7 @@
 //! trigger every move of senders goes through, exercised with raw SQL the
 //! way an SRE would run it.
 
+use georelay_store::drain::DeadLetterReason;
 use georelay_testkit::{georelay_command, TestDb};
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
@@ -365,4 +366,21 @@ async fn failover_bit_namespace_switch_and_health_changes_notify() {
         health_before,
         "health_changed_at follows health"
     );
+}
+
+#[tokio::test]
+async fn dead_letter_reasons_are_exactly_those_the_database_check_allows() {
+    let db = TestDb::migrated().await.unwrap();
+    let check: String = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'dead_letters_reason_check'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    // e.g. CHECK ((reason = ANY (ARRAY['undecodable'::text, ...])))
+    let mut allowed: Vec<&str> = check.split('\'').skip(1).step_by(2).collect();
+    allowed.sort_unstable();
+    let mut ours: Vec<&str> = DeadLetterReason::ALL.iter().map(|r| r.as_str()).collect();
+    ours.sort_unstable();
+    assert_eq!(allowed, ours, "the enum and {check} disagree");
 }

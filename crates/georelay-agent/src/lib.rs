@@ -32,8 +32,17 @@ use crate::sender::{Ledger, Sender, SenderConfig, Stats};
 pub enum AgentError {
     #[error(transparent)]
     Buffer(#[from] BufferError),
-    #[error("{0}")]
-    Setup(String),
+    #[error("cannot {what} {}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client")]
+    HttpClient(#[source] reqwest::Error),
+    #[error("the {0} task failed")]
+    Task(&'static str, #[source] tokio::task::JoinError),
 }
 
 #[derive(Debug)]
@@ -50,8 +59,10 @@ pub struct AgentConfig {
 /// Runs the agent until `stop`. With stdin and no watched folder, it ends by
 /// itself once stdin is closed and the buffer is delivered.
 pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| {
-        AgentError::Setup(format!("cannot create {}: {e}", config.state_dir.display()))
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::File {
+        what: "create",
+        path: config.state_dir.clone(),
+        source,
     })?;
     let path = config.state_dir.join(format!("{}.db", config.device));
     let buffer = Buffer::open(
@@ -69,8 +80,8 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
             "records from before are waiting in the buffer: sending them first"
         );
     }
-    let sender = Sender::new(buffer.clone(), config.sender, None)
-        .map_err(|e| AgentError::Setup(format!("cannot build the HTTP client: {e}")))?;
+    let sender =
+        Sender::new(buffer.clone(), config.sender, None).map_err(AgentError::HttpClient)?;
     let wake = Arc::new(Notify::new());
     let inputs_done = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -122,9 +133,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
     sending.await?;
     stop.cancel();
     tasks.close();
-    let input_result = input
-        .await
-        .map_err(|e| AgentError::Setup(format!("input task failed: {e}")))?;
+    let input_result = input.await.map_err(|e| AgentError::Task("input", e))?;
     match input_result {
         Ok(()) | Err(BufferError::Full(_)) => {}
         Err(e) => return Err(e.into()),
@@ -211,12 +220,18 @@ pub async fn simulate(
     config: SimulateConfig,
     stop: CancellationToken,
 ) -> Result<Summary, AgentError> {
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| {
-        AgentError::Setup(format!("cannot create {}: {e}", config.state_dir.display()))
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::File {
+        what: "create",
+        path: config.state_dir.clone(),
+        source,
     })?;
     let ledger = match &config.ledger {
-        Some(path) => Some(Arc::new(Ledger::create(path).map_err(|e| {
-            AgentError::Setup(format!("cannot open the ledger {}: {e}", path.display()))
+        Some(path) => Some(Arc::new(Ledger::create(path).map_err(|source| {
+            AgentError::File {
+                what: "open the ledger",
+                path: path.clone(),
+                source,
+            }
         })?)),
         None => None,
     };
@@ -236,7 +251,7 @@ pub async fn simulate(
         .await?;
         let sender = Arc::new(
             Sender::new(buffer.clone(), config.sender.clone(), ledger.clone())
-                .map_err(|e| AgentError::Setup(format!("cannot build the HTTP client: {e}")))?,
+                .map_err(AgentError::HttpClient)?,
         );
         let (stop, count, settle) = (stop.clone(), config.count, config.settle);
         handles.push(tasks.spawn(async move {
@@ -303,9 +318,7 @@ pub async fn simulate(
         left: 0,
     };
     for h in handles {
-        let (p, a, r, j, l) = h
-            .await
-            .map_err(|e| AgentError::Setup(format!("device task failed: {e}")))??;
+        let (p, a, r, j, l) = h.await.map_err(|e| AgentError::Task("device", e))??;
         summary.produced += p;
         summary.accepted += a;
         summary.retries += r;

@@ -14,7 +14,7 @@
 use chrono::{DateTime, Utc};
 use georelay_core::{Envelope, RecordError};
 use georelay_store::control::Actor;
-use georelay_store::drain::{self, DeadLetter, LeaseToken, Position, Row};
+use georelay_store::drain::{self, DeadLetter, DeadLetterReason, LeaseToken, Position, Row};
 use georelay_store::routing::{self, Failover, Trouble};
 use georelay_store::StoreError;
 use georelay_transport::{Delivery, ErrorKind, Namespace, TransportError};
@@ -144,9 +144,10 @@ impl GroupWorker {
             Ok(result) => result,
             Err(_) => {
                 self.shared.forget_consumers(&position.queue).await;
-                Err(StepError::Store(StoreError::Unavailable(format!(
-                    "a drain step took longer than {STEP_LIMIT:?}"
-                ))))
+                Err(StepError::Store(StoreError::TimedOut {
+                    what: "a drain step",
+                    limit: STEP_LIMIT,
+                }))
             }
         };
         if result.is_ok() && self.db_failing {
@@ -440,13 +441,15 @@ impl GroupWorker {
         m.duplicates.inc_by(stored.duplicates);
         m.batch_size.observe(batch.len() as f64);
         for (device, seq) in &stored.conflicts {
-            m.dead_letters.with_label_values(&["seq_conflict"]).inc();
+            m.dead_letters
+                .with_label_values(&[DeadLetterReason::SeqConflict.as_str()])
+                .inc();
             tracing::error!(group = %pos.group, device = %device, seq,
                 "the device reused a seq (and so a nonce) with a different payload: kept in dead_letters as seq_conflict; re-key the device");
         }
         for d in &dead {
-            m.dead_letters.with_label_values(&[d.reason]).inc();
-            tracing::warn!(group = %pos.group, reason = d.reason, message_id = ?d.message_id, "record dead-lettered");
+            m.dead_letters.with_label_values(&[d.reason.as_str()]).inc();
+            tracing::warn!(group = %pos.group, reason = d.reason.as_str(), message_id = ?d.message_id, "record dead-lettered");
         }
         if let Some(last) = rows.last() {
             let lag = (Utc::now() - last.received_at).num_milliseconds() as f64 / 1000.0;
@@ -468,7 +471,7 @@ impl GroupWorker {
     /// A row, or the dead letter for a message that can never be stored.
     /// `Err` only for a database outage (not the message's fault).
     async fn open(&self, d: &Delivery) -> Result<Result<Row, DeadLetter>, StoreError> {
-        let letter = |reason: &'static str,
+        let letter = |reason: DeadLetterReason,
                       detail: String,
                       device: Option<String>,
                       seq: Option<i64>| DeadLetter {
@@ -481,13 +484,20 @@ impl GroupWorker {
         };
         let envelope = match Envelope::decode(&d.payload) {
             Ok(e) => e,
-            Err(e) => return Ok(Err(letter("undecodable", e.to_string(), None, None))),
+            Err(e) => {
+                return Ok(Err(letter(
+                    DeadLetterReason::Undecodable,
+                    e.to_string(),
+                    None,
+                    None,
+                )))
+            }
         };
         let device = envelope.device.to_string();
         let seq = i64::try_from(envelope.record.seq).ok();
         let Some(auth) = self.shared.keys.get(&device).await? else {
             return Ok(Err(letter(
-                "unknown_device",
+                DeadLetterReason::UnknownDevice,
                 "no such device".into(),
                 Some(device),
                 seq,
@@ -504,13 +514,13 @@ impl GroupWorker {
                     .unwrap_or_else(Utc::now),
             })),
             Err(RecordError::Authentication) => Ok(Err(letter(
-                "bad_tag",
+                DeadLetterReason::BadTag,
                 "record does not authenticate".into(),
                 Some(device),
                 seq,
             ))),
             Err(e) => Ok(Err(letter(
-                "not_json_object",
+                DeadLetterReason::NotJsonObject,
                 e.to_string(),
                 Some(device),
                 seq,

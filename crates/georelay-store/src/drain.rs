@@ -182,13 +182,50 @@ pub struct Row {
     pub raw: Vec<u8>,
 }
 
+/// Why a queue message can never be stored: the `dead_letters.reason`
+/// column, whose CHECK lists exactly these (a test compares the two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// Not an envelope this version can read.
+    Undecodable,
+    /// The device is not in `devices`.
+    UnknownDevice,
+    /// The record does not authenticate under the device's key.
+    BadTag,
+    /// It opens, but the plaintext is not a JSON object.
+    NotJsonObject,
+    /// The device reused a seq (and so a nonce) for a different payload.
+    SeqConflict,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [Self; 5] = [
+        Self::Undecodable,
+        Self::UnknownDevice,
+        Self::BadTag,
+        Self::NotJsonObject,
+        Self::SeqConflict,
+    ];
+
+    /// The value stored in `dead_letters.reason` (and the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Undecodable => "undecodable",
+            Self::UnknownDevice => "unknown_device",
+            Self::BadTag => "bad_tag",
+            Self::NotJsonObject => "not_json_object",
+            Self::SeqConflict => "seq_conflict",
+        }
+    }
+}
+
 /// A record that can never be stored.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub message_id: Option<String>,
     pub device_id: Option<String>,
     pub seq: Option<i64>,
-    pub reason: &'static str,
+    pub reason: DeadLetterReason,
     pub detail: String,
     pub raw: Vec<u8>,
 }
@@ -258,7 +295,7 @@ pub async fn store_batch(
         let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
         conflicts = sqlx::query(
             "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
-             SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, 'seq_conflict',
+             SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, $8,
                     'seq already stored with a different payload: the device reused a seq (and a nonce); re-key it', u.w
              FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) AS u(d, s, p, w)
              JOIN telemetry t ON t.device_id = u.d AND t.seq = u.s
@@ -272,6 +309,7 @@ pub async fn store_batch(
         .bind(lease.group_id)
         .bind(namespace_id)
         .bind(epoch)
+        .bind(DeadLetterReason::SeqConflict.as_str())
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -289,7 +327,7 @@ pub async fn store_batch(
         .bind(&d.message_id)
         .bind(&d.device_id)
         .bind(d.seq)
-        .bind(d.reason)
+        .bind(d.reason.as_str())
         .bind(&d.detail)
         .bind(&d.raw)
         .execute(&mut *tx)

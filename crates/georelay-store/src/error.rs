@@ -3,6 +3,7 @@
 //! constraint names into plain words here, in one place).
 
 use georelay_core::SecretError;
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -24,37 +25,63 @@ pub enum ErrorKind {
     Database,
 }
 
+/// What went wrong. Every variant made from a database error keeps it as its
+/// [`std::error::Error::source`] (a caller can look at the SQLSTATE); the
+/// message already says in plain words what the source says, without
+/// connection secrets.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0}")]
     Config(String),
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("cannot connect to PostgreSQL at {target}: {}", describe(.source))]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot connect to PostgreSQL at {target}: no answer within {after:?}")]
+    ConnectTimedOut { target: String, after: Duration },
+    #[error("lost the database: {}", describe(.0))]
+    Lost(#[source] sqlx::Error),
+    /// A bounded piece of work ran past its bound (a database that hangs
+    /// rather than refuses).
+    #[error("{what} took longer than {limit:?}")]
+    TimedOut { what: &'static str, limit: Duration },
     #[error("{what} \"{name}\" does not exist")]
     NotFound { what: &'static str, name: String },
     #[error("{what} \"{name}\" already exists")]
     AlreadyExists { what: &'static str, name: String },
-    #[error("{0}")]
-    Refused(String),
+    #[error("{message}")]
+    Refused {
+        message: String,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error("migration failed: {0}")]
-    Migration(String),
-    #[error("database error: {0}")]
-    Database(String),
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {}", describe(.0))]
+    Database(#[source] sqlx::Error),
+    /// A row the schema should have made impossible.
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Config(_) => ErrorKind::Config,
-            Self::Unavailable(_) => ErrorKind::Unavailable,
+            Self::Connect { .. }
+            | Self::ConnectTimedOut { .. }
+            | Self::Lost(_)
+            | Self::TimedOut { .. } => ErrorKind::Unavailable,
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-            Self::Refused(_) => ErrorKind::Refused,
+            Self::Refused { .. } => ErrorKind::Refused,
             Self::Secret(_) => ErrorKind::Secret,
             Self::Migration(_) => ErrorKind::Migration,
-            Self::Database(_) => ErrorKind::Database,
+            Self::Database(_) | Self::Inconsistent(_) => ErrorKind::Database,
         }
     }
 
@@ -71,15 +98,16 @@ impl StoreError {
                 }
                 // check, foreign key, not null; and the triggers' own GRnnn codes
                 Some("23514" | "23503" | "23502" | "22001") | Some("GR001" | "GR002" | "GR003") => {
-                    return Self::Refused(refusal(db.constraint(), db.message()))
+                    let message = refusal(db.constraint(), db.message());
+                    return Self::Refused { message, source: e };
                 }
                 _ => {}
             }
         }
         if is_unavailable(&e) {
-            Self::Unavailable(format!("lost the database: {}", describe(&e)))
+            Self::Lost(e)
         } else {
-            Self::Database(describe(&e))
+            Self::Database(e)
         }
     }
 }
@@ -101,7 +129,7 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 }
 
 /// One line describing a sqlx error, without connection secrets.
-pub(crate) fn describe(e: &sqlx::Error) -> String {
+fn describe(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(db) => db.message().to_owned(),
         sqlx::Error::PoolTimedOut => "timed out waiting for a connection".to_owned(),

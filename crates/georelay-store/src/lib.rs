@@ -50,15 +50,17 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
         options.get_port(),
         options.get_database().unwrap_or("(default database)")
     );
-    let unavailable = |why: String| {
-        StoreError::Unavailable(format!("cannot connect to PostgreSQL at {target}: {why}"))
-    };
     // One plain connection first: a pool retries until its timeout and then
     // reports only that it timed out, hiding "connection refused" or "password
     // authentication failed".
     match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
-        Err(_) => return Err(unavailable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
-        Ok(Err(e)) => return Err(unavailable(error::describe(&e))),
+        Err(_) => {
+            return Err(StoreError::ConnectTimedOut {
+                target,
+                after: CONNECT_TIMEOUT,
+            })
+        }
+        Ok(Err(source)) => return Err(StoreError::Connect { target, source }),
         Ok(Ok(conn)) => drop(conn.close().await),
     }
     PgPoolOptions::new()
@@ -66,13 +68,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
         .acquire_timeout(CONNECT_TIMEOUT)
         .connect_with(options)
         .await
-        .map_err(|e| unavailable(error::describe(&e)))
+        .map_err(|source| StoreError::Connect { target, source })
 }
 
 /// Applies pending migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    MIGRATOR
-        .run(pool)
-        .await
-        .map_err(|e| StoreError::Migration(e.to_string()))
+    Ok(MIGRATOR.run(pool).await?)
 }

@@ -114,7 +114,7 @@ pub async fn load_routing(pool: &PgPool, master: &MasterKey) -> Result<Routing, 
                 .map(|sealed| open_text(master, &namespace_key_context(&r.name), &sealed))
                 .transpose()?;
             let transport = TransportKind::parse(&r.transport).ok_or_else(|| {
-                StoreError::Refused(format!(
+                StoreError::Inconsistent(format!(
                     "namespace {} has an unknown transport {:?}",
                     r.name, r.transport
                 ))

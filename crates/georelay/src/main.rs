@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -79,6 +79,24 @@ fn init_tracing(default: &str) {
         .init();
 }
 
+/// The error and its causes on one line, stopping once the line carries the
+/// innermost cause's words (the store's errors already name their database
+/// error in plain words and keep it as the source: it is not repeated).
+fn one_line(e: &anyhow::Error) -> String {
+    let root = e.root_cause().to_string();
+    let mut line = String::new();
+    for cause in e.chain() {
+        if !line.is_empty() {
+            if line.contains(&root) {
+                break;
+            }
+            line.push_str(": ");
+        }
+        line.push_str(&cause.to_string());
+    }
+    line
+}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
     // A setting out of range is a usage error, like clap's.
     if e.downcast_ref::<georelay_core::ConfigError>().is_some() {
@@ -89,5 +107,43 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(ErrorKind::NotFound) => 4,
         Some(ErrorKind::Unavailable) => 69,
         _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    /// Like the store's errors: the message carries its source's words.
+    #[derive(Debug)]
+    struct Says(std::io::Error);
+
+    impl std::fmt::Display for Says {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot connect: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Says {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn one_line_names_each_cause_once() {
+        let refused = || std::io::Error::other("connection refused");
+        let plain = anyhow::Error::new(refused()).context("cannot open the ledger");
+        assert_eq!(
+            one_line(&plain),
+            "cannot open the ledger: connection refused"
+        );
+        let says = anyhow::Error::new(Says(refused()));
+        assert_eq!(one_line(&says), "cannot connect: connection refused");
+        let both = anyhow::Error::new(Says(refused())).context("migrate");
+        assert_eq!(
+            one_line(&both),
+            "migrate: cannot connect: connection refused"
+        );
     }
 }
