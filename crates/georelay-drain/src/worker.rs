@@ -14,7 +14,9 @@
 use chrono::{DateTime, Utc};
 use georelay_core::{Envelope, RecordError};
 use georelay_store::control::Actor;
-use georelay_store::drain::{self, DeadLetter, DeadLetterReason, LeaseToken, Position, Row};
+use georelay_store::drain::{
+    self, DeadLetter, DeadLetterReason, LeaseToken, Position, Row, Stored,
+};
 use georelay_store::routing::{self, Failover, Trouble};
 use georelay_store::StoreError;
 use georelay_transport::{Delivery, ErrorKind, Namespace, TransportError};
@@ -300,29 +302,25 @@ impl GroupWorker {
         } else {
             config.receive_wait
         };
-        let mut batch = ns
-            .receive(&pos.queue, config.batch_size, wait)
-            .await
-            .map_err(StepError::Broker)?;
-        let cut = batch
-            .iter()
-            .position(|d| {
-                Envelope::decode(&d.payload).is_ok_and(|e| e.epoch > pos.drain_epoch as u64)
-            })
-            .unwrap_or(batch.len());
-        let later = batch.split_off(cut);
-        let reached_later_epoch = !later.is_empty();
-        if reached_later_epoch {
-            ns.nack(&pos.queue, later)
-                .await
-                .map_err(StepError::Broker)?;
-        }
-        if !batch.is_empty() {
-            self.store(lease, pos, ns, batch).await?;
-            if !reached_later_epoch {
+        let (first, later) = match read(&shared, ns, pos, wait).await {
+            Ok(read) => read,
+            Err(e) => {
+                reset(ns, &pos.queue).await?;
+                return Err(e);
+            }
+        };
+        let reached_later_epoch = if first.batch.is_empty() {
+            if !later.is_empty() {
+                reset(ns, &pos.queue).await?;
+            }
+            !later.is_empty()
+        } else {
+            let run = self.store_run(lease, pos, ns, first, later).await?;
+            if !run.reached_later_epoch {
                 return Ok(Step::Stored);
             }
-        }
+            true
+        };
         if !old_epoch {
             return Ok(Step::Idle);
         }
@@ -387,145 +385,106 @@ impl GroupWorker {
         }
     }
 
-    /// Opens, stores (one transaction, lease checked) and acks one batch.
-    async fn store(
+    /// Stores `current` and acks it once committed. While batches come full
+    /// and in the same epoch, it reads the next batch while the current one
+    /// is stored and the one before it acked, so the broker's round trips
+    /// and the database's overlap. Order is unchanged: a batch is stored only
+    /// after the one before it committed, and acked only after its own
+    /// commit; on any error nothing uncommitted is acked and reads start over
+    /// at the oldest unacked message. `later`: messages of a later epoch
+    /// behind `current`, given back to the queue at the end.
+    async fn store_run(
         &mut self,
         lease: &LeaseToken,
         pos: &Position,
         ns: &Namespace,
-        batch: Vec<Delivery>,
-    ) -> Result<(), StepError> {
-        let mut rows = Vec::with_capacity(batch.len());
-        let mut dead = Vec::new();
-        for d in &batch {
-            match self.open(d).await {
-                Ok(Ok(row)) => rows.push(row),
-                Ok(Err(letter)) => dead.push(letter),
+        mut current: Opened,
+        mut later: Vec<Delivery>,
+    ) -> Result<Run, StepError> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        // Bounded, so the position (a moved sender) is looked at again soon.
+        let until = Instant::now() + RUN_LIMIT.min(config.lease / 4);
+        let mut acking: Vec<Delivery> = Vec::new();
+        let mut ack_failed = false;
+        let mut messages = 0;
+        loop {
+            let go_on = later.is_empty()
+                && current.batch.len() >= config.batch_size
+                && Instant::now() < until;
+            let read_next = async {
+                match go_on {
+                    true => Some(read(&shared, ns, pos, config.receive_wait).await),
+                    false => None,
+                }
+            };
+            let previous = std::mem::take(&mut acking);
+            let ack_previous = async {
+                match previous.is_empty() {
+                    true => Ok(()),
+                    false => ns.ack(previous).await,
+                }
+            };
+            // Counted as soon as it commits, not when the read beside it ends.
+            let store = async {
+                let stored = shared.store(lease, pos, &current).await;
+                if let Ok(Some(stored)) = &stored {
+                    shared.record(pos, &current, stored);
+                }
+                stored
+            };
+            let (stored, next, acked) = tokio::join!(store, read_next, ack_previous);
+            if let Err(e) = acked {
+                tracing::debug!(error = %e, "ack failed after commit; the records will come again and be dropped");
+                ack_failed = true;
+            }
+            match stored {
+                Ok(Some(_)) => {
+                    self.lease_renewed = Instant::now();
+                    messages += current.batch.len();
+                    acking = current.batch;
+                }
+                Ok(None) => {
+                    reset(ns, &pos.queue).await?;
+                    return Err(StepError::LeaseLost);
+                }
                 Err(e) => {
-                    ns.nack(&pos.queue, batch)
-                        .await
-                        .map_err(StepError::Broker)?;
+                    reset(ns, &pos.queue).await?;
                     return Err(e.into());
                 }
             }
-        }
-        let config = &self.shared.config;
-        let stored = drain::store_batch(
-            &self.shared.pool,
-            lease,
-            config.lease,
-            pos.drain_namespace_id,
-            pos.drain_epoch,
-            &rows,
-            &dead,
-        )
-        .await;
-        let stored = match stored {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                ns.nack(&pos.queue, batch)
-                    .await
-                    .map_err(StepError::Broker)?;
-                return Err(StepError::LeaseLost);
+            match next {
+                Some(Ok((opened, rest))) if !opened.batch.is_empty() => {
+                    current = opened;
+                    later = rest;
+                }
+                Some(Ok((_, rest))) => {
+                    later = rest;
+                    break;
+                }
+                Some(Err(e)) => {
+                    // Stored and committed: ack that, then report the read.
+                    if let Err(e) = ns.ack(acking).await {
+                        tracing::debug!(error = %e, "ack failed after commit; the records will come again and be dropped");
+                    }
+                    reset(ns, &pos.queue).await?;
+                    return Err(e);
+                }
+                None => break,
             }
-            Err(e) => {
-                ns.nack(&pos.queue, batch)
-                    .await
-                    .map_err(StepError::Broker)?;
-                return Err(e.into());
-            }
-        };
-        self.lease_renewed = Instant::now();
-        let m = &self.shared.metrics;
-        m.rows_stored.inc_by(stored.inserted);
-        m.duplicates.inc_by(stored.duplicates);
-        m.batch_size.observe(batch.len() as f64);
-        for (device, seq) in &stored.conflicts {
-            m.dead_letters
-                .with_label_values(&[DeadLetterReason::SeqConflict.as_str()])
-                .inc();
-            tracing::error!(group = %pos.group, device = %device, seq,
-                "the device reused a seq (and so a nonce) with a different payload: kept in dead_letters as seq_conflict; re-key the device");
         }
-        for d in &dead {
-            m.dead_letters.with_label_values(&[d.reason.as_str()]).inc();
-            tracing::warn!(group = %pos.group, reason = d.reason.as_str(), message_id = ?d.message_id, "record dead-lettered");
-        }
-        if let Some(last) = rows.last() {
-            let lag = (Utc::now() - last.received_at).num_milliseconds() as f64 / 1000.0;
-            m.lag_seconds
-                .with_label_values(&[&pos.group])
-                .set(lag.max(0.0));
-        }
-        // Committed: now the broker may forget them. A failed ack only
-        // redelivers what the key will drop.
-        if let Err(e) = ns.ack(batch).await {
+        if let Err(e) = ns.ack(acking).await {
             tracing::debug!(error = %e, "ack failed after commit; the records will come again and be dropped");
-            ns.nack(&pos.queue, Vec::new())
-                .await
-                .map_err(StepError::Broker)?;
+            ack_failed = true;
         }
-        Ok(())
-    }
-
-    /// A row, or the dead letter for a message that can never be stored.
-    /// `Err` only for a database outage (not the message's fault).
-    async fn open(&self, d: &Delivery) -> Result<Result<Row, DeadLetter>, StoreError> {
-        let letter = |reason: DeadLetterReason,
-                      detail: String,
-                      device: Option<String>,
-                      seq: Option<i64>| DeadLetter {
-            message_id: d.id.clone(),
-            device_id: device,
-            seq,
-            reason,
-            detail,
-            raw: d.payload.to_vec(),
-        };
-        let envelope = match Envelope::decode(&d.payload) {
-            Ok(e) => e,
-            Err(e) => {
-                return Ok(Err(letter(
-                    DeadLetterReason::Undecodable,
-                    e.to_string(),
-                    None,
-                    None,
-                )))
-            }
-        };
-        let device = envelope.device.to_string();
-        let seq = i64::try_from(envelope.record.seq).ok();
-        let Some(auth) = self.shared.keys.get(&device).await? else {
-            return Ok(Err(letter(
-                DeadLetterReason::UnknownDevice,
-                "no such device".into(),
-                Some(device),
-                seq,
-            )));
-        };
-        match envelope.record.open_object(&auth.key, &envelope.device) {
-            Ok(object) => Ok(Ok(Row {
-                device_id: device,
-                seq: seq.unwrap_or(i64::MAX),
-                epoch: i64::try_from(envelope.epoch).unwrap_or(i64::MAX),
-                raw: d.payload.to_vec(),
-                payload: serde_json::Value::Object(object).to_string(),
-                received_at: DateTime::from_timestamp_micros(envelope.received_at_micros)
-                    .unwrap_or_else(Utc::now),
-            })),
-            Err(RecordError::Authentication) => Ok(Err(letter(
-                DeadLetterReason::BadTag,
-                "record does not authenticate".into(),
-                Some(device),
-                seq,
-            ))),
-            Err(e) => Ok(Err(letter(
-                DeadLetterReason::NotJsonObject,
-                e.to_string(),
-                Some(device),
-                seq,
-            ))),
+        let reached_later_epoch = !later.is_empty();
+        if ack_failed || reached_later_epoch {
+            reset(ns, &pos.queue).await?;
         }
+        Ok(Run {
+            reached_later_epoch,
+            messages,
+        })
     }
 
     async fn blocked_on(&mut self, pos: &Position, e: TransportError) -> Duration {
@@ -624,30 +583,193 @@ impl GroupWorker {
             if !ns.depth(&pos.queue).await.is_ok_and(|d| d > 0) {
                 continue;
             }
-            let Ok(batch) = ns
-                .receive(
-                    &pos.queue,
-                    self.shared.config.batch_size,
-                    Duration::from_millis(50),
-                )
-                .await
-            else {
-                continue;
-            };
-            if batch.is_empty() {
-                continue;
-            }
-            let count = batch.len();
             let leftover = Position {
                 drain_namespace_id: namespace_id,
                 ..pos.clone()
             };
-            match self.store(lease, &leftover, ns, batch).await {
-                Ok(()) => {
-                    tracing::info!(group = %pos.group, namespace = %self.shared.namespace_name(namespace_id), count, "swept leftovers from a drained namespace")
+            let (opened, later) =
+                match read(&self.shared, ns, &leftover, Duration::from_millis(50)).await {
+                    Ok((opened, later)) if opened.batch.is_empty() => {
+                        if !later.is_empty() {
+                            drop(reset(ns, &pos.queue).await);
+                        }
+                        continue;
+                    }
+                    Ok(read) => read,
+                    Err(e) => {
+                        drop(reset(ns, &pos.queue).await);
+                        tracing::debug!(error = %e, "leftover sweep failed; will try again");
+                        continue;
+                    }
+                };
+            match self.store_run(lease, &leftover, ns, opened, later).await {
+                Ok(run) => {
+                    tracing::info!(group = %pos.group, namespace = %self.shared.namespace_name(namespace_id), count = run.messages, "swept leftovers from a drained namespace")
                 }
                 Err(e) => tracing::debug!(error = %e, "leftover sweep failed; will try again"),
             }
+        }
+    }
+}
+
+/// How long one run of pipelined batches may go on before the worker looks
+/// at its position again (also bounded by a quarter of the lease).
+const RUN_LIMIT: Duration = Duration::from_secs(1);
+
+/// What a run of stored batches did.
+struct Run {
+    reached_later_epoch: bool,
+    /// Messages stored (rows, duplicates and dead letters).
+    messages: usize,
+}
+
+/// A batch read in queue order and opened, not stored yet.
+struct Opened {
+    batch: Vec<Delivery>,
+    rows: Vec<Row>,
+    dead: Vec<DeadLetter>,
+}
+
+/// Receives up to a batch of the epoch being drained, cuts it at the first
+/// message of a later epoch (a namespace can appear twice in a trail,
+/// A → B → A) and opens what comes before. Returns the opened batch and the
+/// later messages, which the caller gives back once nothing it holds waits
+/// for an ack. Acks and nacks nothing itself, so it can run beside a store.
+async fn read(
+    shared: &Shared,
+    ns: &Namespace,
+    pos: &Position,
+    wait: Duration,
+) -> Result<(Opened, Vec<Delivery>), StepError> {
+    let mut batch = ns
+        .receive(&pos.queue, shared.config.batch_size, wait)
+        .await
+        .map_err(StepError::Broker)?;
+    let cut = batch
+        .iter()
+        .position(|d| Envelope::decode(&d.payload).is_ok_and(|e| e.epoch > pos.drain_epoch as u64))
+        .unwrap_or(batch.len());
+    let later = batch.split_off(cut);
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut dead = Vec::new();
+    for d in &batch {
+        match shared.open(d).await? {
+            Ok(row) => rows.push(row),
+            Err(letter) => dead.push(letter),
+        }
+    }
+    Ok((Opened { batch, rows, dead }, later))
+}
+
+/// Forgets the queue's consumer: the next read starts at the oldest unacked
+/// message (nothing read and not acked is lost or reordered).
+async fn reset(ns: &Namespace, queue: &str) -> Result<(), StepError> {
+    ns.nack(queue, Vec::new()).await.map_err(StepError::Broker)
+}
+
+impl Shared {
+    /// Metrics and logs for a committed batch.
+    fn record(&self, pos: &Position, opened: &Opened, stored: &Stored) {
+        let m = &self.metrics;
+        m.rows_stored.inc_by(stored.inserted);
+        m.duplicates.inc_by(stored.duplicates);
+        m.batch_size.observe(opened.batch.len() as f64);
+        for (device, seq) in &stored.conflicts {
+            m.dead_letters
+                .with_label_values(&[DeadLetterReason::SeqConflict.as_str()])
+                .inc();
+            tracing::error!(group = %pos.group, device = %device, seq,
+                "the device reused a seq (and so a nonce) with a different payload: kept in dead_letters as seq_conflict; re-key the device");
+        }
+        for d in &opened.dead {
+            m.dead_letters.with_label_values(&[d.reason.as_str()]).inc();
+            tracing::warn!(group = %pos.group, reason = d.reason.as_str(), message_id = ?d.message_id, "record dead-lettered");
+        }
+        if let Some(last) = opened.rows.last() {
+            let lag = (Utc::now() - last.received_at).num_milliseconds() as f64 / 1000.0;
+            m.lag_seconds
+                .with_label_values(&[&pos.group])
+                .set(lag.max(0.0));
+        }
+    }
+
+    /// Stores an opened batch in one transaction that checks the lease.
+    /// `Ok(None)`: the lease is lost, nothing was written.
+    async fn store(
+        &self,
+        lease: &LeaseToken,
+        pos: &Position,
+        opened: &Opened,
+    ) -> Result<Option<Stored>, StoreError> {
+        drain::store_batch(
+            &self.pool,
+            lease,
+            self.config.lease,
+            pos.drain_namespace_id,
+            pos.drain_epoch,
+            &opened.rows,
+            &opened.dead,
+        )
+        .await
+    }
+
+    /// A row, or the dead letter for a message that can never be stored.
+    /// `Err` only for a database outage (not the message's fault).
+    async fn open(&self, d: &Delivery) -> Result<Result<Row, DeadLetter>, StoreError> {
+        let letter = |reason: DeadLetterReason,
+                      detail: String,
+                      device: Option<String>,
+                      seq: Option<i64>| DeadLetter {
+            message_id: d.id.clone(),
+            device_id: device,
+            seq,
+            reason,
+            detail,
+            raw: d.payload.to_vec(),
+        };
+        let envelope = match Envelope::decode(&d.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                return Ok(Err(letter(
+                    DeadLetterReason::Undecodable,
+                    e.to_string(),
+                    None,
+                    None,
+                )))
+            }
+        };
+        let device = envelope.device.to_string();
+        let seq = i64::try_from(envelope.record.seq).ok();
+        let Some(auth) = self.keys.get(&device).await? else {
+            return Ok(Err(letter(
+                DeadLetterReason::UnknownDevice,
+                "no such device".into(),
+                Some(device),
+                seq,
+            )));
+        };
+        match envelope.record.open_object(&auth.key, &envelope.device) {
+            Ok(object) => Ok(Ok(Row {
+                device_id: device,
+                seq: seq.unwrap_or(i64::MAX),
+                epoch: i64::try_from(envelope.epoch).unwrap_or(i64::MAX),
+                raw: d.payload.to_vec(),
+                payload: serde_json::Value::Object(object).to_string(),
+                received_at: DateTime::from_timestamp_micros(envelope.received_at_micros)
+                    .unwrap_or_else(Utc::now),
+            })),
+            Err(RecordError::Authentication) => Ok(Err(letter(
+                DeadLetterReason::BadTag,
+                "record does not authenticate".into(),
+                Some(device),
+                seq,
+            ))),
+            Err(e) => Ok(Err(letter(
+                DeadLetterReason::NotJsonObject,
+                e.to_string(),
+                Some(device),
+                seq,
+            ))),
         }
     }
 }

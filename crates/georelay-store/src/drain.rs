@@ -242,10 +242,14 @@ pub struct Stored {
 }
 
 /// Stores `rows` (in order: `store_order` follows it), received from
-/// `namespace_id`, and `dead` (received while draining `epoch`) in one
-/// transaction that first checks the lease. `Ok(None)`: the lease is lost,
-/// nothing was written. Rows already stored are skipped (`ON CONFLICT DO
-/// NOTHING` on `(device_id, seq)`).
+/// `namespace_id`, and `dead` (received while draining `epoch`), checking the
+/// lease in the same transaction. `Ok(None)`: the lease is lost, nothing was
+/// written. Rows already stored are skipped (`ON CONFLICT DO NOTHING` on
+/// `(device_id, seq)`); a skipped row whose payload differs from the stored
+/// one is kept as a `seq_conflict` dead letter.
+///
+/// The common batch (rows, no dead letters, nothing stored before) is one
+/// statement and one round trip: the lease check and the insert together.
 pub async fn store_batch(
     pool: &PgPool,
     lease: &LeaseToken,
@@ -255,66 +259,40 @@ pub async fn store_batch(
     rows: &[Row],
     dead: &[DeadLetter],
 ) -> Result<Option<Stored>, StoreError> {
+    if dead.is_empty() && !rows.is_empty() {
+        let Some(inserted) = insert_rows(pool, lease, lease_length, namespace_id, rows).await?
+        else {
+            return Ok(None);
+        };
+        let mut conflicts = Vec::new();
+        if inserted < rows.len() as u64 {
+            // Committed already; the duplicates are looked at under the
+            // lease. Lost in between: not acked, so the next holder reads
+            // them again and looks.
+            let mut tx = pool.begin().await?;
+            if !check_lease(&mut tx, lease, lease_length).await? {
+                return Ok(None);
+            }
+            conflicts = record_conflicts(&mut tx, lease, namespace_id, epoch, rows).await?;
+            tx.commit().await?;
+        }
+        return Ok(Some(Stored::new(rows, inserted, conflicts, 0)));
+    }
     let mut tx = pool.begin().await?;
-    if !check_lease(&mut tx, lease, lease_length).await? {
-        return Ok(None);
-    }
-    let mut inserted = 0;
-    if !rows.is_empty() {
-        let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
-        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
-        let received: Vec<DateTime<Utc>> = rows.iter().map(|r| r.received_at).collect();
-        let epochs: Vec<i64> = rows.iter().map(|r| r.epoch).collect();
-        inserted = sqlx::query(
-            "INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
-             SELECT d, s, p::jsonb, r, $5, e
-             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $6::bigint[])
-                  WITH ORDINALITY AS u(d, s, p, r, e, n)
-             ORDER BY n
-             ON CONFLICT (device_id, seq) DO NOTHING",
-        )
-        .bind(&devices)
-        .bind(&seqs)
-        .bind(&payloads)
-        .bind(&received)
-        .bind(namespace_id)
-        .bind(&epochs)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    }
-    // A duplicate is normally a redelivery (same payload). A different
-    // payload under a stored (device_id, seq) means the device reused a seq:
-    // keep the newcomer, sealed, as a dead letter.
+    let inserted = if rows.is_empty() {
+        if !check_lease(&mut tx, lease, lease_length).await? {
+            return Ok(None);
+        }
+        0
+    } else {
+        match insert_rows(&mut *tx, lease, lease_length, namespace_id, rows).await? {
+            Some(inserted) => inserted,
+            None => return Ok(None),
+        }
+    };
     let mut conflicts = Vec::new();
     if inserted < rows.len() as u64 {
-        let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
-        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
-        let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
-        conflicts = sqlx::query(
-            "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
-             SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, $8,
-                    'seq already stored with a different payload: the device reused a seq (and a nonce); re-key it', u.w
-             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) AS u(d, s, p, w)
-             JOIN telemetry t ON t.device_id = u.d AND t.seq = u.s
-             WHERE t.payload <> u.p::jsonb
-             RETURNING device_id, seq",
-        )
-        .bind(&devices)
-        .bind(&seqs)
-        .bind(&payloads)
-        .bind(&raws)
-        .bind(lease.group_id)
-        .bind(namespace_id)
-        .bind(epoch)
-        .bind(DeadLetterReason::SeqConflict.as_str())
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        conflicts = record_conflicts(&mut tx, lease, namespace_id, epoch, rows).await?;
     }
     for d in dead {
         sqlx::query(
@@ -334,12 +312,110 @@ pub async fn store_batch(
         .await?;
     }
     tx.commit().await?;
-    Ok(Some(Stored {
+    Ok(Some(Stored::new(
+        rows,
         inserted,
-        duplicates: (rows.len() as u64).saturating_sub(inserted + conflicts.len() as u64),
-        dead_letters: dead.len() as u64,
         conflicts,
-    }))
+        dead.len() as u64,
+    )))
+}
+
+impl Stored {
+    fn new(rows: &[Row], inserted: u64, conflicts: Vec<(String, i64)>, dead_letters: u64) -> Self {
+        Self {
+            inserted,
+            duplicates: (rows.len() as u64).saturating_sub(inserted + conflicts.len() as u64),
+            dead_letters,
+            conflicts,
+        }
+    }
+}
+
+/// Extends the lease and inserts `rows` in one statement; the rows go in
+/// only if the lease is still held (its row is locked by the same
+/// statement, so no one can take it over in between). `None`: lost.
+async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
+    exec: E,
+    lease: &LeaseToken,
+    lease_length: Duration,
+    namespace_id: i64,
+    rows: &[Row],
+) -> Result<Option<u64>, StoreError> {
+    let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+    let received: Vec<DateTime<Utc>> = rows.iter().map(|r| r.received_at).collect();
+    let epochs: Vec<i64> = rows.iter().map(|r| r.epoch).collect();
+    // A data-modifying WITH runs once and to completion; the insert reads
+    // its result, so it runs after the lease row is locked and extended.
+    let (held, inserted): (bool, i64) = sqlx::query_as(
+        "WITH lease AS (
+             UPDATE drain_leases SET lease_until = clock_timestamp() + make_interval(secs => $10)
+             WHERE group_id = $7 AND instance_id = $8 AND token = $9 AND lease_until > clock_timestamp()
+             RETURNING 1
+         ), stored AS (
+             INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
+             SELECT d, s, p::jsonb, r, $5, e
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $6::bigint[])
+                  WITH ORDINALITY AS u(d, s, p, r, e, n)
+             WHERE EXISTS (SELECT 1 FROM lease)
+             ORDER BY n
+             ON CONFLICT (device_id, seq) DO NOTHING
+             RETURNING 1
+         )
+         SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored)",
+    )
+    .bind(&devices)
+    .bind(&seqs)
+    .bind(&payloads)
+    .bind(&received)
+    .bind(namespace_id)
+    .bind(&epochs)
+    .bind(lease.group_id)
+    .bind(lease.instance)
+    .bind(lease.token)
+    .bind(lease_length.as_secs_f64())
+    .fetch_one(exec)
+    .await?;
+    Ok(held.then_some(inserted as u64))
+}
+
+/// A duplicate is normally a redelivery (same payload). A different payload
+/// under a stored `(device_id, seq)` means the device reused a seq: keep the
+/// newcomer, sealed, as a dead letter. Returns `(device_id, seq)` of each.
+async fn record_conflicts(
+    tx: &mut Transaction<'_, Postgres>,
+    lease: &LeaseToken,
+    namespace_id: i64,
+    epoch: i64,
+    rows: &[Row],
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+    let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
+    Ok(sqlx::query(
+        "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
+         SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, $8,
+                'seq already stored with a different payload: the device reused a seq (and a nonce); re-key it', u.w
+         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) AS u(d, s, p, w)
+         JOIN telemetry t ON t.device_id = u.d AND t.seq = u.s
+         WHERE t.payload <> u.p::jsonb
+         RETURNING device_id, seq",
+    )
+    .bind(&devices)
+    .bind(&seqs)
+    .bind(&payloads)
+    .bind(&raws)
+    .bind(lease.group_id)
+    .bind(namespace_id)
+    .bind(epoch)
+    .bind(DeadLetterReason::SeqConflict.as_str())
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
 }
 
 /// Marks `epoch` drained and moves the worker to the next epoch's namespace,
