@@ -217,17 +217,21 @@ impl NatsNamespace {
     ) -> Result<Vec<Delivery>, TransportError> {
         self.connected()?;
         let consumer = self.consumer(queue).await?;
+        // A pull request for N messages is answered when N came or it
+        // expired: asked for a whole batch with `wait`, a quiet queue would
+        // hold every message for `wait`. So: what is there now (no wait);
+        // if nothing, wait for one; then what came with it.
         let fetch = async {
-            let mut messages = consumer
-                .batch()
-                .max_messages(max)
-                .expires(wait)
-                .messages()
-                .await
-                .map_err(|e| self.classify("fetch", e))?;
-            let mut out = Vec::with_capacity(max);
-            while let Some(message) = messages.next().await {
-                out.push(delivery(message.map_err(|e| self.classify("fetch", e))?));
+            let mut out = self
+                .collect(consumer.fetch().max_messages(max).messages())
+                .await?;
+            if out.is_empty() {
+                let first = consumer.batch().max_messages(1).expires(wait).messages();
+                out = self.collect(first).await?;
+                if !out.is_empty() && max > 1 {
+                    let rest = consumer.fetch().max_messages(max - 1).messages();
+                    out.extend(self.collect(rest).await?);
+                }
             }
             Ok(out)
         };
@@ -242,6 +246,19 @@ impl NatsNamespace {
             self.inner.consumers.lock().await.remove(queue);
         }
         result
+    }
+
+    /// The messages of one pull request, in order.
+    async fn collect(
+        &self,
+        request: impl Future<Output = Result<pull::Batch, pull::BatchError>>,
+    ) -> Result<Vec<Delivery>, TransportError> {
+        let mut messages = request.await.map_err(|e| self.classify("fetch", e))?;
+        let mut out = Vec::new();
+        while let Some(message) = messages.next().await {
+            out.push(delivery(message.map_err(|e| self.classify("fetch", e))?));
+        }
+        Ok(out)
     }
 
     /// Acks every message; the last one with the server's confirmation. The

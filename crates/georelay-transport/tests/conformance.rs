@@ -156,6 +156,45 @@ async fn round_trip<F: Fixture>() {
     assert!(ns.probe().await.unwrap() < REQUEST_DEADLINE);
 }
 
+/// `wait` bounds the wait for the first message, not for a full batch: a
+/// worker draining a quiet queue must not hold each record for `wait`.
+async fn receive_returns_without_waiting_for_a_full_batch<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    // A first (empty) receive: a Service Bus reader's first one may wait.
+    assert!(ns
+        .receive(Q, 1, Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_empty());
+    publish_range(&ns, 1..=3).await;
+    let started = std::time::Instant::now();
+    let got = ns.receive(Q, 500, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ids(&got), expected(1..=3));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    ns.ack(got).await.unwrap();
+    // Empty when the call starts: the first message to come is handed over.
+    let late = ns.clone();
+    let publisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        late.publish(Q, &id(4), body(4)).await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    let got = ns.receive(Q, 500, Duration::from_secs(5)).await.unwrap();
+    publisher.await.unwrap();
+    assert_eq!(ids(&got), expected(4..=4));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 async fn order_preserved_over_10_000<F: Fixture>() {
     let f = F::start().await;
     let ns = f.connect().await;
@@ -365,6 +404,10 @@ macro_rules! conformance_suite {
             #[tokio::test]
             async fn round_trip() {
                 super::round_trip::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn receive_returns_without_waiting_for_a_full_batch() {
+                super::receive_returns_without_waiting_for_a_full_batch::<$fixture>().await
             }
             #[tokio::test]
             async fn order_preserved_over_10_000() {
