@@ -109,11 +109,23 @@ impl Buffer {
             _ => return Err(BufferError::NotAnObject),
         }
         let mut tx = self.pool.begin().await?;
-        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-            .fetch_one(&mut *tx)
-            .await?;
-        if held as u64 >= self.max_records {
-            return Err(BufferError::Full(self.max_records));
+        // Full? max(seq) - min(seq) + 1 bounds the count from above in two
+        // index look-ups; the count itself (a scan of the whole backlog) is
+        // taken only when that bound reaches the limit. Counting on every
+        // reading made a long offline spell quadratic: at 1,000,000 waiting
+        // each new reading read them all.
+        let (lo, hi): (Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT (SELECT min(seq) FROM outbox), (SELECT max(seq) FROM outbox)")
+                .fetch_one(&mut *tx)
+                .await?;
+        let bound = lo.zip(hi).map_or(0, |(lo, hi)| (hi - lo + 1) as u64);
+        if bound >= self.max_records {
+            let held: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&mut *tx)
+                .await?;
+            if held as u64 >= self.max_records {
+                return Err(BufferError::Full(self.max_records));
+            }
         }
         let next: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'next_seq'")
             .fetch_one(&mut *tx)
@@ -243,5 +255,40 @@ impl Buffer {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn full_counts_what_waits_not_the_span_of_seqs() {
+        let dir = std::env::temp_dir().join(format!("georelay-buffer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("full.db");
+        let _ = std::fs::remove_file(&path);
+        let device = DeviceId::parse("buffer-test").unwrap();
+        let buffer = Buffer::open(&path, device, DeviceKey::generate(), 3, false)
+            .await
+            .unwrap();
+        for n in 1..=3 {
+            assert_eq!(buffer.push("{\"n\":1}", None).await.unwrap(), n);
+        }
+        assert!(matches!(
+            buffer.push("{\"n\":4}", None).await,
+            Err(BufferError::Full(3))
+        ));
+        // A hole in the middle: seqs 1 and 3 wait, 1..=3 spans three.
+        buffer.reject(2, 400, "bad").await.unwrap();
+        assert_eq!(buffer.push("{\"n\":4}", None).await.unwrap(), 4);
+        assert!(matches!(
+            buffer.push("{\"n\":5}", None).await,
+            Err(BufferError::Full(3))
+        ));
+        buffer.accepted(&[1]).await.unwrap();
+        assert_eq!(buffer.push("{\"n\":5}", None).await.unwrap(), 5);
+        assert_eq!(buffer.waiting().await.unwrap(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -260,7 +260,10 @@ pub async fn simulate(
             let produce = async {
                 let mut produced = 0u64;
                 let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // Readings on a fixed schedule: a late tick is made up, so
+                // the rate holds on average (the timer's 1 ms resolution and
+                // a busy machine would otherwise lower it).
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 loop {
                     if count.is_some_and(|c| produced >= c) || produce_until.is_some_and(|u| tokio::time::Instant::now() >= u) {
                         break;
