@@ -48,6 +48,11 @@ impl NatsRegion {
     }
 
     /// `nats://127.0.0.1:PORT`
+    /// The `nats-server` process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -290,6 +290,11 @@ impl Service {
         format!("http://{}", self.addr)
     }
 
+    /// The process id, while it runs (benchmarks read its CPU and memory).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
