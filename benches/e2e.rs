@@ -229,7 +229,7 @@ async fn main() {
             && stored as u64 == produced
             && p99 < LAG_P99_LIMIT_MS;
         if !held {
-            println!("   not sustained");
+            println!("   not sustained; the fleet said: {}", out.trim());
             break;
         }
         sustained = Some(achieved);

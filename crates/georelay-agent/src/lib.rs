@@ -83,7 +83,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
     let sender =
         Sender::new(buffer.clone(), config.sender, None).map_err(AgentError::HttpClient)?;
     let wake = Arc::new(Notify::new());
-    let inputs_done = CancellationToken::new();
+    let inputs_done = stop.child_token();
     let tasks = TaskTracker::new();
     if std::io::stderr().is_terminal() {
         tasks.spawn(progress(buffer.clone(), sender.stats.clone(), stop.clone()));
@@ -117,13 +117,12 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
         })
     };
     // With stdin only: once it is closed, deliver what is left and finish.
+    // The sender is told to stop, never dropped: it stops between posts, so
+    // an answer is never half recorded.
     let send_stop = stop.clone();
     let sending = async {
         if only_stdin {
-            tokio::select! {
-                r = sender.run(&wake, &send_stop, false) => r?,
-                _ = inputs_done.cancelled() => {}
-            }
+            sender.run(&wake, &inputs_done, false).await?;
             sender.run(&wake, &send_stop, true).await?;
         } else {
             sender.run(&wake, &send_stop, false).await?;
@@ -256,7 +255,7 @@ pub async fn simulate(
         let (stop, count, settle) = (stop.clone(), config.count, config.settle);
         handles.push(tasks.spawn(async move {
             let wake = Notify::new();
-            let producing = CancellationToken::new();
+            let producing = stop.child_token();
             let produce = async {
                 let mut produced = 0u64;
                 let mut tick = tokio::time::interval(interval);
@@ -285,10 +284,10 @@ pub async fn simulate(
                 Ok::<_, BufferError>(produced)
             };
             let send = async {
-                tokio::select! {
-                    r = sender.run(&wake, &stop, false) => r?,
-                    _ = producing.cancelled() => {}
-                }
+                // Told to stop once the readings end, never dropped: a
+                // sender dropped between a 202 and its bookkeeping left
+                // that record out of the ledger and the summary.
+                sender.run(&wake, &producing, false).await?;
                 // Readings done: deliver the rest, for at most `settle`.
                 let settle_stop = stop.child_token();
                 let s = settle_stop.clone();
