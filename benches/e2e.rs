@@ -134,7 +134,10 @@ fn cpu_now(ingest: &Service, drain: &Service, stack: &Stack) -> Cpu {
 
 #[tokio::main]
 async fn main() {
-    let rates = env_list("BENCH_RATES", &[1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000]);
+    let rates = env_list(
+        "BENCH_RATES",
+        &[1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000],
+    );
     let seconds = env_num("BENCH_STEP_SECONDS", 10);
     let devices = env_num("BENCH_DEVICES", 50);
     let buffered = env_num("BENCH_AGENT_BUFFERED", 1_000_000);

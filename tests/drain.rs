@@ -255,6 +255,30 @@ async fn a_standby_takes_over_when_the_active_worker_dies() {
 }
 
 #[tokio::test]
+async fn a_reading_is_stored_with_every_digit_it_was_sent_with() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-digits").await.unwrap();
+    let ns = connect(&stack.regions[0].url()).await;
+    // More digits than an f64 holds, in an integer and in a fraction.
+    let text = r#"{"count": 123456789012345678901234567890, "ratio": 0.12345678901234567890123}"#;
+    let mut envelope = device.envelope(1, 1);
+    envelope.record = device.seal_text(1, text);
+    ns.publish_batch(QUEUE, &[("plug-digits/1".into(), envelope.encode())])
+        .await
+        .unwrap();
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 1, Duration::from_secs(30)).await;
+    let (count, ratio): (String, String) = sqlx::query_as(
+        "SELECT payload->>'count', payload->>'ratio' FROM telemetry WHERE device_id = 'plug-digits'",
+    )
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(count, "123456789012345678901234567890");
+    assert_eq!(ratio, "0.12345678901234567890123");
+}
+
+#[tokio::test]
 async fn poison_records_go_to_dead_letters_and_never_block_the_queue() {
     let stack = Stack::start(&["eu-west"]).await.unwrap();
     let good = stack.device("plug-good").await.unwrap();

@@ -144,7 +144,10 @@ async fn every_contract_error_and_a_valid_record_queued_sealed() {
         .record
         .open_object(&device.key, &device.id)
         .unwrap();
-    assert_eq!(plaintext["reading"], 0.1);
+    assert_eq!(
+        serde_json::from_str::<Value>(&plaintext).unwrap()["reading"],
+        0.1
+    );
 
     let with = |f: &dyn Fn(&mut Value)| {
         let mut b = device.body(2);

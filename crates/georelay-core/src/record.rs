@@ -194,12 +194,11 @@ impl SealedRecord {
             .map_err(|_| RecordError::Authentication)
     }
 
-    /// [`open`](Self::open), then requires the plaintext to be a JSON object.
-    pub fn open_object(
-        &self,
-        key: &DeviceKey,
-        device: &DeviceId,
-    ) -> Result<serde_json::Map<String, serde_json::Value>, RecordError> {
+    /// [`open`](Self::open), then requires the plaintext to be a JSON object
+    /// with no NUL (PostgreSQL's jsonb cannot hold one). Returns the
+    /// plaintext as the device wrote it: stored as is, numbers keep every
+    /// digit (a parse into `f64` and back would round them).
+    pub fn open_object(&self, key: &DeviceKey, device: &DeviceId) -> Result<String, RecordError> {
         let plaintext = self.open(key, device)?;
         let map = match serde_json::from_slice(&plaintext) {
             Ok(serde_json::Value::Object(map)) => map,
@@ -208,7 +207,8 @@ impl SealedRecord {
         if map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
             return Err(RecordError::NulCharacter);
         }
-        Ok(map)
+        // Parsed as JSON, so UTF-8.
+        String::from_utf8(plaintext.to_vec()).map_err(|_| RecordError::NotJsonObject)
     }
 }
 
@@ -252,7 +252,11 @@ mod tests {
         let back = SealedRecord::from_body(&body).unwrap();
         assert_eq!(back, rec);
         assert_eq!(back.open(&key, &dev).unwrap().as_slice(), br#"{"t":21.5}"#);
-        assert_eq!(back.open_object(&key, &dev).unwrap()["t"], 21.5);
+        let text = back.open_object(&key, &dev).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["t"],
+            21.5
+        );
     }
 
     #[test]
@@ -329,7 +333,11 @@ mod tests {
         // An escaped backslash followed by "u0000" is plain text, not U+0000.
         let fine =
             SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], br#"{"a":"\\u0000"}"#).unwrap();
-        assert_eq!(fine.open_object(&key, &dev).unwrap()["a"], "\\u0000");
+        let text = fine.open_object(&key, &dev).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["a"],
+            "\\u0000"
+        );
     }
 
     #[test]

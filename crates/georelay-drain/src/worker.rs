@@ -749,12 +749,12 @@ impl Shared {
             )));
         };
         match envelope.record.open_object(&auth.key, &envelope.device) {
-            Ok(object) => Ok(Ok(Row {
+            Ok(payload) => Ok(Ok(Row {
                 device_id: device,
                 seq: seq.unwrap_or(i64::MAX),
                 epoch: i64::try_from(envelope.epoch).unwrap_or(i64::MAX),
                 raw: d.payload.to_vec(),
-                payload: serde_json::Value::Object(object).to_string(),
+                payload,
                 received_at: DateTime::from_timestamp_micros(envelope.received_at_micros)
                     .unwrap_or_else(Utc::now),
             })),

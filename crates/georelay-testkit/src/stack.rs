@@ -334,9 +334,13 @@ impl TestDevice {
     /// the nonce is the seq, so sealing the same seq twice gives the same
     /// bytes).
     pub fn seal(&self, seq: u64, payload: &serde_json::Value) -> SealedRecord {
+        self.seal_text(seq, &payload.to_string())
+    }
+
+    /// [`seal`](Self::seal) of a plaintext exactly as given.
+    pub fn seal_text(&self, seq: u64, plaintext: &str) -> SealedRecord {
         let mut nonce = [0u8; NONCE_LEN];
         nonce[4..].copy_from_slice(&seq.to_be_bytes());
-        let plaintext = payload.to_string();
         // seq comes from the test; a failure here is a bug in the test.
         SealedRecord::seal(&self.key, &self.id, seq, nonce, plaintext.as_bytes())
             .unwrap_or_else(|e| panic!("cannot seal seq {seq}: {e}"))
