@@ -163,7 +163,7 @@ async fn raw_publish(client: async_nats::Client, envelopes: &[Bytes], window: us
 
 #[tokio::main]
 async fn main() {
-    let records = env("BENCH_RECORDS", 20_000);
+    let records = env("BENCH_RECORDS", 100_000);
     let concurrency = env("BENCH_CONCURRENCY", 64);
     let batch = env("BENCH_BATCH", 100);
     let batch_concurrency = env("BENCH_BATCH_CONCURRENCY", 8);
