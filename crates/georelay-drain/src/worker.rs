@@ -431,16 +431,18 @@ impl GroupWorker {
                 if let Ok(Some(stored)) = &stored {
                     shared.record(pos, &current, stored);
                 }
-                stored
+                (stored, Instant::now())
             };
-            let (stored, next, acked) = tokio::join!(store, read_next, ack_previous);
+            let ((stored, committed_at), next, acked) =
+                tokio::join!(store, read_next, ack_previous);
             if let Err(e) = acked {
                 tracing::debug!(error = %e, "ack failed after commit; the records will come again and be dropped");
                 ack_failed = true;
             }
             match stored {
                 Ok(Some(_)) => {
-                    self.lease_renewed = Instant::now();
+                    // Storing extends the lease.
+                    self.lease_renewed = committed_at;
                     messages += current.batch.len();
                     acking = current.batch;
                 }
