@@ -568,3 +568,51 @@ async fn keys_are_never_stored_in_plaintext() {
         sas_key.as_bytes()
     );
 }
+
+#[tokio::test]
+async fn nonsense_settings_are_refused_at_start_naming_the_setting() {
+    let cli = Cli::new().await;
+    cli.fails(&["ingest", "--lease", "0s"], 2, "--lease must be between");
+    cli.fails(&["drain", "--lease", "0s"], 2, "--lease must be between");
+    cli.fails(
+        &["ingest", "--max-concurrent-requests", "100000000"],
+        2,
+        "--max-concurrent-requests must be between",
+    );
+    // An interval between two readings that would round to nothing.
+    for rate in ["1e12", "NaN", "0"] {
+        cli.fails(
+            &[
+                "agent",
+                "simulate",
+                "--url",
+                "http://127.0.0.1:1",
+                "--keys-dir",
+                "/nonexistent",
+                "--state-dir",
+                "/nonexistent",
+                "--rate",
+                rate,
+            ],
+            2,
+            "'--rate <RATE>': must be a number of readings a second from 0.001 to 1000000",
+        );
+    }
+    // Set, but not UTF-8: said so, not "not set".
+    use std::os::unix::ffi::OsStrExt as _;
+    let out = georelay_command(&cli.db)
+        .unwrap()
+        .env(
+            "GEORELAY_MASTER_KEY",
+            std::ffi::OsStr::from_bytes(b"\xff\xfe"),
+        )
+        .arg("ingest")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("GEORELAY_MASTER_KEY is set but is not valid UTF-8"),
+        "{stderr}"
+    );
+}

@@ -43,6 +43,8 @@ pub enum AgentError {
     HttpClient(#[source] reqwest::Error),
     #[error("the {0} task failed")]
     Task(&'static str, #[source] tokio::task::JoinError),
+    #[error("the rate must be between {lo} and {hi} readings/s per device (got {got})", lo = RATE_RANGE.start(), hi = RATE_RANGE.end(), got = .0)]
+    Rate(f64),
 }
 
 #[derive(Debug)]
@@ -187,6 +189,10 @@ pub struct SimDevice {
     pub key: DeviceKey,
 }
 
+/// Readings a second per simulated device: above it the interval between
+/// two readings would round to nothing.
+pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
+
 #[derive(Debug)]
 pub struct SimulateConfig {
     pub devices: Vec<SimDevice>,
@@ -219,6 +225,9 @@ pub async fn simulate(
     config: SimulateConfig,
     stop: CancellationToken,
 ) -> Result<Summary, AgentError> {
+    if !RATE_RANGE.contains(&config.rate) {
+        return Err(AgentError::Rate(config.rate));
+    }
     std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::File {
         what: "create",
         path: config.state_dir.clone(),
@@ -234,7 +243,7 @@ pub async fn simulate(
         })?)),
         None => None,
     };
-    let interval = Duration::from_secs_f64(1.0 / config.rate.max(0.001));
+    let interval = Duration::from_secs_f64(1.0 / config.rate);
     let produce_until = config.duration.map(|d| tokio::time::Instant::now() + d);
     let tasks = TaskTracker::new();
     let mut handles = Vec::new();
@@ -328,4 +337,30 @@ pub async fn simulate(
         summary.left += l;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rate_without_a_usable_interval_is_refused_not_a_panic() {
+        for rate in [0.0, 1e12, f64::NAN, f64::INFINITY] {
+            let config = SimulateConfig {
+                devices: Vec::new(),
+                sender: SenderConfig::default(),
+                state_dir: std::env::temp_dir().join("georelay-rate-test"),
+                rate,
+                count: Some(1),
+                duration: None,
+                ledger: None,
+                settle: Duration::ZERO,
+            };
+            let result = simulate(config, CancellationToken::new()).await;
+            assert!(
+                matches!(result, Err(AgentError::Rate(_))),
+                "{rate}: {result:?}"
+            );
+        }
+    }
 }

@@ -48,12 +48,12 @@ fn read_key(path: &Path) -> anyhow::Result<DeviceKey> {
 async fn agent(args: AgentRunArgs) -> anyhow::Result<()> {
     let device =
         DeviceId::parse(&args.device).with_context(|| format!("--device {:?}", args.device))?;
-    let key = match (&args.key_file, std::env::var("GEORELAY_DEVICE_KEY")) {
+    let key = match (&args.key_file, config::env("GEORELAY_DEVICE_KEY")?) {
         (Some(path), _) => read_key(path)?,
-        (None, Ok(b64)) => {
+        (None, Some(b64)) => {
             DeviceKey::from_base64(&b64).context("GEORELAY_DEVICE_KEY is not base64 of 32 bytes")?
         }
-        (None, Err(_)) => bail!("give the device key with --key-file FILE or GEORELAY_DEVICE_KEY"),
+        (None, None) => bail!("give the device key with --key-file FILE or GEORELAY_DEVICE_KEY"),
     };
     if !args.stdin && args.watch.is_none() {
         bail!("give --stdin and/or --watch DIR: where readings come from");
@@ -76,10 +76,6 @@ async fn agent(args: AgentRunArgs) -> anyhow::Result<()> {
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.rate > 0.0 && args.rate.is_finite(),
-        "--rate must be above 0"
-    );
     std::fs::create_dir_all(&args.keys_dir)
         .with_context(|| format!("cannot create {}", args.keys_dir.display()))?;
     if let Some(group) = &args.provision_group {

@@ -127,8 +127,8 @@ pub struct SimulateArgs {
     /// How many devices (default: every key in --keys-dir)
     #[arg(long)]
     pub devices: Option<usize>,
-    /// Readings per second per device
-    #[arg(long, default_value_t = 1.0)]
+    /// Readings per second per device (0.001 to 1000000)
+    #[arg(long, default_value_t = 1.0, value_parser = rate)]
     pub rate: f64,
     /// Readings per device
     #[arg(long)]
@@ -206,6 +206,22 @@ pub struct IngestArgs {
 }
 
 /// "250ms", "2s", "1m" or plain seconds.
+/// A simulated device's readings a second, within `RATE_RANGE`.
+fn rate(s: &str) -> Result<f64, String> {
+    let range = georelay_agent::RATE_RANGE;
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|r| range.contains(r))
+        .ok_or_else(|| {
+            format!(
+                "must be a number of readings a second from {} to {}",
+                range.start(),
+                range.end()
+            )
+        })
+}
+
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, unit) = s

@@ -12,7 +12,7 @@ pub async fn database() -> anyhow::Result<PgPool> {
 
 /// Connects to `DATABASE_URL` with a pool of up to `connections`.
 pub async fn database_with(connections: u32) -> anyhow::Result<PgPool> {
-    let Ok(url) = std::env::var("DATABASE_URL") else {
+    let Some(url) = env("DATABASE_URL")? else {
         bail!("DATABASE_URL is not set (for example postgres://georelay:georelay@127.0.0.1:5432/georelay)");
     };
     Ok(georelay_store::connect(&url, connections).await?)
@@ -20,8 +20,18 @@ pub async fn database_with(connections: u32) -> anyhow::Result<PgPool> {
 
 /// Reads `GEORELAY_MASTER_KEY` (base64 of 32 bytes).
 pub fn master_key() -> anyhow::Result<MasterKey> {
-    let Ok(value) = std::env::var("GEORELAY_MASTER_KEY") else {
+    let Some(value) = env("GEORELAY_MASTER_KEY")? else {
         bail!("GEORELAY_MASTER_KEY is not set (base64 of 32 random bytes, e.g. from `head -c 32 /dev/urandom | base64`)");
     };
     Ok(MasterKey::from_base64(&value)?)
+}
+
+/// An environment variable: `None` when it is not set; an error naming it
+/// when it is set to something that is not UTF-8 (not "not set").
+pub fn env(name: &str) -> anyhow::Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{name} is set but is not valid UTF-8"),
+    }
 }
