@@ -234,6 +234,14 @@ async fn every_contract_error_and_a_valid_record_queued_sealed() {
     )
     .await;
     assert_error(&got, 400, "invalid_device_id", "device id with a slash");
+    let got = post_raw(
+        &http,
+        &format!("{base}/v1/devices/plug%FF/telemetry"),
+        json_ct,
+        good.to_string(),
+    )
+    .await;
+    assert_error(&got, 400, "invalid_device_id", "device id not UTF-8");
     // Content type and size.
     let got = post_raw(&http, &url, Some("text/plain"), good.to_string()).await;
     assert_error(&got, 415, "unsupported_media_type", "text/plain");

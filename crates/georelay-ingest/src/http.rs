@@ -9,6 +9,7 @@
 //! honest.
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -128,11 +129,11 @@ struct BatchBody {
 
 async fn post_one(
     State(state): State<AppState>,
-    Path(device_id): Path<String>,
+    device_id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let device = parse_device(&device_id)?;
+    let device = parse_device(device_id)?;
     let bytes = read_json_body(&state, &headers, body, state.config.max_body).await?;
     let record: RecordBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
@@ -157,11 +158,11 @@ async fn post_one(
 
 async fn post_batch(
     State(state): State<AppState>,
-    Path(device_id): Path<String>,
+    device_id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
-    let device = parse_device(&device_id)?;
+    let device = parse_device(device_id)?;
     let bytes = read_json_body(&state, &headers, body, state.config.max_batch_body).await?;
     let batch: BatchBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
@@ -213,8 +214,16 @@ async fn post_batch(
     ))
 }
 
-fn parse_device(id: &str) -> Result<DeviceId, ApiError> {
-    DeviceId::parse(id)
+/// The device id from the path; one that does not percent-decode to UTF-8
+/// gets the same JSON error as any other bad id.
+fn parse_device(id: Result<Path<String>, PathRejection>) -> Result<DeviceId, ApiError> {
+    let Path(id) = id.map_err(|_| {
+        ApiError::bad_request(
+            ErrorCode::InvalidDeviceId,
+            "the device id in the path is not valid UTF-8",
+        )
+    })?;
+    DeviceId::parse(&id)
         .map_err(|e| ApiError::bad_request(ErrorCode::InvalidDeviceId, e.to_string()))
 }
 
