@@ -782,3 +782,38 @@ async fn two_instances_follow_one_move_and_both_acknowledge_the_new_epoch() {
         .unwrap();
     assert_eq!(instances, 1);
 }
+
+#[tokio::test]
+async fn metrics_can_be_kept_off_the_devices_port() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let ingest = stack.ingest(&["--metrics-listen", &metrics_addr]).unwrap();
+    // Not on the devices' port: the JSON 404 like any unknown route.
+    let response = reqwest::get(format!("{}/metrics", ingest.url()))
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["code"],
+        "not_found"
+    );
+    let health = reqwest::get(format!("{}/healthz", ingest.url()))
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    // On its own address, with the group's name in it.
+    let response = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("georelay_ingest_group_epoch{group=\"g\"}"),
+        "{text}"
+    );
+}

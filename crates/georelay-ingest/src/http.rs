@@ -46,22 +46,34 @@ pub struct App {
     pub accepting: Arc<AtomicBool>,
 }
 
-pub fn app(state: AppState) -> axum::Router {
+/// The devices' API with health and readiness; `/metrics` too unless it
+/// is served on a listener of its own ([`metrics_app`]).
+pub fn app(state: AppState, with_metrics: bool) -> axum::Router {
     let api = axum::Router::new()
         .route("/v1/devices/{device_id}/telemetry", post(post_one))
         .route("/v1/devices/{device_id}/telemetry/batch", post(post_batch))
         .route_layer(middleware::from_fn_with_state(state.clone(), shed_load));
-    axum::Router::new()
+    let mut app = axum::Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::NotFound })
+        .route("/readyz", get(readyz));
+    if with_metrics {
+        app = app.route("/metrics", get(metrics));
+    }
+    app.fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for `--metrics-listen`.
+pub fn metrics_app(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
 

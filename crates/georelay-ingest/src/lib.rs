@@ -192,13 +192,32 @@ pub enum IngestError {
 /// After `shutdown`: stops accepting, lets requests in flight finish (up to
 /// `shutdown_grace`), then deregisters. If they did not finish, it does not
 /// deregister: the lease lapses instead, and the worker waits out the grace.
+/// Where ingest serves: the devices' API, and `/metrics` there or on a
+/// listener of its own (metrics name namespaces and groups).
+#[derive(Debug)]
+pub struct Listeners {
+    pub api: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    /// Everything on one listener.
+    fn from(api: TcpListener) -> Self {
+        Self { api, metrics: None }
+    }
+}
+
 pub async fn run(
     config: Config,
     pool: PgPool,
     master: MasterKey,
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
+    let Listeners {
+        api: listener,
+        metrics: metrics_listener,
+    } = listeners.into();
     let master = Arc::new(master);
     let metrics = metrics::Metrics::new()?;
     let instance = Uuid::new_v4();
@@ -268,7 +287,35 @@ pub async fn run(
         accepting: accepting.clone(),
     });
     tracing::info!(%instance, addr = ?listener.local_addr().ok(), "ingest accepting");
-    server::serve(listener, http::app(state), &config, shutdown, accepting).await;
+    match metrics_listener {
+        None => {
+            server::serve(
+                listener,
+                http::app(state, true),
+                &config,
+                shutdown,
+                accepting,
+            )
+            .await
+        }
+        Some(metrics_listener) => {
+            let metrics_server = server::serve(
+                metrics_listener,
+                http::metrics_app(state.clone()),
+                &config,
+                shutdown.clone(),
+                Arc::new(AtomicBool::new(true)),
+            );
+            let api_server = server::serve(
+                listener,
+                http::app(state, false),
+                &config,
+                shutdown,
+                accepting,
+            );
+            tokio::join!(api_server, metrics_server);
+        }
+    }
 
     tasks.close();
     let finished = tokio::time::timeout(config.shutdown_grace, tasks.wait())

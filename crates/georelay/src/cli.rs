@@ -182,6 +182,10 @@ pub struct IngestArgs {
     /// Address to listen on (port 0 picks a free one; the address is printed)
     #[arg(long, env = "GEORELAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
+    /// Serve /metrics on this address instead of --listen (it names
+    /// namespaces and groups: keep it off the devices' port)
+    #[arg(long, env = "GEORELAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Bound on one publish to a broker
     #[arg(long, env = "GEORELAY_PUBLISH_DEADLINE", default_value = "2s", value_parser = duration)]
     pub publish_deadline: Duration,

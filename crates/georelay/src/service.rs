@@ -21,8 +21,19 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let master = config::master_key()?;
     let pool = config::database_with(16).await?;
     georelay_store::control::check_master_key(&pool, &master).await?;
-    let listener = bind(&args.listen).await?;
-    georelay_ingest::run(ingest, pool, master, listener, shutdown_on_signal()).await?;
+    let api = bind(&args.listen).await?;
+    let metrics = match &args.metrics_listen {
+        Some(listen) => {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} for metrics"))?;
+            println!("metrics on {}", listener.local_addr()?);
+            Some(listener)
+        }
+        None => None,
+    };
+    let listeners = georelay_ingest::Listeners { api, metrics };
+    georelay_ingest::run(ingest, pool, master, listeners, shutdown_on_signal()).await?;
     Ok(())
 }
 
