@@ -6,11 +6,12 @@
 //! so it never blocks the records behind it.
 
 use georelay_core::SealedRecord;
+use parking_lot::Mutex;
 use rand::Rng as _;
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -70,10 +71,8 @@ impl Ledger {
             );
             lines.push('\n');
         }
-        if let Ok(mut f) = self.file.lock() {
-            if let Err(e) = f.write_all(lines.as_bytes()) {
-                tracing::error!(error = %e, "cannot write the ledger");
-            }
+        if let Err(e) = self.file.lock().write_all(lines.as_bytes()) {
+            tracing::error!(error = %e, "cannot write the ledger");
         }
     }
 }

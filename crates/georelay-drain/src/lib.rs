@@ -29,8 +29,9 @@ use georelay_store::keys::Devices;
 use georelay_store::routing::load_routing;
 use georelay_store::PgPool;
 use georelay_transport::{Limits, NamespacePool, Pooled, TransportError};
+use parking_lot::RwLock;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -184,13 +185,13 @@ impl Shared {
     fn namespace_name(&self, id: i64) -> String {
         self.names
             .read()
-            .ok()
-            .and_then(|n| n.get(&id).cloned())
+            .get(&id)
+            .cloned()
             .unwrap_or_else(|| format!("#{id}"))
     }
 
     fn group_name(&self, id: i64) -> Option<String> {
-        self.groups.read().ok()?.get(&id).cloned()
+        self.groups.read().get(&id).cloned()
     }
 
     /// The connection to namespace `id`, made on first use (and anew once
@@ -236,20 +237,16 @@ impl Shared {
                 .iter()
                 .any(|n| n.id == id && n.triplet == *triplet)
         });
-        if let Ok(mut names) = self.names.write() {
-            *names = routing
-                .namespaces
-                .iter()
-                .map(|n| (n.id, n.name.clone()))
-                .collect();
-        }
-        if let Ok(mut groups) = self.groups.write() {
-            *groups = routing
-                .groups
-                .iter()
-                .map(|g| (g.id, g.name.clone()))
-                .collect();
-        }
+        *self.names.write() = routing
+            .namespaces
+            .iter()
+            .map(|n| (n.id, n.name.clone()))
+            .collect();
+        *self.groups.write() = routing
+            .groups
+            .iter()
+            .map(|g| (g.id, g.name.clone()))
+            .collect();
         Ok(routing.groups.iter().map(|g| g.id).collect())
     }
 }

@@ -11,8 +11,9 @@ use sqlx::PgPool;
 
 use crate::routing::{device_auth, DeviceAuth};
 use crate::StoreError;
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const KNOWN_TTL: Duration = Duration::from_secs(60);
@@ -43,30 +44,27 @@ impl Devices {
 
     /// The device's group, state and key; `None` if there is no such device.
     pub async fn get(&self, id: &str) -> Result<Option<Arc<DeviceAuth>>, StoreError> {
-        if let Ok(cache) = self.cache.read() {
-            match cache.get(id) {
-                Some(Entry::Known(auth, at)) if at.elapsed() < KNOWN_TTL => {
-                    return Ok(Some(auth.clone()))
-                }
-                Some(Entry::Unknown(at)) if at.elapsed() < UNKNOWN_TTL => return Ok(None),
-                _ => {}
+        match self.cache.read().get(id) {
+            Some(Entry::Known(auth, at)) if at.elapsed() < KNOWN_TTL => {
+                return Ok(Some(auth.clone()))
             }
+            Some(Entry::Unknown(at)) if at.elapsed() < UNKNOWN_TTL => return Ok(None),
+            _ => {}
         }
         let found = device_auth(&self.pool, &self.master, id)
             .await?
             .map(Arc::new);
-        if let Ok(mut cache) = self.cache.write() {
-            let now = Instant::now();
-            match &found {
-                Some(auth) => {
-                    cache.insert(id.to_owned(), Entry::Known(auth.clone(), now));
+        let mut cache = self.cache.write();
+        let now = Instant::now();
+        match &found {
+            Some(auth) => {
+                cache.insert(id.to_owned(), Entry::Known(auth.clone(), now));
+            }
+            None => {
+                if cache.len() >= MAX_UNKNOWN {
+                    cache.retain(|_, e| matches!(e, Entry::Known(..)));
                 }
-                None => {
-                    if cache.len() >= MAX_UNKNOWN {
-                        cache.retain(|_, e| matches!(e, Entry::Known(..)));
-                    }
-                    cache.insert(id.to_owned(), Entry::Unknown(now));
-                }
+                cache.insert(id.to_owned(), Entry::Unknown(now));
             }
         }
         Ok(found)
@@ -74,15 +72,11 @@ impl Devices {
 
     /// Forgets one device (it changed).
     pub fn invalidate(&self, id: &str) {
-        if let Ok(mut cache) = self.cache.write() {
-            cache.remove(id);
-        }
+        self.cache.write().remove(id);
     }
 
     /// Forgets every device (changes may have been missed).
     pub fn clear(&self) {
-        if let Ok(mut cache) = self.cache.write() {
-            cache.clear();
-        }
+        self.cache.write().clear();
     }
 }

@@ -35,10 +35,11 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
 use sha2::Sha256;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
@@ -275,11 +276,7 @@ impl ServiceBusNamespace {
     }
 
     fn queue_client(&self, queue: &str) -> Result<QueueClient, TransportError> {
-        let mut queues = self
-            .inner
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut queues = self.inner.queues.lock();
         if let Some(c) = queues.get(queue) {
             return Ok(c.clone());
         }
