@@ -12,7 +12,7 @@
 //! how long it has been blocked.
 
 use chrono::{DateTime, Utc};
-use georelay_core::{Envelope, RecordError};
+use georelay_core::{Envelope, EnvelopeError, RecordError};
 use georelay_store::control::Actor;
 use georelay_store::drain::{
     self, DeadLetter, DeadLetterReason, LeaseToken, Position, Row, Stored,
@@ -647,15 +647,18 @@ async fn read(
         .receive(&pos.queue, shared.config.batch_size, wait)
         .await
         .map_err(StepError::Broker)?;
-    let cut = batch
+    // Each envelope decoded once: for the cut and for opening.
+    let mut envelopes: Vec<_> = batch.iter().map(|d| Envelope::decode(&d.payload)).collect();
+    let cut = envelopes
         .iter()
-        .position(|d| Envelope::decode(&d.payload).is_ok_and(|e| e.epoch > pos.drain_epoch as u64))
+        .position(|e| e.as_ref().is_ok_and(|e| e.epoch > pos.drain_epoch as u64))
         .unwrap_or(batch.len());
     let later = batch.split_off(cut);
+    envelopes.truncate(cut);
     let mut rows = Vec::with_capacity(batch.len());
     let mut dead = Vec::new();
-    for d in &batch {
-        match shared.open(d).await? {
+    for (d, envelope) in batch.iter().zip(envelopes) {
+        match shared.open(d, envelope).await? {
             Ok(row) => rows.push(row),
             Err(letter) => dead.push(letter),
         }
@@ -717,7 +720,11 @@ impl Shared {
 
     /// A row, or the dead letter for a message that can never be stored.
     /// `Err` only for a database outage (not the message's fault).
-    async fn open(&self, d: &Delivery) -> Result<Result<Row, DeadLetter>, StoreError> {
+    async fn open(
+        &self,
+        d: &Delivery,
+        envelope: Result<Envelope, EnvelopeError>,
+    ) -> Result<Result<Row, DeadLetter>, StoreError> {
         let letter = |reason: DeadLetterReason,
                       detail: String,
                       device: Option<String>,
@@ -727,9 +734,9 @@ impl Shared {
             seq,
             reason,
             detail,
-            raw: d.payload.to_vec(),
+            raw: d.payload.clone(),
         };
-        let envelope = match Envelope::decode(&d.payload) {
+        let envelope = match envelope {
             Ok(e) => e,
             Err(e) => {
                 return Ok(Err(letter(
@@ -755,7 +762,7 @@ impl Shared {
                 device_id: device,
                 seq: seq.unwrap_or(i64::MAX),
                 epoch: i64::try_from(envelope.epoch).unwrap_or(i64::MAX),
-                raw: d.payload.to_vec(),
+                raw: d.payload.clone(),
                 payload,
                 received_at: DateTime::from_timestamp_micros(envelope.received_at_micros)
                     .unwrap_or_else(Utc::now),

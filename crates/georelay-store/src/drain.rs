@@ -2,6 +2,7 @@
 //! checked inside every transaction that writes), where it is on the trail,
 //! the seal barrier, storing a batch, and following the trail.
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Row as _, Transaction};
 use std::time::Duration;
@@ -178,8 +179,9 @@ pub struct Row {
     pub payload: String,
     pub received_at: DateTime<Utc>,
     /// The queue message, still sealed: kept as a dead letter if the seq
-    /// turns out to be taken by a different payload.
-    pub raw: Vec<u8>,
+    /// turns out to be taken by a different payload (the delivery's own
+    /// bytes, not a copy).
+    pub raw: Bytes,
 }
 
 /// Why a queue message can never be stored: the `dead_letters.reason`
@@ -227,7 +229,7 @@ pub struct DeadLetter {
     pub seq: Option<i64>,
     pub reason: DeadLetterReason,
     pub detail: String,
-    pub raw: Vec<u8>,
+    pub raw: Bytes,
 }
 
 /// What storing a batch did.
@@ -307,7 +309,7 @@ pub async fn store_batch(
         .bind(d.seq)
         .bind(d.reason.as_str())
         .bind(&d.detail)
-        .bind(&d.raw)
+        .bind(d.raw.as_ref())
         .execute(&mut *tx)
         .await?;
     }
@@ -393,7 +395,7 @@ async fn record_conflicts(
     let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
-    let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
+    let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_ref()).collect();
     Ok(sqlx::query(
         "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
          SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, $8,
