@@ -11,7 +11,7 @@
 //! A pooled connection also remembers which queues it has ensured, so a new
 //! connection (perhaps to a new, empty broker) ensures them again.
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -38,26 +38,18 @@ impl Pooled {
 
     /// [`Namespace::ensure_queue`], once per queue for this connection.
     pub async fn ensure_queue(&self, queue: &str) -> Result<(), TransportError> {
-        if self.is_ensured(queue) {
+        if self.ensured.lock().contains(queue) {
             return Ok(());
         }
         self.namespace.ensure_queue(queue).await?;
-        self.ensured_set().insert(queue.to_owned());
+        self.ensured.lock().insert(queue.to_owned());
         Ok(())
     }
 
     /// Forgets that `queue` exists (a region restarted on an empty store may
     /// have lost it): the next [`ensure_queue`](Self::ensure_queue) creates it.
     pub fn forget_queue(&self, queue: &str) {
-        self.ensured_set().remove(queue);
-    }
-
-    fn is_ensured(&self, queue: &str) -> bool {
-        self.ensured_set().contains(queue)
-    }
-
-    fn ensured_set(&self) -> MutexGuard<'_, HashSet<String>> {
-        self.ensured.lock()
+        self.ensured.lock().remove(queue);
     }
 }
 
@@ -76,10 +68,6 @@ impl NamespacePool {
         }
     }
 
-    fn conns(&self) -> MutexGuard<'_, HashMap<i64, Pooled>> {
-        self.conns.lock()
-    }
-
     /// The pooled connection to namespace `id` if it was made for `triplet`;
     /// otherwise a new one, which replaces it. Connecting happens outside
     /// the pool's lock, so one slow namespace does not hold up the others.
@@ -93,7 +81,7 @@ impl NamespacePool {
             triplet: Arc::new(triplet.clone()),
             ensured: Arc::new(Mutex::new(HashSet::new())),
         };
-        let mut conns = self.conns();
+        let mut conns = self.conns.lock();
         // Another caller may have connected with the same triplet meanwhile:
         // keep one connection.
         match conns.get(&id) {
@@ -114,17 +102,17 @@ impl NamespacePool {
 
     /// The pooled connection to namespace `id`, whatever it was made for.
     pub fn cached(&self, id: i64) -> Option<Pooled> {
-        self.conns().get(&id).cloned()
+        self.conns.lock().get(&id).cloned()
     }
 
     /// Every pooled connection.
     pub fn all(&self) -> Vec<Pooled> {
-        self.conns().values().cloned().collect()
+        self.conns.lock().values().cloned().collect()
     }
 
     /// Keeps only the connections for which `keep(id, triplet)` holds: the
     /// control plane's current description of each namespace.
     pub fn retain(&self, mut keep: impl FnMut(i64, &Triplet) -> bool) {
-        self.conns().retain(|id, p| keep(*id, &p.triplet));
+        self.conns.lock().retain(|id, p| keep(*id, &p.triplet));
     }
 }
