@@ -18,7 +18,8 @@ use std::sync::Arc;
 pub struct Route {
     pub epoch: i64,
     pub namespace_id: i64,
-    pub queue: String,
+    /// Shared, so taking a ticket (once per publish) copies no string.
+    pub queue: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -67,8 +68,8 @@ impl GroupFlight {
 
     fn set_queue(&self, queue: &str) {
         let mut s = self.state.lock();
-        if s.route.queue != queue {
-            s.route.queue = queue.to_owned();
+        if *s.route.queue != *queue {
+            s.route.queue = queue.into();
         }
     }
 

@@ -139,7 +139,7 @@ impl Senders {
             let route = Route {
                 epoch: g.epoch,
                 namespace_id: g.sender_namespace_id,
-                queue: g.queue.clone(),
+                queue: g.queue.as_str().into(),
             };
             let (epoch, moved) = self.flights.apply(g.id, &g.name, route);
             if moved {
