@@ -344,6 +344,143 @@ async fn poison_records_go_to_dead_letters_and_never_block_the_queue() {
     );
 }
 
+/// Poison that used to stall the group for good (each was retried forever,
+/// or given back and read again in a hot loop): every one becomes a dead
+/// letter with its reason and raw bytes, and the records behind it flow.
+#[tokio::test]
+async fn poison_that_used_to_stall_the_group_is_dead_lettered_and_the_queue_flows_on() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let good = stack.device("plug-good").await.unwrap();
+    let broken = stack.device("plug-broken").await.unwrap();
+    // Its sealed key copied from another row: it no longer opens.
+    sqlx::query("UPDATE devices SET key_sealed = (SELECT key_sealed FROM devices WHERE id = 'plug-good') WHERE id = 'plug-broken'")
+        .execute(stack.db.pool())
+        .await
+        .unwrap();
+    let ns = connect(&stack.regions[0].url()).await;
+    // An authentic record re-wrapped under an epoch the trail does not have.
+    let future = good.envelope(2, 7);
+    // ... and with a received_at PostgreSQL cannot store (5000 BC).
+    let mut ancient = good.envelope(3, 1);
+    ancient.received_at_micros = -220_000_000_000_000_000;
+    // An authentic JSON object PostgreSQL refuses: numeric holds at most
+    // 16383 digits after the point.
+    let mut tiny = good.envelope(4, 1);
+    tiny.record = good.seal_text(4, r#"{"v": 1e-20000}"#);
+    let items: Vec<(String, Bytes)> = vec![
+        ("plug-good/1".into(), good.envelope(1, 1).encode()),
+        ("plug-good/2".into(), future.encode()),
+        ("plug-good/3".into(), ancient.encode()),
+        ("nul\0id".into(), Bytes::from_static(b"\x01junk")),
+        ("plug-good/4".into(), tiny.encode()),
+        ("plug-broken/1".into(), broken.envelope(1, 1).encode()),
+        ("plug-good/5".into(), good.envelope(5, 1).encode()),
+        ("plug-good/6".into(), good.envelope(6, 1).encode()),
+    ];
+    ns.publish_batch(QUEUE, &items).await.unwrap();
+    let worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 3, Duration::from_secs(30)).await;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM telemetry ORDER BY store_order")
+        .fetch_all(stack.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(seqs, vec![1, 5, 6]);
+    type Letter = (String, Option<String>, Option<i64>, Option<String>, Vec<u8>);
+    let dead: Vec<Letter> = sqlx::query_as(
+        "SELECT reason, device_id, seq, message_id, raw FROM dead_letters ORDER BY reason, seq",
+    )
+    .fetch_all(stack.db.pool())
+    .await
+    .unwrap();
+    let reasons: Vec<(&str, Option<&str>, Option<i64>)> = dead
+        .iter()
+        .map(|(r, d, s, _, _)| (r.as_str(), d.as_deref(), *s))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("key_unopenable", Some("plug-broken"), Some(1)),
+            ("refused_by_database", Some("plug-good"), Some(4)),
+            ("undecodable", None, None),
+            ("undecodable", None, None),
+            ("wrong_epoch", Some("plug-good"), Some(2)),
+        ]
+    );
+    for (_, _, _, _, raw) in &dead {
+        assert!(
+            items
+                .iter()
+                .any(|(_, sent)| sent.as_ref() == raw.as_slice()),
+            "raw bytes kept as queued"
+        );
+    }
+    assert!(
+        dead.iter().any(|l| l.3.as_deref() == Some("nul\u{FFFD}id")),
+        "the NUL in the message id is replaced, not a reason to refuse the dead letter: {dead:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            ns.depth(QUEUE).await.unwrap() == 0
+        })
+        .await,
+        "everything acked"
+    );
+    assert_eq!(
+        metric(
+            &worker,
+            "georelay_drain_dead_letters_total{reason=\"refused_by_database\"}"
+        )
+        .await,
+        1.0
+    );
+    // The group goes on.
+    ns.publish(QUEUE, "plug-good/7", good.envelope(7, 1).encode())
+        .await
+        .unwrap();
+    wait_stored(&stack, 4, Duration::from_secs(30)).await;
+}
+
+/// Only an authentic message of an epoch the trail puts on this namespace
+/// ends the epoch being drained. Trail: 1 on A, 2 on B, 3 on A. A message
+/// on A naming epoch 2 (B's) and a forged one naming epoch 3 used to end
+/// epoch 1 early: the worker followed to B and stored A's later epoch-1
+/// records after B's.
+#[tokio::test]
+async fn a_message_of_a_later_epoch_that_does_not_belong_here_does_not_end_the_epoch() {
+    let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    stack.move_senders(1).await.unwrap();
+    stack.move_senders(0).await.unwrap();
+    assert_eq!(undrained(&stack).await, vec![1, 2, 3]);
+    let mut forged = device.envelope(99, 3);
+    forged.record.ciphertext[0] ^= 1;
+    let a = connect(&stack.regions[0].url()).await;
+    let on_a: Vec<(String, Bytes)> = vec![
+        ("plug-1/1".into(), device.envelope(1, 1).encode()),
+        ("plug-1/98".into(), device.envelope(98, 2).encode()),
+        ("plug-1/99".into(), forged.encode()),
+        ("plug-1/2".into(), device.envelope(2, 1).encode()),
+        ("plug-1/4".into(), device.envelope(4, 3).encode()),
+    ];
+    a.publish_batch(QUEUE, &on_a).await.unwrap();
+    let b = connect(&stack.regions[1].url()).await;
+    b.publish(QUEUE, "plug-1/3", device.envelope(3, 2).encode())
+        .await
+        .unwrap();
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 4, Duration::from_secs(30)).await;
+    assert_in_order(&stack, 4).await;
+    let dead: Vec<(String, i64)> =
+        sqlx::query_as("SELECT reason, seq FROM dead_letters ORDER BY seq")
+            .fetch_all(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        dead,
+        vec![("wrong_epoch".into(), 98), ("bad_tag".into(), 99)]
+    );
+}
+
 #[tokio::test]
 async fn the_seal_barrier_holds_while_an_ingest_instance_still_acknowledges_the_old_epoch() {
     let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();

@@ -38,7 +38,15 @@ pub enum EnvelopeError {
     DeviceId,
     #[error("envelope seq or epoch is out of range")]
     Range,
+    #[error("envelope received_at ({0} µs since 1970) is outside 1970..=9999")]
+    ReceivedAt(i64),
 }
+
+/// `received_at` as ingest stamps it (its clock) is after 1970 and before
+/// the year 10000; anything else was not written by ingest, and PostgreSQL
+/// could not store some of it (`timestamptz` ends in 294276, chrono and the
+/// wire format go further), which would hold up the whole batch.
+pub const RECEIVED_AT_RANGE: std::ops::RangeInclusive<i64> = 0..=253_402_300_799_999_999;
 
 /// A verified record on its way through a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +88,9 @@ impl Envelope {
         }
         if !(1..=MAX_SEQ).contains(&seq) || !(1..=MAX_SEQ).contains(&epoch) {
             return Err(EnvelopeError::Range);
+        }
+        if !RECEIVED_AT_RANGE.contains(&received_at_micros) {
+            return Err(EnvelopeError::ReceivedAt(received_at_micros));
         }
         Ok(Self {
             epoch,
@@ -197,5 +208,26 @@ mod tests {
         let mut e = envelope();
         e.record.seq = 0;
         assert_eq!(Envelope::decode(&e.encode()), Err(EnvelopeError::Range));
+    }
+
+    /// A `received_at` PostgreSQL cannot store would hold up its whole batch.
+    #[test]
+    fn received_at_outside_1970_to_9999_is_refused() {
+        let mut e = envelope();
+        for (micros, ok) in [
+            (-1, false),
+            (i64::MIN, false),
+            (0, true),
+            (253_402_300_799_999_999, true),
+            (253_402_300_800_000_000, false),
+            (i64::MAX, false),
+        ] {
+            e.received_at_micros = micros;
+            let decoded = Envelope::decode(&e.encode());
+            match ok {
+                true => assert!(decoded.is_ok(), "{micros}"),
+                false => assert_eq!(decoded, Err(EnvelopeError::ReceivedAt(micros))),
+            }
+        }
     }
 }

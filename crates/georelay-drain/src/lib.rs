@@ -10,10 +10,13 @@
 //! - **Drain, then follow**: the oldest undrained trail epoch first; an epoch
 //!   is left only when it is sealed (senders past it, every live ingest
 //!   instance acknowledging a later epoch, the grace passed) and empty.
-//! - **Poison never blocks**: undecodable, unknown-device, bad-tag and
-//!   non-object records go to `dead_letters` in the same transaction and are
-//!   acked. A database outage is not poison: nothing is acked, the worker
-//!   retries with back-off.
+//! - **Poison never blocks**: whatever a queue message carries (see
+//!   `DeadLetterReason`: undecodable, unknown device, bad tag, not an object,
+//!   an epoch that does not belong on this namespace, an unopenable device
+//!   key, a value PostgreSQL refuses) goes to `dead_letters` in the same
+//!   transaction and is acked. A database outage is not poison: nothing is
+//!   acked, the worker retries with back-off. The two are told apart by
+//!   SQLSTATE: a refusal of the values is retried row by row without them.
 //!
 //! [`run`] drains every group until `shutdown`, then finishes the batch in
 //! hand (or leaves it unacked) and releases its leases.

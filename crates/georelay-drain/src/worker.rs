@@ -1,8 +1,9 @@
 //! One group's drain loop: hold the lease, drain the oldest undrained trail
 //! epoch in queue order, follow the trail once an epoch is sealed and empty.
 //!
-//! Per batch: receive in queue order; cut the batch at the first message of
-//! a later epoch (a namespace can appear twice in a trail, A → B → A); open
+//! Per batch: receive in queue order; cut the batch at the first authentic
+//! message of a later epoch of this namespace (a namespace can appear twice
+//! in a trail, A → B → A; see [`read`]); open
 //! each envelope; store rows and dead letters in one transaction that checks
 //! the lease; commit; only then ack at the broker. A crash between commit and
 //! ack redelivers, and the `(device_id, seq)` key drops the copies.
@@ -633,10 +634,17 @@ struct Opened {
 }
 
 /// Receives up to a batch of the epoch being drained, cuts it at the first
-/// message of a later epoch (a namespace can appear twice in a trail,
-/// A → B → A) and opens what comes before. Returns the opened batch and the
-/// later messages, which the caller gives back once nothing it holds waits
-/// for an ack. Acks and nacks nothing itself, so it can run beside a store.
+/// message of a later epoch on the same namespace (a namespace can appear
+/// twice in a trail, A → B → A) and opens what comes before. Returns the
+/// opened batch and the later messages, which the caller gives back once
+/// nothing it holds waits for an ack. Acks and nacks nothing itself, so it
+/// can run beside a store.
+///
+/// Only an authentic message of an epoch the trail puts on this namespace
+/// ends the epoch; one naming an epoch the trail does not put here is a
+/// `wrong_epoch` dead letter (it would otherwise end the epoch early, or be
+/// given back and read again forever), and one that does not open is dead
+/// where it stands, like any other.
 async fn read(
     shared: &Shared,
     ns: &Namespace,
@@ -647,23 +655,65 @@ async fn read(
         .receive(&pos.queue, shared.config.batch_size, wait)
         .await
         .map_err(StepError::Broker)?;
-    // Each envelope decoded once: for the cut and for opening.
-    let mut envelopes: Vec<_> = batch.iter().map(|d| Envelope::decode(&d.payload)).collect();
-    let cut = envelopes
-        .iter()
-        .position(|e| e.as_ref().is_ok_and(|e| e.epoch > pos.drain_epoch as u64))
-        .unwrap_or(batch.len());
-    let later = batch.split_off(cut);
-    envelopes.truncate(cut);
     let mut rows = Vec::with_capacity(batch.len());
     let mut dead = Vec::new();
-    for (d, envelope) in batch.iter().zip(envelopes) {
-        match shared.open(d, envelope).await? {
-            Ok(row) => rows.push(row),
-            Err(letter) => dead.push(letter),
+    let mut homes = Vec::new();
+    let mut cut = batch.len();
+    for (i, d) in batch.iter().enumerate() {
+        // Decoded once: for the placing and for opening.
+        let envelope = Envelope::decode(&d.payload);
+        let place = match &envelope {
+            Ok(e) => shared.place(pos, e.epoch as i64, &mut homes).await?,
+            Err(_) => Place::Here,
+        };
+        match (place, shared.open(d, envelope).await?) {
+            (Place::Here, Ok(row)) => rows.push(row),
+            (Place::Later, Ok(_)) => {
+                cut = i;
+                break;
+            }
+            (Place::Wrong(detail), Ok(row)) => dead.push(letter(
+                d,
+                DeadLetterReason::WrongEpoch,
+                detail,
+                Some(row.device_id),
+                Some(row.seq),
+            )),
+            (_, Err(letter)) => dead.push(letter),
         }
     }
+    let later = batch.split_off(cut);
     Ok((Opened { batch, rows, dead }, later))
+}
+
+/// Where a message read while draining a position belongs.
+enum Place {
+    /// The epoch being drained, or an older one (a publish that landed late):
+    /// store it now.
+    Here,
+    /// A later epoch of this namespace: the epoch being drained ends here.
+    Later,
+    /// No ingest instance could have published it here: why.
+    Wrong(String),
+}
+
+/// A dead letter for delivery `d`. A message id is kept as text PostgreSQL
+/// can store (a NUL byte would refuse the dead letter itself).
+fn letter(
+    d: &Delivery,
+    reason: DeadLetterReason,
+    detail: String,
+    device: Option<String>,
+    seq: Option<i64>,
+) -> DeadLetter {
+    DeadLetter {
+        message_id: d.id.as_ref().map(|id| id.replace('\0', "\u{FFFD}")),
+        device_id: device,
+        seq,
+        reason,
+        detail,
+        raw: d.payload.clone(),
+    }
 }
 
 /// Forgets the queue's consumer: the next read starts at the oldest unacked
@@ -686,9 +736,26 @@ impl Shared {
             tracing::error!(group = %pos.group, device = %device, seq,
                 "the device reused a seq (and so a nonce) with a different payload: kept in dead_letters as seq_conflict; re-key the device");
         }
+        for d in &stored.refused {
+            m.dead_letters.with_label_values(&[d.reason.as_str()]).inc();
+            tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,
+                "PostgreSQL refused one record: kept in dead_letters as refused_by_database, the rest of its batch stored");
+        }
         for d in &opened.dead {
             m.dead_letters.with_label_values(&[d.reason.as_str()]).inc();
-            tracing::warn!(group = %pos.group, reason = d.reason.as_str(), message_id = ?d.message_id, "record dead-lettered");
+            match d.reason {
+                DeadLetterReason::KeyUnopenable => {
+                    tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,
+                    "record dead-lettered: the device's row in devices was altered or comes from another installation; restore its key_sealed from this installation's backup, or register the device again with a new key")
+                }
+                DeadLetterReason::WrongEpoch => {
+                    tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,
+                    "record dead-lettered: a message no ingest instance could have published here (someone else writes to this queue)")
+                }
+                _ => {
+                    tracing::warn!(group = %pos.group, reason = d.reason.as_str(), message_id = ?d.message_id, detail = %d.detail, "record dead-lettered")
+                }
+            }
         }
         if let Some(last) = opened.rows.last() {
             let lag = (Utc::now() - last.received_at).num_milliseconds() as f64 / 1000.0;
@@ -718,6 +785,40 @@ impl Shared {
         .await
     }
 
+    /// Where a message of `epoch` read while draining `pos` belongs.
+    /// `homes` remembers the trail look-ups of one batch.
+    async fn place(
+        &self,
+        pos: &Position,
+        epoch: i64,
+        homes: &mut Vec<(i64, Option<i64>)>,
+    ) -> Result<Place, StoreError> {
+        if epoch <= pos.drain_epoch {
+            return Ok(Place::Here);
+        }
+        let home = match homes.iter().find(|(e, _)| *e == epoch) {
+            Some(&(_, home)) => home,
+            None => {
+                let home = drain::epoch_namespace(&self.pool, pos.group_id, epoch).await?;
+                homes.push((epoch, home));
+                home
+            }
+        };
+        let here = self.namespace_name(pos.drain_namespace_id);
+        Ok(match home {
+            Some(id) if id == pos.drain_namespace_id => Place::Later,
+            Some(id) => Place::Wrong(format!(
+                "envelope names epoch {epoch}, which the trail puts on namespace {}, but it was read from {here} while draining epoch {}",
+                self.namespace_name(id),
+                pos.drain_epoch
+            )),
+            None => Place::Wrong(format!(
+                "envelope names epoch {epoch}, which the group's trail does not have; it was read from {here} while draining epoch {}",
+                pos.drain_epoch
+            )),
+        })
+    }
+
     /// A row, or the dead letter for a message that can never be stored.
     /// `Err` only for a database outage (not the message's fault).
     async fn open(
@@ -725,21 +826,11 @@ impl Shared {
         d: &Delivery,
         envelope: Result<Envelope, EnvelopeError>,
     ) -> Result<Result<Row, DeadLetter>, StoreError> {
-        let letter = |reason: DeadLetterReason,
-                      detail: String,
-                      device: Option<String>,
-                      seq: Option<i64>| DeadLetter {
-            message_id: d.id.clone(),
-            device_id: device,
-            seq,
-            reason,
-            detail,
-            raw: d.payload.clone(),
-        };
         let envelope = match envelope {
             Ok(e) => e,
             Err(e) => {
                 return Ok(Err(letter(
+                    d,
                     DeadLetterReason::Undecodable,
                     e.to_string(),
                     None,
@@ -749,13 +840,27 @@ impl Shared {
         };
         let device = envelope.device.to_string();
         let seq = i64::try_from(envelope.record.seq).ok();
-        let Some(auth) = self.keys.get(&device).await? else {
-            return Ok(Err(letter(
-                DeadLetterReason::UnknownDevice,
-                "no such device".into(),
-                Some(device),
-                seq,
-            )));
+        let auth = match self.keys.get(&device).await {
+            Ok(Some(auth)) => auth,
+            Ok(None) => {
+                return Ok(Err(letter(
+                    d,
+                    DeadLetterReason::UnknownDevice,
+                    "no such device".into(),
+                    Some(device),
+                    seq,
+                )))
+            }
+            Err(StoreError::Secret(e)) => {
+                return Ok(Err(letter(
+                    d,
+                    DeadLetterReason::KeyUnopenable,
+                    format!("the device's sealed key does not open: {e}"),
+                    Some(device),
+                    seq,
+                )))
+            }
+            Err(e) => return Err(e),
         };
         match envelope.record.open_object(&auth.key, &envelope.device) {
             Ok(payload) => Ok(Ok(Row {
@@ -768,12 +873,14 @@ impl Shared {
                     .unwrap_or_else(Utc::now),
             })),
             Err(RecordError::Authentication) => Ok(Err(letter(
+                d,
                 DeadLetterReason::BadTag,
                 "record does not authenticate".into(),
                 Some(device),
                 seq,
             ))),
             Err(e) => Ok(Err(letter(
+                d,
                 DeadLetterReason::NotJsonObject,
                 e.to_string(),
                 Some(device),

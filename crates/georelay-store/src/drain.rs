@@ -123,6 +123,23 @@ pub async fn position(pool: &PgPool, group_id: i64) -> Result<Option<Position>, 
     .await?)
 }
 
+/// The namespace the group's trail puts `epoch` on; `None` if the trail
+/// has no such epoch. Ingest publishes under an epoch only after its trail
+/// row committed, so for a message already received the answer is final.
+pub async fn epoch_namespace(
+    pool: &PgPool,
+    group_id: i64,
+    epoch: i64,
+) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT namespace_id FROM routing_trail WHERE group_id = $1 AND epoch = $2",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// The seal barrier (docs/DESIGN.md "Worker", step 3): epoch `epoch` of the group
 /// is sealed when the senders are past it, `grace` has passed since they
 /// moved on, and no ingest instance that may still be publishing (lease not
@@ -198,15 +215,26 @@ pub enum DeadLetterReason {
     NotJsonObject,
     /// The device reused a seq (and so a nonce) for a different payload.
     SeqConflict,
+    /// The envelope names an epoch the trail does not put on the namespace
+    /// it was read from: no ingest instance could have published it there.
+    WrongEpoch,
+    /// The device's sealed key does not open (tampered, or sealed under
+    /// another master key).
+    KeyUnopenable,
+    /// PostgreSQL refused this one record; the rest of its batch is stored.
+    RefusedByDatabase,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 8] = [
         Self::Undecodable,
         Self::UnknownDevice,
         Self::BadTag,
         Self::NotJsonObject,
         Self::SeqConflict,
+        Self::WrongEpoch,
+        Self::KeyUnopenable,
+        Self::RefusedByDatabase,
     ];
 
     /// The value stored in `dead_letters.reason` (and the metric label).
@@ -217,12 +245,15 @@ impl DeadLetterReason {
             Self::BadTag => "bad_tag",
             Self::NotJsonObject => "not_json_object",
             Self::SeqConflict => "seq_conflict",
+            Self::WrongEpoch => "wrong_epoch",
+            Self::KeyUnopenable => "key_unopenable",
+            Self::RefusedByDatabase => "refused_by_database",
         }
     }
 }
 
 /// A record that can never be stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     pub message_id: Option<String>,
     pub device_id: Option<String>,
@@ -237,10 +268,12 @@ pub struct DeadLetter {
 pub struct Stored {
     pub inserted: u64,
     pub duplicates: u64,
-    pub dead_letters: u64,
     /// `(device_id, seq)` of duplicates whose payload differs from the
     /// stored one (a reused seq), dead-lettered as `seq_conflict`.
     pub conflicts: Vec<(String, i64)>,
+    /// Rows PostgreSQL refused one by one, dead-lettered as
+    /// `refused_by_database` (the rest of the batch was stored).
+    pub refused: Vec<DeadLetter>,
 }
 
 /// Stores `rows` (in order: `store_order` follows it), received from
@@ -252,7 +285,31 @@ pub struct Stored {
 ///
 /// The common batch (rows, no dead letters, nothing stored before) is one
 /// statement and one round trip: the lease check and the insert together.
+///
+/// **One bad row never holds up a batch.** When PostgreSQL refuses the
+/// batch's values ([`StoreError::refused_the_data`]: a value it cannot store
+/// that got past every check before it), the batch is stored again row by
+/// row, each under a savepoint, in the same order: a row it refuses becomes
+/// a `refused_by_database` dead letter with PostgreSQL's message, and the rest
+/// is stored. Any other error (an outage) is returned: retry the batch.
 pub async fn store_batch(
+    pool: &PgPool,
+    lease: &LeaseToken,
+    lease_length: Duration,
+    namespace_id: i64,
+    epoch: i64,
+    rows: &[Row],
+    dead: &[DeadLetter],
+) -> Result<Option<Stored>, StoreError> {
+    match store_together(pool, lease, lease_length, namespace_id, epoch, rows, dead).await {
+        Err(e) if e.refused_the_data() => {
+            store_one_by_one(pool, lease, lease_length, namespace_id, epoch, rows, dead).await
+        }
+        other => other,
+    }
+}
+
+async fn store_together(
     pool: &PgPool,
     lease: &LeaseToken,
     lease_length: Duration,
@@ -278,7 +335,12 @@ pub async fn store_batch(
             conflicts = record_conflicts(&mut tx, lease, namespace_id, epoch, rows).await?;
             tx.commit().await?;
         }
-        return Ok(Some(Stored::new(rows, inserted, conflicts, 0)));
+        return Ok(Some(Stored::new(
+            rows.len(),
+            inserted,
+            conflicts,
+            Vec::new(),
+        )));
     }
     let mut tx = pool.begin().await?;
     let inserted = if rows.is_empty() {
@@ -296,6 +358,78 @@ pub async fn store_batch(
     if inserted < rows.len() as u64 {
         conflicts = record_conflicts(&mut tx, lease, namespace_id, epoch, rows).await?;
     }
+    insert_dead_letters(&mut tx, lease, namespace_id, epoch, dead).await?;
+    tx.commit().await?;
+    Ok(Some(Stored::new(
+        rows.len(),
+        inserted,
+        conflicts,
+        Vec::new(),
+    )))
+}
+
+/// [`store_batch`] for a batch PostgreSQL refused: one savepoint per row.
+async fn store_one_by_one(
+    pool: &PgPool,
+    lease: &LeaseToken,
+    lease_length: Duration,
+    namespace_id: i64,
+    epoch: i64,
+    rows: &[Row],
+    dead: &[DeadLetter],
+) -> Result<Option<Stored>, StoreError> {
+    let mut tx = pool.begin().await?;
+    if !check_lease(&mut tx, lease, lease_length).await? {
+        return Ok(None);
+    }
+    let mut inserted = 0;
+    let mut taken = Vec::with_capacity(rows.len());
+    let mut refused = Vec::new();
+    for row in rows {
+        sqlx::query("SAVEPOINT one_row").execute(&mut *tx).await?;
+        let one = std::slice::from_ref(row);
+        match insert_rows(&mut *tx, lease, lease_length, namespace_id, one).await {
+            Ok(Some(n)) => {
+                inserted += n;
+                taken.push(row.clone());
+                sqlx::query("RELEASE SAVEPOINT one_row")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok(None) => return Ok(None),
+            Err(e) if e.refused_the_data() => {
+                sqlx::query("ROLLBACK TO SAVEPOINT one_row")
+                    .execute(&mut *tx)
+                    .await?;
+                refused.push(DeadLetter {
+                    message_id: None,
+                    device_id: Some(row.device_id.clone()),
+                    seq: Some(row.seq),
+                    reason: DeadLetterReason::RefusedByDatabase,
+                    detail: format!("PostgreSQL refused the record: {e}"),
+                    raw: row.raw.clone(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut conflicts = Vec::new();
+    if inserted < taken.len() as u64 {
+        conflicts = record_conflicts(&mut tx, lease, namespace_id, epoch, &taken).await?;
+    }
+    insert_dead_letters(&mut tx, lease, namespace_id, epoch, dead).await?;
+    insert_dead_letters(&mut tx, lease, namespace_id, epoch, &refused).await?;
+    tx.commit().await?;
+    Ok(Some(Stored::new(rows.len(), inserted, conflicts, refused)))
+}
+
+async fn insert_dead_letters(
+    tx: &mut Transaction<'_, Postgres>,
+    lease: &LeaseToken,
+    namespace_id: i64,
+    epoch: i64,
+    dead: &[DeadLetter],
+) -> Result<(), StoreError> {
     for d in dead {
         sqlx::query(
             "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
@@ -310,25 +444,25 @@ pub async fn store_batch(
         .bind(d.reason.as_str())
         .bind(&d.detail)
         .bind(d.raw.as_ref())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
-    tx.commit().await?;
-    Ok(Some(Stored::new(
-        rows,
-        inserted,
-        conflicts,
-        dead.len() as u64,
-    )))
+    Ok(())
 }
 
 impl Stored {
-    fn new(rows: &[Row], inserted: u64, conflicts: Vec<(String, i64)>, dead_letters: u64) -> Self {
+    fn new(
+        rows: usize,
+        inserted: u64,
+        conflicts: Vec<(String, i64)>,
+        refused: Vec<DeadLetter>,
+    ) -> Self {
+        let not_duplicates = inserted + conflicts.len() as u64 + refused.len() as u64;
         Self {
             inserted,
-            duplicates: (rows.len() as u64).saturating_sub(inserted + conflicts.len() as u64),
-            dead_letters,
+            duplicates: (rows as u64).saturating_sub(not_duplicates),
             conflicts,
+            refused,
         }
     }
 }

@@ -85,6 +85,21 @@ impl StoreError {
         }
     }
 
+    /// Whether the database refused the values of the statement (a data
+    /// exception, a constraint, a program limit: SQLSTATE classes 22, 23 and
+    /// 54) rather than failed to run it: the same values will be refused
+    /// again, so retrying cannot help, and without them it can succeed.
+    pub fn refused_the_data(&self) -> bool {
+        let (Self::Refused { source, .. } | Self::Database(source)) = self else {
+            return false;
+        };
+        let sqlx::Error::Database(db) = source else {
+            return false;
+        };
+        db.code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54"))
+    }
+
     /// Classifies a database error; `what` and `name` say what a unique
     /// violation collided with.
     pub(crate) fn from_sqlx(e: sqlx::Error, what: &'static str, name: &str) -> Self {
