@@ -114,3 +114,58 @@ async fn planned_failover_and_failback_by_raw_sql_under_load_drain_in_order() {
         ]
     );
 }
+
+/// A device that re-sends a seq with other content within the broker's
+/// duplicate window (it lost its state, or was cloned) gets a 202: the
+/// record must reach `dead_letters` as a `seq_conflict`, not vanish at the
+/// broker (whose duplicate id used to be `"{device}/{seq}"` alone). The
+/// identical re-send is still stored once.
+#[tokio::test]
+async fn a_reused_seq_sent_through_ingest_is_reported_not_dropped_by_the_broker() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let ingest = stack.ingest(INGEST_TEST_ARGS).unwrap();
+    let _drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let http = reqwest::Client::new();
+    let other = device
+        .seal(1, &serde_json::json!({"other": true}))
+        .to_body();
+    let bodies = [
+        device.body(1),
+        device.body(1),
+        serde_json::json!({"seq": 1, "nonce": other.nonce, "ciphertext": other.ciphertext}),
+        device.body(2),
+    ];
+    for body in bodies {
+        let response = http
+            .post(device.url(&ingest.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let pool = stack.db.pool();
+    let counts = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT (SELECT count(*) FROM telemetry), (SELECT count(*) FROM dead_letters)",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let done = wait_until(Duration::from_secs(30), || async {
+        counts().await == (2, 1)
+    })
+    .await;
+    assert!(
+        done,
+        "(stored, dead letters) = {:?}, want (2, 1)",
+        counts().await
+    );
+    let (reason, seq): (String, i64) = sqlx::query_as("SELECT reason, seq FROM dead_letters")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!((reason.as_str(), seq), ("seq_conflict", 1));
+}

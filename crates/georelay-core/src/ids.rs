@@ -1,7 +1,7 @@
 //! Identifiers that cross process boundaries.
 //!
 //! A device id appears in URLs, in the AAD `"{device_id}/{seq}"` and in broker
-//! message ids `"{device_id}/{seq}"`, so it must never contain `/`, white space
+//! message ids `"{device_id}/{seq}/{digest}"`, so it must never contain `/`, white space
 //! or anything a URL would escape. The same rule is a CHECK constraint on
 //! `devices.id` (migrations/0001_control_plane.sql).
 
@@ -46,8 +46,9 @@ impl DeviceId {
         &self.0
     }
 
-    /// The record id `"{device_id}/{seq}"`: the AAD of the record's sealing and
-    /// the broker-side duplicate-detection id.
+    /// The record id `"{device_id}/{seq}"`: the AAD of the record's sealing
+    /// (the broker's id adds a digest of the content:
+    /// [`crate::SealedRecord::message_id`]).
     pub fn record_id(&self, seq: u64) -> String {
         format!("{}/{}", self.0, seq)
     }

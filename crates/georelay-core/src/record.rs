@@ -111,7 +111,34 @@ pub struct SealedRecord {
     pub ciphertext: Vec<u8>,
 }
 
+/// Hex digits of content digest in a [`SealedRecord::message_id`] (128 bits).
+const MESSAGE_ID_DIGEST_HEX: usize = 32;
+
 impl SealedRecord {
+    /// The broker's duplicate-detection id, `"{device}/{seq}/{digest}"`: the
+    /// digest (128 bits of SHA-256 over nonce and ciphertext, in hex) covers
+    /// the content. A re-send of the identical record has the same id and is
+    /// dropped by the broker; a *different* record under a reused seq has
+    /// another, so it reaches the worker, which keeps it as a `seq_conflict`
+    /// (with an id of `"{device}/{seq}"` the broker dropped it and the device
+    /// had a 202 for a record that vanished). Nobody who can write to a queue
+    /// can take a future record's id without knowing its ciphertext.
+    pub fn message_id(&self, device: &DeviceId) -> String {
+        use sha2::{Digest, Sha256};
+        use std::fmt::Write as _;
+        let digest = Sha256::new()
+            .chain_update(self.nonce)
+            .chain_update(&self.ciphertext)
+            .finalize();
+        let mut id = String::with_capacity(device.as_str().len() + 22 + MESSAGE_ID_DIGEST_HEX);
+        // Writing to a String cannot fail.
+        let _ = write!(id, "{device}/{}/", self.seq);
+        for byte in &digest[..MESSAGE_ID_DIGEST_HEX / 2] {
+            let _ = write!(id, "{byte:02x}");
+        }
+        id
+    }
+
     /// Decodes and checks the shape of a wire record: seq range, base64,
     /// nonce length, room for the tag.
     pub fn from_body(body: &RecordBody) -> Result<Self, RecordError> {
@@ -256,6 +283,24 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<serde_json::Value>(&text).unwrap()["t"],
             21.5
+        );
+    }
+
+    #[test]
+    fn the_message_id_covers_the_content() {
+        let (key, dev, rec) = sealed();
+        let id = rec.message_id(&dev);
+        assert!(id.starts_with("plug-1/7/"), "{id}");
+        assert_eq!(id.len(), "plug-1/7/".len() + MESSAGE_ID_DIGEST_HEX);
+        assert_eq!(rec.clone().message_id(&dev), id, "same record, same id");
+        let other = SealedRecord::seal(&key, &dev, 7, [9; NONCE_LEN], br#"{"t":22}"#).unwrap();
+        assert_ne!(other.message_id(&dev), id, "same seq, other content");
+        let mut renonced = rec.clone();
+        renonced.nonce[0] ^= 1;
+        assert_ne!(
+            renonced.message_id(&dev),
+            id,
+            "same ciphertext, other nonce"
         );
     }
 

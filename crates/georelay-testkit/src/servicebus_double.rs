@@ -8,7 +8,8 @@
 //!   be a prefix of the requested `https://NAME.servicebus.windows.net/…` URL.
 //!   Refusals are 401 and counted ([`ServiceBusDouble::auth_failures`]).
 //! - Queues keep messages in sequence order; duplicate detection by
-//!   `MessageId` when the queue was created with it; peek-lock hands out the
+//!   `MessageId` when the queue was created with it (at most 128 characters,
+//!   else 400); peek-lock hands out the
 //!   oldest unlocked message, locks expire after the queue's `LockDuration`.
 //! - Sequence numbers are those of a partitioned entity: `SequenceNumber` and
 //!   `EnqueuedSequenceNumber` do not fit in an `i32`.
@@ -326,6 +327,14 @@ fn send(state: &Shared, queue: &str, headers: &HeaderMap, body: Bytes) -> Respon
                 .and_then(|m| m.as_str())
                 .map(str::to_owned)
         });
+    // The service's limit on a MessageId.
+    if id.as_ref().is_some_and(|id| id.chars().count() > 128) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "The value supplied for MessageId exceeds the max length of 128.",
+        )
+            .into_response();
+    }
     let sent = with_queue(state, queue, |q| {
         let now = Instant::now();
         if let (true, Some(id)) = (q.duplicate_detection, &id) {

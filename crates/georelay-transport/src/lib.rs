@@ -7,7 +7,8 @@
 //! - [`Namespace::ensure_queue`] creates a queue if it is missing (senders do
 //!   it in a region they fail over to). Idempotent.
 //! - [`Namespace::publish`] returns `Ok` once the broker has the message
-//!   durably. `id` (`"{device_id}/{seq}"`) is the broker's duplicate-detection
+//!   durably. `id` (`"{device_id}/{seq}/{digest}"`, see
+//!   `SealedRecord::message_id`) is the broker's duplicate-detection
 //!   id, so a re-publish of the same record is stored once. **The whole call is
 //!   bounded by the publish deadline**, including the client's own buffering: a
 //!   hung server yields [`ErrorKind::Timeout`], never a hang. A timed-out
@@ -119,7 +120,9 @@ impl Default for Limits {
 /// [`Namespace`] it came from.
 #[derive(Debug)]
 pub struct Delivery {
-    /// The publisher's id (`"{device_id}/{seq}"`), if the message had one.
+    /// The publisher's id (`"{device_id}/{seq}/{digest}"`), if the message
+    /// had one: anyone who can write to the queue chooses it, so nothing
+    /// but diagnostics may rely on it.
     pub id: Option<String>,
     pub payload: Bytes,
     handle: Handle,

@@ -8,7 +8,7 @@
 //!   nor connection reuse), at most `max_in_flight` requests at once per
 //!   namespace, and every call bounded again by our own deadline.
 //! - Bodies are text: the binary payload travels base64-encoded.
-//!   `MessageId = "{device_id}/{seq}"`; queues are created with duplicate
+//!   `MessageId` = the record's message id (its digest when longer than 128); queues are created with duplicate
 //!   detection (two-minute window).
 //! - Peek-lock receive, complete (`ack`) after the database commit, unlock
 //!   (`nack`) to give back in order.
@@ -177,7 +177,7 @@ impl ServiceBusNamespace {
         let options = SendMessageOptions {
             content_type: Some("text/plain".to_owned()),
             broker_properties: Some(SettableBrokerProperties {
-                message_id: Some(id.to_owned()),
+                message_id: Some(message_id(id)),
                 ..Default::default()
             }),
             custom_properties: None,
@@ -531,6 +531,27 @@ fn keep_broker_properties(response: Response) -> Response {
     Response::new(status, headers, Box::pin(body))
 }
 
+/// Service Bus refuses a `MessageId` longer than this (400).
+pub const MAX_MESSAGE_ID: usize = 128;
+
+/// `id` as a Service Bus `MessageId`: itself when it fits, else `sha256:`
+/// and the hex SHA-256 of it (71 characters), which deduplicates exactly as
+/// the id would. georelay's ids are `"{device}/{seq}/{digest}"`, up to 182
+/// characters for a 128-character device id.
+fn message_id(id: &str) -> String {
+    use sha2::Digest as _;
+    use std::fmt::Write as _;
+    if id.len() <= MAX_MESSAGE_ID {
+        return id.to_owned();
+    }
+    let mut out = String::from("sha256:");
+    for byte in Sha256::digest(id.as_bytes()) {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,5 +574,19 @@ mod tests {
         );
         // a non-local http endpoint is not a name either
         assert_eq!(namespace_name("http://10.0.0.8:4545/sb-eu"), None);
+    }
+
+    #[test]
+    fn message_ids_longer_than_the_service_takes_become_their_digest() {
+        let short = "x".repeat(MAX_MESSAGE_ID);
+        assert_eq!(message_id(&short), short);
+        let long = "x".repeat(MAX_MESSAGE_ID + 1);
+        let mapped = message_id(&long);
+        assert!(
+            mapped.starts_with("sha256:") && mapped.len() == 71,
+            "{mapped}"
+        );
+        assert_eq!(message_id(&long), mapped);
+        assert_ne!(message_id(&"y".repeat(MAX_MESSAGE_ID + 1)), mapped);
     }
 }

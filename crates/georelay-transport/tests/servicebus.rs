@@ -137,3 +137,29 @@ async fn real_namespace_round_trip() {
     let extra = ns.receive(queue, 1, Duration::from_secs(2)).await.unwrap();
     assert!(extra.is_empty(), "the duplicate publish was suppressed");
 }
+
+/// georelay's message ids run to 182 characters (a 128-character device id,
+/// a seq and a content digest); the service takes 128. A longer id is sent
+/// as its digest: accepted, and still deduplicated.
+#[tokio::test]
+async fn ids_longer_than_the_service_takes_are_accepted_and_deduplicated() {
+    let double = ServiceBusDouble::start("georelay-longid", POLICY, KEY).unwrap();
+    let mut config = ServiceBusConfig::new(&double.endpoint(), POLICY, KEY.to_owned().into());
+    config.rewrite_to = Some(double.base_url().unwrap());
+    let ns = Namespace::ServiceBus(ServiceBusNamespace::new(config, Limits::default()).unwrap());
+    ns.ensure_queue("q").await.unwrap();
+    let long = format!("{}/1/{}", "d".repeat(128), "f".repeat(32));
+    for _ in 0..2 {
+        ns.publish("q", &long, Bytes::from_static(b"reading"))
+            .await
+            .unwrap();
+    }
+    ns.publish(
+        "q",
+        &format!("{}/2/{}", "d".repeat(128), "f".repeat(32)),
+        Bytes::from_static(b"next"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ns.depth("q").await.unwrap(), 2, "the re-send was dropped");
+}

@@ -198,7 +198,7 @@ impl Senders {
                 .iter()
                 .map(|r| {
                     let envelope = envelope::encode(epoch, received_at_micros, device, r);
-                    (device.record_id(r.seq), envelope)
+                    (r.message_id(device), envelope)
                 })
                 .collect();
             match self.publish(&entry, &ticket.route.queue, &items).await {
