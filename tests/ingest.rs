@@ -817,3 +817,59 @@ async fn metrics_can_be_kept_off_the_devices_port() {
         "{text}"
     );
 }
+
+/// A record larger than nats-server's `max_payload` (1 MiB by default) fits
+/// in a batch body (8 MiB). Published unchecked, nats-server closed ingest's
+/// connection: the breaker took that for the region going down and the
+/// group failed over, and the device's retry did the same in the next
+/// region. Now it is 413 `record_too_large` naming the limit, nothing of its
+/// batch is queued, nothing fails over, and the next record goes through.
+#[tokio::test]
+async fn a_record_larger_than_the_broker_takes_is_413_and_fails_nothing_over() {
+    let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let ingest = stack.ingest_in_process(settings()).await.unwrap();
+    let http = http();
+    let url = device.url(&ingest.url());
+    let blob = "x".repeat(1024 * 1024 + 1);
+    let big = device
+        .seal_text(2, &json!({ "blob": blob }).to_string())
+        .to_body();
+    let batch = json!({"records": [device.body(1), {"seq": 2, "nonce": big.nonce, "ciphertext": big.ciphertext}]});
+    let refused = post_raw(
+        &http,
+        &format!("{url}/batch"),
+        Some("application/json"),
+        batch.to_string(),
+    )
+    .await;
+    assert_error(&refused, 413, "record_too_large", "record over max_payload");
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("seq 2"), "{message}");
+    let limit = (1024 * 1024 - 256).to_string();
+    assert!(message.contains(&limit), "the limit is named: {message}");
+    assert!(refused.2.is_none(), "not worth a retry: no Retry-After");
+    // The region is healthy: the next record is accepted there, under the
+    // same epoch, and nothing moved.
+    let ok = post_raw(
+        &http,
+        &url,
+        Some("application/json"),
+        device.body(3).to_string(),
+    )
+    .await;
+    assert_eq!(ok.0, 202, "{:?}", ok.1);
+    assert_eq!(
+        (ok.1["namespace"].as_str(), ok.1["epoch"].as_i64()),
+        (Some("eu-west"), Some(1))
+    );
+    let moves: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM failover_events WHERE kind = 'sender_moved'")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(moves, 0, "nothing failed over");
+    let queued = drain_queue(&stack.regions[0].url(), 2).await;
+    let seqs: Vec<u64> = queued.iter().map(|e| e.record.seq).collect();
+    assert_eq!(seqs, vec![3], "nothing of the refused batch was queued");
+}

@@ -105,6 +105,11 @@ impl Envelope {
     }
 }
 
+/// The length of the envelope [`encode`] makes for `record` from `device`.
+pub fn encoded_len(device: &DeviceId, record: &SealedRecord) -> usize {
+    FIXED_LEN - TAG_LEN + device.as_str().len() + record.ciphertext.len()
+}
+
 /// The envelope of `record` from `device` under `epoch`, encoded without
 /// first copying the record into an [`Envelope`] (ingest's publish path).
 pub fn encode(
@@ -114,7 +119,7 @@ pub fn encode(
     record: &SealedRecord,
 ) -> Bytes {
     let id = device.as_str().as_bytes();
-    let mut out = BytesMut::with_capacity(FIXED_LEN - TAG_LEN + id.len() + record.ciphertext.len());
+    let mut out = BytesMut::with_capacity(encoded_len(device, record));
     out.put_u8(FORMAT_V1);
     out.put_u64(epoch);
     out.put_i64(received_at_micros);
@@ -175,6 +180,7 @@ mod tests {
     fn round_trip() {
         let e = envelope();
         assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+        assert_eq!(encoded_len(&e.device, &e.record), e.encode().len());
     }
 
     #[test]

@@ -144,6 +144,7 @@ impl Config {
             limits: Limits {
                 publish_deadline: s.ingest_publish_deadline.min(s.lease / 2),
                 request_deadline: (s.lease / 2).min(defaults.request_deadline),
+                ..Limits::default()
             },
             poll_interval: Duration::from_secs(2),
         })

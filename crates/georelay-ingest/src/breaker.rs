@@ -99,8 +99,9 @@ impl Breaker {
                     self.sample(true, now)
                 }
             }
-            // The broker refused this request: not the namespace's health.
-            ErrorKind::Rejected => None,
+            // The broker refused this request, or it was too large to send:
+            // the sender's fault, not the namespace's health.
+            ErrorKind::Rejected | ErrorKind::TooLarge => None,
         }
     }
 

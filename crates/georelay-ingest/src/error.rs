@@ -25,6 +25,7 @@ pub enum ErrorCode {
     Unauthorized,
     BodyTimeout,
     TooLarge,
+    RecordTooLarge,
     UnsupportedMediaType,
     NotFound,
     MethodNotAllowed,
@@ -42,7 +43,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         Self::MalformedJson,
         Self::InvalidRecord,
         Self::NotJsonObject,
@@ -53,6 +54,7 @@ impl ErrorCode {
         Self::Unauthorized,
         Self::BodyTimeout,
         Self::TooLarge,
+        Self::RecordTooLarge,
         Self::UnsupportedMediaType,
         Self::NotFound,
         Self::MethodNotAllowed,
@@ -81,6 +83,7 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::BodyTimeout => "body_timeout",
             Self::TooLarge => "too_large",
+            Self::RecordTooLarge => "record_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -110,6 +113,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// A record the regions cannot carry: set it aside, do not retry it.
+    #[error("{0}")]
+    RecordTooLarge(RouteError),
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
     #[error("the request body did not arrive within {0:?}")]
@@ -161,7 +167,7 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooLarge { .. } | Self::RecordTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -175,6 +181,7 @@ impl ApiError {
             Self::BadRequest { code, .. } | Self::Unavailable { code, .. } => *code,
             Self::Unauthorized => ErrorCode::Unauthorized,
             Self::TooLarge { .. } => ErrorCode::TooLarge,
+            Self::RecordTooLarge(_) => ErrorCode::RecordTooLarge,
             Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             Self::BodyTimeout(_) => ErrorCode::BodyTimeout,
             Self::NotFound => ErrorCode::NotFound,
@@ -183,11 +190,13 @@ impl ApiError {
     }
 }
 
-/// Routing's errors at the HTTP edge: all 503 with a Retry-After.
+/// Routing's errors at the HTTP edge: a record too large for the regions
+/// is 413; the rest are 503 with a Retry-After.
 impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
         let second = Duration::from_secs(1);
         let (code, retry_after) = match &e {
+            RouteError::RecordTooLarge { .. } => return Self::RecordTooLarge(e),
             RouteError::Fenced => (ErrorCode::Fenced, second),
             RouteError::UnknownGroup => (ErrorCode::UnknownGroup, second),
             RouteError::UnknownNamespace => (ErrorCode::UnknownNamespace, second),

@@ -66,6 +66,8 @@ pub struct Settings {
     /// Routing is reloaded on NOTIFY, and at least this often.
     pub poll_interval: Duration,
     pub max_concurrent_requests: usize,
+    /// The largest message the Service Bus namespaces take, in bytes.
+    pub servicebus_max_message: usize,
 }
 
 impl Default for Settings {
@@ -78,6 +80,7 @@ impl Default for Settings {
             lease: Duration::from_secs(5),
             poll_interval: Duration::from_secs(2),
             max_concurrent_requests: 2048,
+            servicebus_max_message: georelay_transport::SERVICEBUS_STANDARD_MAX_MESSAGE,
         }
     }
 }
@@ -91,6 +94,7 @@ pub struct Config {
     pub(crate) publish_deadline: Duration,
     /// Bound on broker management calls and probes.
     pub(crate) broker_request_deadline: Duration,
+    pub(crate) servicebus_max_message: usize,
     /// Bound on a whole records request, failovers included: longer than
     /// the publish deadline, so a publish can finish within it.
     pub(crate) request_deadline: Duration,
@@ -142,9 +146,17 @@ impl Config {
             1,
             1_000_000,
         )?;
+        // Service Bus standard takes 256 KiB, premium up to 100 MiB.
+        check_range(
+            "servicebus-max-message",
+            s.servicebus_max_message,
+            64 * 1024,
+            100 * 1024 * 1024,
+        )?;
         Ok(Self {
             publish_deadline: s.publish_deadline,
             broker_request_deadline: Duration::from_secs(5),
+            servicebus_max_message: s.servicebus_max_message,
             request_deadline: s.request_deadline,
             breaker: BreakerConfig {
                 slow: s.breaker_slow,
@@ -226,6 +238,7 @@ pub async fn run(
             limits: Limits {
                 publish_deadline: config.publish_deadline,
                 request_deadline: config.broker_request_deadline,
+                servicebus_max_message: config.servicebus_max_message,
             },
             breaker: config.breaker.clone(),
             cooldown: config.failover_cooldown,

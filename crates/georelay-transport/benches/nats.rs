@@ -179,7 +179,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let region = NatsRegion::start("bench").unwrap();
-        let limits = Limits { publish_deadline: Duration::from_secs(10), request_deadline: Duration::from_secs(10) };
+        let limits = Limits { publish_deadline: Duration::from_secs(10), request_deadline: Duration::from_secs(10), ..Limits::default() };
         let nats = NatsNamespace::connect(&region.url(), limits).await.unwrap();
         while !nats.is_connected() {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -54,6 +54,9 @@ pub enum ErrorKind {
     Rejected,
     /// The broker refused our credentials.
     Auth,
+    /// The message is larger than the namespace carries; refused before it
+    /// was sent. The sender's fault, never the namespace's health.
+    TooLarge,
 }
 
 impl fmt::Display for ErrorKind {
@@ -63,6 +66,7 @@ impl fmt::Display for ErrorKind {
             Self::Unreachable => "unreachable",
             Self::Rejected => "rejected",
             Self::Auth => "auth",
+            Self::TooLarge => "too large",
         })
     }
 }
@@ -72,6 +76,8 @@ impl fmt::Display for ErrorKind {
 pub struct TransportError {
     kind: ErrorKind,
     message: String,
+    /// For [`ErrorKind::TooLarge`]: the largest payload the namespace takes.
+    limit: Option<usize>,
 }
 
 impl TransportError {
@@ -79,11 +85,26 @@ impl TransportError {
         Self {
             kind,
             message: message.into(),
+            limit: None,
+        }
+    }
+
+    /// A payload of `size` bytes where the namespace takes at most `limit`.
+    pub fn too_large(size: usize, limit: usize) -> Self {
+        Self {
+            kind: ErrorKind::TooLarge,
+            message: format!("a message of {size} bytes is over the namespace's limit of {limit}"),
+            limit: Some(limit),
         }
     }
 
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// For [`ErrorKind::TooLarge`]: the largest payload the namespace takes.
+    pub fn limit(&self) -> Option<usize> {
+        self.limit
     }
 
     pub(crate) fn timeout(what: &str, after: Duration) -> Self {
@@ -105,13 +126,20 @@ pub struct Limits {
     /// Bound on management calls (ensure queue, depth, probe, ack flush) and
     /// on the connect attempt.
     pub request_deadline: Duration,
+    /// The largest message a Service Bus namespace takes, in bytes: 256 KiB
+    /// on the standard tier, up to 100 MiB on premium. (NATS says its own.)
+    pub servicebus_max_message: usize,
 }
+
+/// Service Bus standard tier's largest message.
+pub const SERVICEBUS_STANDARD_MAX_MESSAGE: usize = 256 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             publish_deadline: Duration::from_secs(2),
             request_deadline: Duration::from_secs(5),
+            servicebus_max_message: SERVICEBUS_STANDARD_MAX_MESSAGE,
         }
     }
 }
@@ -208,6 +236,18 @@ impl Namespace {
         }
     }
 
+    /// The largest payload one message can carry here, with georelay's
+    /// message id; `None` while not known (NATS says it when connected).
+    /// A larger payload is refused as [`ErrorKind::TooLarge`] before it is
+    /// sent: nats-server would answer it by closing the connection, which
+    /// every sender on it would take for the region going down.
+    pub fn max_payload(&self) -> Option<usize> {
+        match self {
+            Self::Nats(n) => n.max_payload(),
+            Self::ServiceBus(s) => Some(s.max_payload()),
+        }
+    }
+
     /// Publishes `payload` under duplicate-detection `id`; `Ok` means durably
     /// queued. Bounded by [`Limits::publish_deadline`] as a whole.
     pub async fn publish(
@@ -228,7 +268,9 @@ impl Namespace {
     /// may or may not have landed, but never ahead of `items[i]` on NATS,
     /// whose publishes share one ordered connection). NATS pipelines the
     /// batch under one publish deadline; Service Bus sends one by one, each
-    /// under its own.
+    /// under its own. An item over [`max_payload`](Self::max_payload) is
+    /// found before anything is sent: `Err((i, TooLarge))` and nothing of
+    /// the batch is queued.
     pub async fn publish_batch(
         &self,
         queue: &str,
@@ -237,6 +279,7 @@ impl Namespace {
         match self {
             Self::Nats(n) => n.publish_batch(queue, items).await,
             Self::ServiceBus(s) => {
+                check_sizes(items, Some(s.max_payload()))?;
                 for (i, (id, payload)) in items.iter().enumerate() {
                     s.publish(queue, id, payload.clone())
                         .await
@@ -294,5 +337,20 @@ impl Namespace {
             Self::Nats(n) => n.probe().await,
             Self::ServiceBus(s) => s.probe().await,
         }
+    }
+}
+
+/// The first item over `limit`, as the error [`Namespace::publish_batch`]
+/// returns for it.
+pub(crate) fn check_sizes(
+    items: &[(String, Bytes)],
+    limit: Option<usize>,
+) -> Result<(), (usize, TransportError)> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    match items.iter().position(|(_, p)| p.len() > limit) {
+        Some(i) => Err((i, TransportError::too_large(items[i].1.len(), limit))),
+        None => Ok(()),
     }
 }

@@ -49,6 +49,10 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// redeliver it to the same consumer. The worker commits a batch well within it.
 const ACK_WAIT: Duration = Duration::from_secs(60);
 
+/// Room kept in `max_payload` for the headers: `NATS/1.0`, `Nats-Msg-Id`
+/// and an id of up to 182 characters take 209 bytes.
+const HEADER_ROOM: usize = 256;
+
 /// The subject a queue's stream listens on.
 pub fn subject(queue: &str) -> String {
     format!("georelay.{queue}")
@@ -150,6 +154,14 @@ impl NatsNamespace {
             .map_err(|e| self.classify("create stream", e))
     }
 
+    /// The server's `max_payload` (from its INFO; headers count against it)
+    /// less room for the message id header; `None` before the first
+    /// connection.
+    pub fn max_payload(&self) -> Option<usize> {
+        let max = self.inner.client.server_info().max_payload;
+        (max > 0).then(|| max.saturating_sub(HEADER_ROOM))
+    }
+
     pub async fn publish(
         &self,
         queue: &str,
@@ -157,6 +169,11 @@ impl NatsNamespace {
         payload: Bytes,
     ) -> Result<(), TransportError> {
         self.connected()?;
+        if let Some(limit) = self.max_payload() {
+            if payload.len() > limit {
+                return Err(TransportError::too_large(payload.len(), limit));
+            }
+        }
         let deadline = self.inner.limits.publish_deadline;
         let publish = async {
             let ack = self
@@ -184,6 +201,7 @@ impl NatsNamespace {
         items: &[(String, Bytes)],
     ) -> Result<(), (usize, TransportError)> {
         self.connected().map_err(|e| (0, e))?;
+        crate::check_sizes(items, self.max_payload())?;
         let deadline = self.inner.limits.publish_deadline;
         let until = tokio::time::Instant::now() + deadline;
         let subject = subject(queue);

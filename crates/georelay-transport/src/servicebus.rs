@@ -167,12 +167,27 @@ impl ServiceBusNamespace {
         }
     }
 
+    /// The largest envelope a message carries: the body is base64 (4 bytes
+    /// for 3) and the service counts its properties too.
+    pub fn max_payload(&self) -> usize {
+        self.inner
+            .limits
+            .servicebus_max_message
+            .saturating_sub(PROPERTIES_ROOM)
+            / 4
+            * 3
+    }
+
     pub async fn publish(
         &self,
         queue: &str,
         id: &str,
         payload: Bytes,
     ) -> Result<(), TransportError> {
+        let limit = self.max_payload();
+        if payload.len() > limit {
+            return Err(TransportError::too_large(payload.len(), limit));
+        }
         let client = self.queue_client(queue)?;
         let options = SendMessageOptions {
             content_type: Some("text/plain".to_owned()),
@@ -530,6 +545,10 @@ fn keep_broker_properties(response: Response) -> Response {
     }
     Response::new(status, headers, Box::pin(body))
 }
+
+/// Room kept in a message's size for what the service counts besides the
+/// body (broker properties, content type).
+const PROPERTIES_ROOM: usize = 2048;
 
 /// Service Bus refuses a `MessageId` longer than this (400).
 pub const MAX_MESSAGE_ID: usize = 128;

@@ -18,6 +18,7 @@ fn limits() -> Limits {
     Limits {
         publish_deadline: PUBLISH_DEADLINE,
         request_deadline: REQUEST_DEADLINE,
+        ..Limits::default()
     }
 }
 
@@ -385,6 +386,35 @@ async fn publish_to_a_frozen_server_returns_within_the_deadline_and_recovers<F: 
     );
 }
 
+/// A message over the namespace's limit is refused before it is sent, as
+/// the sender's fault; the connection stays up for everyone else. (Sent to
+/// nats-server, it closed the connection: every sender on it saw the region
+/// as down.)
+async fn a_message_over_the_limit_is_refused_and_the_connection_stays<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    let limit = ns.max_payload().expect("the limit is known once connected");
+    let big = Bytes::from(vec![7u8; limit + 1]);
+    let err = ns.publish(Q, &id(1), big.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+    assert_eq!(err.limit(), Some(limit));
+    let items = vec![(id(2), body(2)), (id(3), big)];
+    let (at, err) = ns.publish_batch(Q, &items).await.unwrap_err();
+    assert_eq!((at, err.kind()), (1, ErrorKind::TooLarge));
+    assert_eq!(
+        ns.depth(Q).await.unwrap(),
+        0,
+        "nothing of that batch is sent"
+    );
+    // At the limit it goes through, on the same connection, at once.
+    ns.publish(Q, &id(4), Bytes::from(vec![7u8; limit]))
+        .await
+        .unwrap();
+    ns.publish(Q, &id(5), body(5)).await.unwrap();
+    assert_eq!(ns.depth(Q).await.unwrap(), 2);
+}
+
 async fn queue_is_created_on_demand<F: Fixture>() {
     let f = F::start().await;
     let ns = f.connect().await;
@@ -436,6 +466,10 @@ macro_rules! conformance_suite {
             #[tokio::test]
             async fn publish_to_a_frozen_server_returns_within_the_deadline_and_recovers() {
                 super::publish_to_a_frozen_server_returns_within_the_deadline_and_recovers::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn a_message_over_the_limit_is_refused_and_the_connection_stays() {
+                super::a_message_over_the_limit_is_refused_and_the_connection_stays::<$fixture>().await
             }
             #[tokio::test]
             async fn queue_is_created_on_demand() {

@@ -207,6 +207,14 @@ pub struct IngestArgs {
     /// Most records requests in progress at once; more are refused with 503
     #[arg(long, env = "GEORELAY_MAX_CONCURRENT_REQUESTS", default_value_t = 2048)]
     pub max_concurrent_requests: usize,
+    /// Largest message the Service Bus namespaces take, in bytes (standard
+    /// tier 262144, premium up to 104857600); larger records get 413
+    #[arg(
+        long,
+        env = "GEORELAY_SERVICEBUS_MAX_MESSAGE",
+        default_value_t = 262_144
+    )]
+    pub servicebus_max_message: usize,
 }
 
 /// "250ms", "2s", "1m" or plain seconds.

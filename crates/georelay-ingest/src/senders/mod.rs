@@ -51,10 +51,15 @@ pub struct SendersConfig {
     pub lease: Duration,
 }
 
-/// Why records were not queued. Each says what the client can do: all of
-/// them are worth a retry later.
+/// Why records were not queued. Each says what the client can do: all but
+/// [`RouteError::RecordTooLarge`] are worth a retry later.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
+    /// A record is larger than some enabled namespace carries: it could be
+    /// queued in one region and not in the next, so it is queued in none.
+    /// Nothing of its request was queued.
+    #[error("record seq {seq} is {size} bytes as queued; the regions take at most {limit} bytes per record")]
+    RecordTooLarge { seq: u64, size: usize, limit: usize },
     #[error("this ingest instance lost its lease on the control plane")]
     Fenced,
     #[error("the device's group is not routed yet")]
@@ -85,6 +90,8 @@ pub struct Placement {
 enum Failure {
     /// The breaker is open: fail over.
     Tripped(Trouble),
+    /// `items[index]` is over the namespace's limit; nothing was sent.
+    TooLarge { index: usize, limit: usize },
     /// This publish failed, the namespace is not (yet) judged troubled.
     Transient(TransportError),
 }
@@ -168,6 +175,18 @@ impl Senders {
         })
     }
 
+    /// The largest envelope every enabled namespace carries (those whose
+    /// limit is known: a NATS server tells it once connected).
+    pub fn max_envelope(&self) -> Option<usize> {
+        self.namespaces
+            .snapshot()
+            .namespaces
+            .values()
+            .filter(|e| e.info.enabled)
+            .filter_map(|e| e.rt.conn.as_ref()?.namespace().max_payload())
+            .min()
+    }
+
     /// Queues `records` of `device` (verified, in seq order) to the group's
     /// namespace, failing over as needed. `Ok` once durably queued.
     pub async fn deliver(
@@ -176,6 +195,15 @@ impl Senders {
         device: &DeviceId,
         records: &[SealedRecord],
     ) -> Result<Placement, RouteError> {
+        if let Some(limit) = self.max_envelope() {
+            let too_large = records
+                .iter()
+                .map(|r| (r.seq, envelope::encoded_len(device, r)))
+                .find(|&(_, size)| size > limit);
+            if let Some((seq, size)) = too_large {
+                return Err(RouteError::RecordTooLarge { seq, size, limit });
+            }
+        }
         let received_at_micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
@@ -212,6 +240,11 @@ impl Senders {
                 Err(Failure::Transient(e)) => {
                     tracing::debug!(namespace = %entry.info.name, error = %e, "publish failed");
                     return Err(RouteError::RegionUnavailable);
+                }
+                // A namespace whose limit was not known yet above.
+                Err(Failure::TooLarge { index, limit }) => {
+                    let (seq, size) = (records[index].seq, items[index].1.len());
+                    return Err(RouteError::RecordTooLarge { seq, size, limit });
                 }
                 Err(Failure::Tripped(trouble)) => {
                     let (flight, failed_epoch) = (ticket.flight().clone(), ticket.route.epoch);
@@ -260,6 +293,10 @@ impl Senders {
                 Err((_, e)) if e.kind() == ErrorKind::Rejected && !retried => {
                     retried = true;
                     conn.forget_queue(queue);
+                }
+                Err((index, e)) if e.kind() == ErrorKind::TooLarge => {
+                    let limit = e.limit().unwrap_or(0);
+                    return Err(Failure::TooLarge { index, limit });
                 }
                 Err((_, e)) => return Err(self.failed(entry, e)),
             }
