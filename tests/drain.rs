@@ -481,6 +481,94 @@ async fn a_message_of_a_later_epoch_that_does_not_belong_here_does_not_end_the_e
     );
 }
 
+/// Publishes one message with raw `headers` to `queue`'s subject over a
+/// plain TCP connection (no client library would send these), and waits
+/// until the server has processed it.
+fn publish_with_raw_headers(url: &str, headers: &[u8], payload: &[u8]) {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let mut socket = std::net::TcpStream::connect(url.trim_start_matches("nats://")).unwrap();
+    let mut reader = BufReader::new(socket.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("INFO"), "{line}");
+    let subject = georelay_transport::nats::subject(QUEUE);
+    let mut out = format!(
+        "CONNECT {{\"verbose\":false,\"headers\":true,\"protocol\":1}}\r\nHPUB {subject} {} {}\r\n",
+        headers.len(),
+        headers.len() + payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(headers);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\nPING\r\n");
+    socket.write_all(&out).unwrap();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.starts_with("-ERR"), "{line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
+}
+
+/// Messages whose headers async-nats cannot parse when they are delivered
+/// (not UTF-8; a status line) made the client drop the worker's connection
+/// to the whole region and get the same message again after reconnecting:
+/// the group stalled for good. Now each is an `unreadable` dead letter with
+/// its payload, and what is behind it is stored in order.
+#[tokio::test]
+async fn a_message_whose_headers_the_client_cannot_parse_is_dead_lettered() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let url = stack.regions[0].url();
+    let ns = connect(&url).await;
+    ns.publish(QUEUE, "plug-1/1", device.envelope(1, 1).encode())
+        .await
+        .unwrap();
+    let poison = device.envelope(2, 1).encode();
+    publish_with_raw_headers(&url, b"NATS/1.0\r\nX-Note: caf\xe9\r\n\r\n", &poison);
+    ns.publish(QUEUE, "plug-1/3", device.envelope(3, 1).encode())
+        .await
+        .unwrap();
+    publish_with_raw_headers(&url, b"NATS/1.0 503\r\n\r\n", b"status");
+    ns.publish(QUEUE, "plug-1/4", device.envelope(4, 1).encode())
+        .await
+        .unwrap();
+    assert_eq!(ns.depth(QUEUE).await.unwrap(), 5);
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 3, Duration::from_secs(30)).await;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM telemetry ORDER BY store_order")
+        .fetch_all(stack.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(seqs, vec![1, 3, 4]);
+    let dead: Vec<(String, Option<i64>, Vec<u8>)> =
+        sqlx::query_as("SELECT reason, seq, raw FROM dead_letters ORDER BY id")
+            .fetch_all(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        dead,
+        vec![
+            ("unreadable".into(), Some(2), poison.to_vec()),
+            ("unreadable".into(), None, b"status".to_vec()),
+        ]
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            ns.depth(QUEUE).await.unwrap() == 0
+        })
+        .await,
+        "everything acked"
+    );
+    // The group goes on through the consumer.
+    ns.publish(QUEUE, "plug-1/5", device.envelope(5, 1).encode())
+        .await
+        .unwrap();
+    wait_stored(&stack, 4, Duration::from_secs(30)).await;
+}
+
 #[tokio::test]
 async fn the_seal_barrier_holds_while_an_ingest_instance_still_acknowledges_the_old_epoch() {
     let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();

@@ -662,6 +662,17 @@ async fn read(
     for (i, d) in batch.iter().enumerate() {
         // Decoded once: for the placing and for opening.
         let envelope = Envelope::decode(&d.payload);
+        if let Some(why) = &d.unreadable {
+            let claimed = envelope.as_ref().ok();
+            dead.push(letter(
+                d,
+                DeadLetterReason::Unreadable,
+                format!("the queue message cannot be read as usual: {why}"),
+                claimed.map(|e| e.device.to_string()),
+                claimed.and_then(|e| i64::try_from(e.record.seq).ok()),
+            ));
+            continue;
+        }
         let place = match &envelope {
             Ok(e) => shared.place(pos, e.epoch as i64, &mut homes).await?,
             Err(_) => Place::Here,
@@ -748,7 +759,7 @@ impl Shared {
                     tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,
                     "record dead-lettered: the device's row in devices was altered or comes from another installation; restore its key_sealed from this installation's backup, or register the device again with a new key")
                 }
-                DeadLetterReason::WrongEpoch => {
+                DeadLetterReason::WrongEpoch | DeadLetterReason::Unreadable => {
                     tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,
                     "record dead-lettered: a message no ingest instance could have published here (someone else writes to this queue)")
                 }

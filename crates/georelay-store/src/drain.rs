@@ -223,10 +223,13 @@ pub enum DeadLetterReason {
     KeyUnopenable,
     /// PostgreSQL refused this one record; the rest of its batch is stored.
     RefusedByDatabase,
+    /// The broker message itself could not be read as usual (NATS headers
+    /// the client cannot parse).
+    Unreadable,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Undecodable,
         Self::UnknownDevice,
         Self::BadTag,
@@ -235,6 +238,7 @@ impl DeadLetterReason {
         Self::WrongEpoch,
         Self::KeyUnopenable,
         Self::RefusedByDatabase,
+        Self::Unreadable,
     ];
 
     /// The value stored in `dead_letters.reason` (and the metric label).
@@ -248,6 +252,7 @@ impl DeadLetterReason {
             Self::WrongEpoch => "wrong_epoch",
             Self::KeyUnopenable => "key_unopenable",
             Self::RefusedByDatabase => "refused_by_database",
+            Self::Unreadable => "unreadable",
         }
     }
 }

@@ -153,11 +153,21 @@ pub struct Delivery {
     /// but diagnostics may rely on it.
     pub id: Option<String>,
     pub payload: Bytes,
+    /// Why the broker message itself could not be read as usual (NATS
+    /// headers the client cannot parse): the caller dead-letters it as
+    /// `unreadable` and acks it like any other.
+    pub unreadable: Option<String>,
     handle: Handle,
 }
 
 enum Handle {
     Nats(Box<async_nats::jetstream::Message>),
+    /// Read by sequence number from a NATS stream, not through the consumer
+    /// (see `nats`, "Poison the client cannot parse"): acked by deleting it.
+    NatsStored {
+        queue: std::sync::Arc<str>,
+        seq: u64,
+    },
     ServiceBus(Box<azure_messaging_servicebus::service_bus::PeekLockResponse>),
 }
 
@@ -165,6 +175,7 @@ impl fmt::Debug for Handle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Nats(_) => "Handle::Nats",
+            Self::NatsStored { .. } => "Handle::NatsStored",
             Self::ServiceBus(_) => "Handle::ServiceBus",
         })
     }

@@ -21,6 +21,20 @@
 //!   disconnect is replaced before the next read: what the server sent on
 //!   the lost connection would otherwise come back only after the ack wait,
 //!   behind newer messages.
+//! - **Poison the client cannot parse.** Anyone who can publish to a queue's
+//!   subject can store a message whose headers async-nats refuses when it is
+//!   delivered (not UTF-8, a line without `:`, a bad header name, a status
+//!   line): the client drops the whole connection, reconnects, is sent the
+//!   same message again, and every group read through that connection
+//!   stalls. So a read during which the connection dropped (or that failed)
+//!   marks the queue suspect, and the next read of a suspect queue does not
+//!   go through the consumer: it reads the head of the stream by sequence
+//!   number through the JetStream API (`STREAM.MSG.GET`, whose JSON answer
+//!   carries the headers as base64, which no parser touches), up to the
+//!   first message the client could not parse, marked
+//!   [`Delivery::unreadable`](crate::Delivery). Acking those deletes them by
+//!   sequence number. Each poison message costs one reconnect of the
+//!   reader's connection, and the read after it makes progress.
 
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
@@ -30,7 +44,7 @@ use async_nats::jetstream::{self, Context};
 use async_nats::{Client, ConnectOptions};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -75,6 +89,9 @@ struct Inner {
     /// so a consumer from an older generation is replaced before the next
     /// read (which then starts at the oldest unacked message).
     generation: Arc<AtomicU64>,
+    /// Queues whose last read failed or lost the connection: the next read
+    /// looks for a message the client cannot parse (module docs).
+    suspects: parking_lot::Mutex<HashSet<String>>,
 }
 
 impl NatsNamespace {
@@ -124,6 +141,7 @@ impl NatsNamespace {
                 limits,
                 consumers: Mutex::new(HashMap::new()),
                 generation,
+                suspects: parking_lot::Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -234,6 +252,17 @@ impl NatsNamespace {
         wait: Duration,
     ) -> Result<Vec<Delivery>, TransportError> {
         self.connected()?;
+        if self.inner.suspects.lock().remove(queue) {
+            match self.read_stored(queue, max).await {
+                Ok(Some(batch)) => return Ok(batch),
+                Ok(None) => {}
+                Err(e) => {
+                    self.inner.suspects.lock().insert(queue.to_owned());
+                    return Err(e);
+                }
+            }
+        }
+        let generation = self.inner.generation.load(Ordering::SeqCst);
         let consumer = self.consumer(queue).await?;
         // A pull request for N messages is answered when N came or it
         // expired: asked for a whole batch with `wait`, a quiet queue would
@@ -263,7 +292,111 @@ impl NatsNamespace {
             // next read starts over at the oldest unacked message.
             self.inner.consumers.lock().await.remove(queue);
         }
+        if result.is_err() || self.inner.generation.load(Ordering::SeqCst) != generation {
+            // Perhaps a message the client cannot parse (module docs).
+            self.inner.suspects.lock().insert(queue.to_owned());
+        }
         result
+    }
+
+    /// The head of `queue`'s stream read by sequence number, up to `max`
+    /// messages and ending at the first one the client could not parse;
+    /// `None` if the stream is empty. (Module docs: a suspect queue.)
+    async fn read_stored(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Option<Vec<Delivery>>, TransportError> {
+        let first = self
+            .bounded("stream info", async {
+                let mut stream = self
+                    .inner
+                    .js
+                    .get_stream(queue)
+                    .await
+                    .map_err(|e| self.classify("get stream", e))?;
+                let state = &stream
+                    .info()
+                    .await
+                    .map_err(|e| self.classify("stream info", e))?
+                    .state;
+                Ok::<_, TransportError>((state.messages > 0).then_some(state.first_sequence))
+            })
+            .await??;
+        let Some(first) = first else {
+            return Ok(None);
+        };
+        let name: Arc<str> = queue.into();
+        // The first message exists (acked ones are deleted from a
+        // work-queue stream), so every read returns at least one.
+        let mut reads = futures_util::stream::iter(first..first.saturating_add(max as u64))
+            .map(|seq| self.stored_message(&name, seq))
+            .buffered(64);
+        let mut out = Vec::new();
+        while let Some(read) = reads.next().await {
+            let Some(delivery) = read? else {
+                continue;
+            };
+            let poison = delivery.unreadable.is_some();
+            out.push(delivery);
+            if poison {
+                break;
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Message `seq` of `queue`'s stream through `STREAM.MSG.GET`; `None`
+    /// if there is none (acked, or never there).
+    async fn stored_message(
+        &self,
+        queue: &Arc<str>,
+        seq: u64,
+    ) -> Result<Option<Delivery>, TransportError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let answer: serde_json::Value = self
+            .bounded(
+                "get message",
+                self.inner.js.request(
+                    format!("STREAM.MSG.GET.{queue}"),
+                    &serde_json::json!({ "seq": seq }),
+                ),
+            )
+            .await?
+            .map_err(|e| self.classify("get message", e))?;
+        if let Some(error) = answer.get("error") {
+            // 10037: no message found.
+            if error["err_code"] == 10037 {
+                return Ok(None);
+            }
+            return Err(self.classify("get message", error));
+        }
+        let message = &answer["message"];
+        let bytes = |field: &str| {
+            message[field]
+                .as_str()
+                .map(|s| b64.decode(s))
+                .transpose()
+                .map_err(|e| self.classify("get message", e))
+        };
+        let payload = Bytes::from(bytes("data")?.unwrap_or_default());
+        let (id, unreadable) = match bytes("hdrs")? {
+            None => (None, None),
+            Some(headers) => match readable_headers(&headers) {
+                Ok(id) => (id, None),
+                Err(why) => (None, Some(why)),
+            },
+        };
+        Ok(Some(Delivery {
+            id,
+            payload,
+            unreadable,
+            handle: Handle::NatsStored {
+                queue: queue.clone(),
+                seq,
+            },
+        }))
     }
 
     /// The messages of one pull request, in order.
@@ -286,13 +419,16 @@ impl NatsNamespace {
     pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
         let mut messages = Vec::with_capacity(batch.len());
         for d in batch {
-            let Handle::Nats(message) = d.handle else {
-                return Err(TransportError::new(
-                    ErrorKind::Rejected,
-                    "delivery came from another namespace",
-                ));
-            };
-            messages.push(message);
+            match d.handle {
+                Handle::Nats(message) => messages.push(message),
+                Handle::NatsStored { queue, seq } => self.delete(&queue, seq).await?,
+                Handle::ServiceBus(_) => {
+                    return Err(TransportError::new(
+                        ErrorKind::Rejected,
+                        "delivery came from another namespace",
+                    ))
+                }
+            }
         }
         let Some(last) = messages.pop() else {
             return Ok(());
@@ -303,6 +439,27 @@ impl NatsNamespace {
         self.bounded("ack", last.double_ack())
             .await?
             .map_err(|e| self.classify("ack", e))
+    }
+
+    /// Acks a message read by sequence number: deletes it from the stream.
+    async fn delete(&self, queue: &str, seq: u64) -> Result<(), TransportError> {
+        let answer: serde_json::Value = self
+            .bounded(
+                "delete message",
+                self.inner.js.request(
+                    format!("STREAM.MSG.DELETE.{queue}"),
+                    &serde_json::json!({ "seq": seq }),
+                ),
+            )
+            .await?
+            .map_err(|e| self.classify("delete message", e))?;
+        match answer.get("error") {
+            // Gone already: acked is acked.
+            Some(error) if error["err_code"] != 10057 => {
+                Err(self.classify("delete message", error))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub async fn nack(&self, queue: &str, batch: Vec<Delivery>) -> Result<(), TransportError> {
@@ -443,6 +600,69 @@ fn delivery(message: jetstream::Message) -> Delivery {
     Delivery {
         id,
         payload: message.payload.clone(),
+        unreadable: None,
         handle: Handle::Nats(Box::new(message)),
+    }
+}
+
+/// Why async-nats would refuse these headers of a delivered message (and
+/// drop the connection), by the rules its parser applies; else the message
+/// id they carry. A stored message never has a status line (that would
+/// make it a control message to the client).
+fn readable_headers(bytes: &[u8]) -> Result<Option<String>, String> {
+    use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
+    use std::str::FromStr as _;
+    let text = std::str::from_utf8(bytes).map_err(|_| "headers are not UTF-8".to_owned())?;
+    let mut lines = text.lines().peekable();
+    let version = lines.next().ok_or("headers have no version line")?;
+    let status = version
+        .strip_prefix("NATS/1.0")
+        .ok_or("headers do not begin with NATS/1.0")?
+        .trim();
+    if !status.is_empty() {
+        return Err(format!("headers carry a status line ({status:?})"));
+    }
+    let mut id = None;
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            continue;
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("header line {line:?} has no ':'"))?;
+        let name =
+            HeaderName::from_str(name).map_err(|_| format!("header name {name:?} is not valid"))?;
+        let mut value = value.trim_start().to_owned();
+        while let Some(more) = lines.next_if(|s| s.starts_with(char::is_whitespace)) {
+            value.push_str(more);
+        }
+        if name == NATS_MESSAGE_ID {
+            id = Some(value.trim_end().to_owned());
+        }
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_the_client_would_refuse_are_named() {
+        assert_eq!(
+            readable_headers(b"NATS/1.0\r\nNats-Msg-Id: plug-1/1/ab\r\n\r\n"),
+            Ok(Some("plug-1/1/ab".to_owned()))
+        );
+        assert_eq!(readable_headers(b"NATS/1.0\r\n\r\n"), Ok(None));
+        for bad in [
+            &b"NATS/1.0\r\nX: \xff\r\n\r\n"[..],
+            b"NATS/1.0\r\nno colon\r\n\r\n",
+            b"NATS/1.0\r\nBad Name: v\r\n\r\n",
+            b"NATS/1.0 503\r\n\r\n",
+            b"HTTP/1.1\r\n\r\n",
+            b"",
+        ] {
+            assert!(readable_headers(bad).is_err(), "{bad:?}");
+        }
     }
 }

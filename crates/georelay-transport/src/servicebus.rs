@@ -439,7 +439,7 @@ fn namespace_name(endpoint: &str) -> Option<String> {
 fn service_bus_lock(handle: Handle) -> Result<Box<PeekLockResponse>, TransportError> {
     match handle {
         Handle::ServiceBus(lock) => Ok(lock),
-        Handle::Nats(_) => Err(TransportError::new(
+        Handle::Nats(_) | Handle::NatsStored { .. } => Err(TransportError::new(
             ErrorKind::Rejected,
             "delivery came from another namespace",
         )),
@@ -475,6 +475,7 @@ fn delivery(response: PeekLockResponse) -> Result<Delivery, TransportError> {
     Ok(Delivery {
         id: props.message_id,
         payload,
+        unreadable: None,
         handle: Handle::ServiceBus(Box::new(response)),
     })
 }
