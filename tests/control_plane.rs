@@ -384,3 +384,49 @@ async fn dead_letter_reasons_are_exactly_those_the_database_check_allows() {
     ours.sort_unstable();
     assert_eq!(allowed, ours, "the enum and {check} disagree");
 }
+
+/// A flood of made-up device ids is a flood of cache misses. At most
+/// `MAX_LOOKUPS` of them query the database at once (they used to take as
+/// many connections as the pool had, which the lease heartbeat and failover
+/// need too).
+#[tokio::test]
+async fn a_flood_of_unknown_device_ids_holds_only_a_few_database_connections() {
+    use georelay_store::keys::{Devices, MAX_LOOKUPS};
+    let db = TestDb::migrated().await.unwrap();
+    let pool = georelay_store::connect(db.url(), 16).await.unwrap();
+    let master = std::sync::Arc::new(georelay_testkit::master_key().unwrap());
+    let devices = std::sync::Arc::new(Devices::new(pool, master));
+    // Every look-up waits on this lock, so those running can be counted.
+    let mut blocker = db.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE devices IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let flood: Vec<_> = (0..50)
+        .map(|i| {
+            let devices = devices.clone();
+            tokio::spawn(async move { devices.get(&format!("nobody-{i}")).await })
+        })
+        .collect();
+    let running = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE 'SELECT group_id, enabled, key_sealed FROM devices%'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+    };
+    let started =
+        georelay_testkit::wait_until(Duration::from_secs(10), || async { running().await > 0 })
+            .await;
+    assert!(started, "look-ups reach the database");
+    // Give the rest every chance to start too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(running().await, MAX_LOOKUPS as i64);
+    blocker.rollback().await.unwrap();
+    for lookup in flood {
+        assert!(lookup.await.unwrap().unwrap().is_none(), "unknown");
+    }
+}

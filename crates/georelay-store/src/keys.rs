@@ -4,7 +4,10 @@
 //! ([`KNOWN_TTL`]), so a disabled device is refused within a second or two
 //! normally and within the TTL at worst. Unknown ids are cached briefly too,
 //! so a flood of made-up ids does not become a flood of queries; that part of
-//! the cache is bounded.
+//! the cache is bounded. And at most [`MAX_LOOKUPS`] look-ups run at once,
+//! whatever the number of requests: a flood of made-up ids (each a miss)
+//! waits for those, and never holds every connection of the pool, which the
+//! lease heartbeat and failover need.
 
 use georelay_core::MasterKey;
 use sqlx::PgPool;
@@ -19,6 +22,8 @@ use std::time::{Duration, Instant};
 pub const KNOWN_TTL: Duration = Duration::from_secs(60);
 const UNKNOWN_TTL: Duration = Duration::from_secs(5);
 const MAX_UNKNOWN: usize = 10_000;
+/// Device look-ups in the database at once, per process.
+pub const MAX_LOOKUPS: usize = 4;
 
 #[derive(Debug)]
 enum Entry {
@@ -31,6 +36,7 @@ pub struct Devices {
     pool: PgPool,
     master: Arc<MasterKey>,
     cache: RwLock<HashMap<String, Entry>>,
+    lookups: tokio::sync::Semaphore,
 }
 
 impl Devices {
@@ -39,17 +45,20 @@ impl Devices {
             pool,
             master,
             cache: RwLock::new(HashMap::new()),
+            lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
         }
     }
 
     /// The device's group, state and key; `None` if there is no such device.
     pub async fn get(&self, id: &str) -> Result<Option<Arc<DeviceAuth>>, StoreError> {
-        match self.cache.read().get(id) {
-            Some(Entry::Known(auth, at)) if at.elapsed() < KNOWN_TTL => {
-                return Ok(Some(auth.clone()))
-            }
-            Some(Entry::Unknown(at)) if at.elapsed() < UNKNOWN_TTL => return Ok(None),
-            _ => {}
+        if let Some(cached) = self.cached(id) {
+            return Ok(cached);
+        }
+        // Never closed, so acquiring only waits.
+        let _permit = self.lookups.acquire().await;
+        // Another request may have looked it up meanwhile.
+        if let Some(cached) = self.cached(id) {
+            return Ok(cached);
         }
         let found = device_auth(&self.pool, &self.master, id)
             .await?
@@ -68,6 +77,15 @@ impl Devices {
             }
         }
         Ok(found)
+    }
+
+    /// The cached answer for `id`, if there is a fresh one.
+    fn cached(&self, id: &str) -> Option<Option<Arc<DeviceAuth>>> {
+        match self.cache.read().get(id) {
+            Some(Entry::Known(auth, at)) if at.elapsed() < KNOWN_TTL => Some(Some(auth.clone())),
+            Some(Entry::Unknown(at)) if at.elapsed() < UNKNOWN_TTL => Some(None),
+            _ => None,
+        }
     }
 
     /// Forgets one device (it changed).
