@@ -873,3 +873,158 @@ async fn a_record_larger_than_the_broker_takes_is_413_and_fails_nothing_over() {
     let seqs: Vec<u64> = queued.iter().map(|e| e.record.seq).collect();
     assert_eq!(seqs, vec![3], "nothing of the refused batch was queued");
 }
+
+/// Opens a records request for `device` that declares `length` bytes of body
+/// and sends only a few of them: a client on a very slow link, or one
+/// holding the server's resources on purpose.
+async fn trickle(base: &str, device: &str, length: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let addr = base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/devices/{device}/telemetry/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"records\": ["
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket
+}
+
+/// Slow bodies used to hold the concurrency slots (taken before the body
+/// was read), so a handful of trickling clients made every device get 503
+/// `overloaded`; and a body was read in full before the device was looked
+/// at. Now the slots are taken once the body is in, and an unknown device is
+/// refused before any of its body is read.
+#[tokio::test]
+async fn trickling_bodies_do_not_lock_out_other_devices() {
+    use tokio::io::AsyncReadExt as _;
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let ingest = stack
+        .ingest_in_process(georelay_ingest::Settings {
+            max_concurrent_requests: 4,
+            ..settings()
+        })
+        .await
+        .unwrap();
+    let base = ingest.url();
+    let mut slow = Vec::new();
+    for i in 0..8 {
+        let d = stack.device(&format!("plug-slow-{i}")).await.unwrap();
+        slow.push(trickle(&base, d.id.as_str(), 4096).await);
+    }
+    let device = stack.device("plug-1").await.unwrap();
+    let http = http();
+    let url = device.url(&base);
+    for seq in 1..=3 {
+        let ok = post_raw(
+            &http,
+            &url,
+            Some("application/json"),
+            device.body(seq).to_string(),
+        )
+        .await;
+        assert_eq!(ok.0, 202, "seq {seq} beside slow uploads: {:?}", ok.1);
+    }
+    // An unknown device is answered before its body has arrived.
+    let mut stranger = trickle(&base, "plug-nobody", 8 * 1024 * 1024).await;
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(3), stranger.read(&mut answer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // A device has at most four bodies in flight: the fifth is refused at
+    // once, before its body is read.
+    for _ in 0..3 {
+        slow.push(trickle(&base, "plug-slow-0", 4096).await);
+    }
+    // Let the server take those in before the fifth.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fifth = trickle(&base, "plug-slow-0", 4096).await;
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(3), fifth.read(&mut buf))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("overloaded"), "{text}");
+    drop(slow);
+}
+
+/// Bodies reserve their bytes from `--max-bytes-in-flight` before they are
+/// read (the declared length, else the limit): past it a request is refused
+/// at once instead of buffered (bodies up to 8 MiB used to be buffered in
+/// full, as many as came). `cargo bench --bench slow_uploads` measures RSS.
+#[tokio::test]
+async fn request_bodies_are_held_within_the_bytes_in_flight_budget() {
+    use tokio::io::AsyncReadExt as _;
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let ingest = stack
+        .ingest_in_process(georelay_ingest::Settings {
+            max_bytes_in_flight: 8 * 1024 * 1024,
+            ..settings()
+        })
+        .await
+        .unwrap();
+    let base = ingest.url();
+    let hog = stack.device("plug-hog").await.unwrap();
+    // Declares nothing: reserves the batch limit, the whole budget.
+    let mut held = {
+        use tokio::io::AsyncWriteExt as _;
+        let addr = base.trim_start_matches("http://");
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/devices/{}/telemetry/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{{\"rec\r\n",
+            hog.id
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket
+    };
+    let device = stack.device("plug-1").await.unwrap();
+    let url = device.url(&base);
+    let http = http();
+    let refused = wait_until(Duration::from_secs(5), || async {
+        post_raw(
+            &http,
+            &url,
+            Some("application/json"),
+            device.body(1).to_string(),
+        )
+        .await
+        .0 == 503
+    })
+    .await;
+    assert!(refused, "no room left in the budget: 503");
+    let answer = post_raw(
+        &http,
+        &url,
+        Some("application/json"),
+        device.body(1).to_string(),
+    )
+    .await;
+    assert_error(&answer, 503, "overloaded", "budget spent");
+    assert!(
+        answer.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bytes in flight"),
+        "{:?}",
+        answer.1
+    );
+    // The hog gives up: its bytes come back.
+    let mut sink = [0u8; 256];
+    drop(tokio::time::timeout(Duration::from_millis(100), held.read(&mut sink)).await);
+    drop(held);
+    let accepted = wait_until(Duration::from_secs(5), || async {
+        post_raw(
+            &http,
+            &url,
+            Some("application/json"),
+            device.body(1).to_string(),
+        )
+        .await
+        .0 == 202
+    })
+    .await;
+    assert!(accepted, "the budget is given back when the request ends");
+}

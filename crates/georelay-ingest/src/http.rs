@@ -1,12 +1,19 @@
 //! The HTTP API of docs/DESIGN.md: handlers, limits and load shedding.
 //!
-//! A record is checked in this order, cheapest first: content type (415),
+//! A record is checked in this order, cheapest first, and **nothing of the
+//! body is read before the device is known**: content type (415), declared
+//! size (413), device exists and is enabled (401), room for the body in the
+//! bytes-in-flight budget and the device's share of it (503 `overloaded`),
 //! body size and arrival time (413, 408), JSON shape and record fields (400),
-//! device and tag (401), plaintext a JSON object (400). Only then is it
-//! published. The publish runs in a task of its own, so a request that hits
-//! its deadline answers 503 while the publish still finishes (or times out)
-//! under its own deadline, keeping the in-flight count that fencing relies on
-//! honest.
+//! tag (401), plaintext a JSON object (400), then a slot among the requests
+//! being verified and published (503 `overloaded`). Only then is it
+//! published. So a client that trickles its body holds only bytes of the
+//! budget (bounded, and only with a registered device's id), never a slot
+//! the fast requests need; and an unknown id costs a cached look-up, not a
+//! buffered body. The publish runs in a task of its own, so a request that
+//! hits its deadline answers 503 while the publish still finishes (or times
+//! out) under its own deadline, keeping the in-flight count that fencing
+//! relies on honest.
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -17,11 +24,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 use georelay_core::{DeviceId, RecordBody, SealedRecord};
+use georelay_store::routing::DeviceAuth;
+use parking_lot::Mutex;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::task::TaskTracker;
 
 use crate::error::{ApiError, ErrorCode};
@@ -39,7 +49,12 @@ pub struct App {
     pub senders: Arc<Senders>,
     pub devices: Arc<Devices>,
     pub metrics: Metrics,
-    pub permits: Arc<Semaphore>,
+    /// Requests being verified and published at once.
+    pub permits: Semaphore,
+    /// The bytes-in-flight budget for request bodies, in KiB.
+    pub body_kib: Arc<Semaphore>,
+    /// Bodies being read or held per device.
+    pub bodies_per_device: Arc<Mutex<HashMap<DeviceId, usize>>>,
     pub tasks: TaskTracker,
     /// False once shutdown began: `/readyz` says so and load balancers stop
     /// sending.
@@ -51,8 +66,7 @@ pub struct App {
 pub fn app(state: AppState, with_metrics: bool) -> axum::Router {
     let api = axum::Router::new()
         .route("/v1/devices/{device_id}/telemetry", post(post_one))
-        .route("/v1/devices/{device_id}/telemetry/batch", post(post_batch))
-        .route_layer(middleware::from_fn_with_state(state.clone(), shed_load));
+        .route("/v1/devices/{device_id}/telemetry/batch", post(post_batch));
     let mut app = axum::Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
@@ -77,22 +91,111 @@ pub fn metrics_app(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-/// At most `max_concurrent_requests` records requests at once; the rest are
-/// refused at once (503, Retry-After) instead of queuing without bound.
-async fn shed_load(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match state.permits.clone().try_acquire_owned() {
-        Ok(permit) => {
-            let response = next.run(request).await;
-            drop(permit);
-            response
+/// Most bodies one device may have in flight at once: a client that knows a
+/// device id (ids are not secret) can take only this share of the budget.
+pub const BODIES_PER_DEVICE: usize = 4;
+
+fn overloaded(what: &str) -> ApiError {
+    ApiError::unavailable(
+        ErrorCode::Overloaded,
+        format!("{what}; retry shortly"),
+        Duration::from_secs(1),
+    )
+}
+
+/// At most `max_concurrent_requests` records requests are verified and
+/// published at once; the rest are refused at once (503, Retry-After)
+/// instead of queuing without bound. Taken only once the body is in.
+fn working_slot(state: &App) -> Result<SemaphorePermit<'_>, ApiError> {
+    state
+        .permits
+        .try_acquire()
+        .map_err(|_| overloaded("too many requests in progress"))
+}
+
+/// What a records request holds from admission until it is answered: its
+/// bytes of the budget and its device's share.
+struct Admitted {
+    auth: Arc<DeviceAuth>,
+    _bytes: OwnedSemaphorePermit,
+    _share: DeviceShare,
+}
+
+/// One of a device's [`BODIES_PER_DEVICE`]; given back on drop.
+struct DeviceShare {
+    device: DeviceId,
+    held: Arc<Mutex<HashMap<DeviceId, usize>>>,
+}
+
+impl Drop for DeviceShare {
+    fn drop(&mut self) {
+        let mut held = self.held.lock();
+        if let Some(n) = held.get_mut(&self.device) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.device);
+            }
         }
-        Err(_) => ApiError::unavailable(
-            ErrorCode::Overloaded,
-            "too many requests in progress; retry shortly",
-            Duration::from_secs(1),
-        )
-        .into_response(),
     }
+}
+
+/// Checks the content type, the declared size and the device, reserves the
+/// body's bytes (the declared length, else the limit), then reads the body
+/// within the size limit and the body read time.
+async fn admit_and_read(
+    state: &AppState,
+    device: &DeviceId,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<(Vec<u8>, Admitted), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    let auth = device_auth(state, device).await?;
+    let share = {
+        let mut held = state.bodies_per_device.lock();
+        let n = held.entry(device.clone()).or_insert(0);
+        if *n >= BODIES_PER_DEVICE {
+            return Err(overloaded("this device has too many requests in progress"));
+        }
+        *n += 1;
+        DeviceShare {
+            device: device.clone(),
+            held: state.bodies_per_device.clone(),
+        }
+    };
+    let reserve = declared.map_or(limit, |n| n as usize);
+    let kib = u32::try_from(reserve.div_ceil(1024)).unwrap_or(u32::MAX);
+    let bytes = state
+        .body_kib
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| overloaded("too many request bytes in flight"))?;
+    let timeout = state.config.body_read_timeout;
+    let body = tokio::time::timeout(timeout, read_body(body, reserve, limit))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(timeout))??;
+    Ok((
+        body,
+        Admitted {
+            auth,
+            _bytes: bytes,
+            _share: share,
+        },
+    ))
 }
 
 async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -146,7 +249,8 @@ async fn post_one(
     body: Body,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let device = parse_device(device_id)?;
-    let bytes = read_json_body(&state, &headers, body, state.config.max_body).await?;
+    let (bytes, admitted) =
+        admit_and_read(&state, &device, &headers, body, state.config.max_body).await?;
     let record: RecordBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             ErrorCode::MalformedJson,
@@ -154,7 +258,13 @@ async fn post_one(
         )
     })?;
     let sealed = SealedRecord::from_body(&record).map_err(|e| ApiError::from_record(e, None))?;
-    let group_id = verify(&state, &device, std::slice::from_ref(&sealed), false).await?;
+    let group_id = verify(
+        &admitted.auth,
+        &device,
+        std::slice::from_ref(&sealed),
+        false,
+    )?;
+    let _slot = working_slot(&state)?;
     let seq = sealed.seq;
     let placement = publish(&state, group_id, device.clone(), vec![sealed]).await?;
     state.metrics.records_accepted.inc();
@@ -175,13 +285,17 @@ async fn post_batch(
     body: Body,
 ) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
     let device = parse_device(device_id)?;
-    let bytes = read_json_body(&state, &headers, body, state.config.max_batch_body).await?;
+    let (bytes, admitted) =
+        admit_and_read(&state, &device, &headers, body, state.config.max_batch_body).await?;
     let batch: BatchBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             ErrorCode::MalformedJson,
             format!("body is not {{\"records\": [...]}}: {e}"),
         )
     })?;
+    // Parsed: only the records are held from here on (within the bytes
+    // the body reserved).
+    drop(bytes);
     let max = state.config.max_batch;
     if batch.records.is_empty() || batch.records.len() > max {
         return Err(ApiError::bad_request(
@@ -198,6 +312,7 @@ async fn post_batch(
         .enumerate()
         .map(|(i, r)| SealedRecord::from_body(r).map_err(|e| ApiError::from_record(e, Some(i))))
         .collect::<Result<Vec<_>, _>>()?;
+    drop(batch);
     // Queue order is seq order, whatever order they came in.
     sealed.sort_by_key(|r| r.seq);
     if let Some(w) = sealed.windows(2).find(|w| w[0].seq == w[1].seq) {
@@ -206,7 +321,8 @@ async fn post_batch(
             format!("seq {} appears twice in the batch", w[0].seq),
         ));
     }
-    let group_id = verify(&state, &device, &sealed, true).await?;
+    let group_id = verify(&admitted.auth, &device, &sealed, true)?;
+    let _slot = working_slot(&state)?;
     let (count, first_seq, last_seq) = (
         sealed.len(),
         sealed.first().map_or(0, |r| r.seq),
@@ -239,57 +355,34 @@ fn parse_device(id: Result<Path<String>, PathRejection>) -> Result<DeviceId, Api
         .map_err(|e| ApiError::bad_request(ErrorCode::InvalidDeviceId, e.to_string()))
 }
 
-/// Checks the content type, then reads the body within the size limit and
-/// the body read timeout.
-async fn read_json_body(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<bytes::Bytes, ApiError> {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(ApiError::UnsupportedMediaType);
-    }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::TooLarge { limit });
-    }
-    let timeout = state.config.body_read_timeout;
-    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
-        Err(_) => Err(ApiError::BodyTimeout(timeout)),
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => {
-            // to_bytes fails with a length-limit error or a broken connection.
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                Err(ApiError::TooLarge { limit })
-            } else {
-                Err(ApiError::bad_request(
-                    ErrorCode::BodyUnreadable,
-                    "the request body could not be read",
-                ))
-            }
+/// Reads a body of at most `limit` bytes into one buffer of `reserve`
+/// bytes, allocated once: what it holds is what the budget counts (a
+/// growing buffer would hold up to twice that, and a collect-then-copy
+/// twice again; untouched pages of the allocation are not resident).
+async fn read_body(mut body: Body, reserve: usize, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use http_body_util::BodyExt as _;
+    let mut out = Vec::with_capacity(reserve);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| {
+            ApiError::bad_request(
+                ErrorCode::BodyUnreadable,
+                "the request body could not be read",
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if out.len() + data.len() > limit {
+            return Err(ApiError::TooLarge { limit });
         }
+        out.extend_from_slice(&data);
     }
+    Ok(out)
 }
 
-/// The device exists and is enabled, and every record authenticates and
-/// holds a JSON object. Returns the device's group.
-async fn verify(
-    state: &AppState,
-    device: &DeviceId,
-    records: &[SealedRecord],
-    batch: bool,
-) -> Result<i64, ApiError> {
+/// The device, if it exists and is enabled (401 otherwise: unknown and
+/// disabled look the same), looked up before any of the body is read.
+async fn device_auth(state: &AppState, device: &DeviceId) -> Result<Arc<DeviceAuth>, ApiError> {
     let unavailable = || {
         ApiError::unavailable(
             ErrorCode::ControlPlaneUnavailable,
@@ -302,19 +395,27 @@ async fn verify(
         state.config.request_deadline,
         state.devices.get(device.as_str()),
     );
-    let auth = match lookup.await {
+    match lookup.await {
         Err(_) => {
             tracing::warn!("reading device keys timed out");
-            return Err(unavailable());
+            Err(unavailable())
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot read device keys");
-            return Err(unavailable());
+            Err(unavailable())
         }
-        Ok(Ok(found)) => found,
+        Ok(Ok(found)) => found.filter(|a| a.enabled).ok_or(ApiError::Unauthorized),
     }
-    .filter(|a| a.enabled)
-    .ok_or(ApiError::Unauthorized)?;
+}
+
+/// Every record authenticates under the device's key and holds a JSON
+/// object. Returns the device's group.
+fn verify(
+    auth: &DeviceAuth,
+    device: &DeviceId,
+    records: &[SealedRecord],
+    batch: bool,
+) -> Result<i64, ApiError> {
     for (i, r) in records.iter().enumerate() {
         r.open_object(&auth.key, device)
             .map_err(|e| ApiError::from_record(e, batch.then_some(i)))?;

@@ -66,6 +66,9 @@ pub struct Settings {
     /// Routing is reloaded on NOTIFY, and at least this often.
     pub poll_interval: Duration,
     pub max_concurrent_requests: usize,
+    /// Request body bytes held at once (bodies being read, and read ones
+    /// until answered); a body reserves its declared length, else the limit.
+    pub max_bytes_in_flight: usize,
     /// The largest message the Service Bus namespaces take, in bytes.
     pub servicebus_max_message: usize,
 }
@@ -80,6 +83,7 @@ impl Default for Settings {
             lease: Duration::from_secs(5),
             poll_interval: Duration::from_secs(2),
             max_concurrent_requests: 2048,
+            max_bytes_in_flight: 256 * 1024 * 1024,
             servicebus_max_message: georelay_transport::SERVICEBUS_STANDARD_MAX_MESSAGE,
         }
     }
@@ -111,6 +115,7 @@ pub struct Config {
     pub(crate) max_batch_body: usize,
     pub(crate) max_batch: usize,
     pub(crate) max_concurrent_requests: usize,
+    pub(crate) max_bytes_in_flight: usize,
     pub(crate) max_connections: usize,
     pub(crate) header_read_timeout: Duration,
     pub(crate) body_read_timeout: Duration,
@@ -146,6 +151,13 @@ impl Config {
             1,
             1_000_000,
         )?;
+        // A full batch body must fit.
+        check_range(
+            "max-bytes-in-flight",
+            s.max_bytes_in_flight,
+            8 * 1024 * 1024,
+            64 * 1024 * 1024 * 1024,
+        )?;
         // Service Bus standard takes 256 KiB, premium up to 100 MiB.
         check_range(
             "servicebus-max-message",
@@ -171,6 +183,7 @@ impl Config {
             max_batch_body: 8 * 1024 * 1024,
             max_batch: 1000,
             max_concurrent_requests: s.max_concurrent_requests,
+            max_bytes_in_flight: s.max_bytes_in_flight,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(5),
             body_read_timeout: Duration::from_secs(10),
@@ -295,7 +308,9 @@ pub async fn run(
         senders,
         devices,
         metrics,
-        permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        permits: Semaphore::new(config.max_concurrent_requests),
+        body_kib: Arc::new(Semaphore::new(config.max_bytes_in_flight / 1024)),
+        bodies_per_device: Arc::default(),
         tasks: tasks.clone(),
         accepting: accepting.clone(),
     });

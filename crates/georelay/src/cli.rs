@@ -207,6 +207,14 @@ pub struct IngestArgs {
     /// Most records requests in progress at once; more are refused with 503
     #[arg(long, env = "GEORELAY_MAX_CONCURRENT_REQUESTS", default_value_t = 2048)]
     pub max_concurrent_requests: usize,
+    /// Request body bytes held at once (a body reserves its declared
+    /// length, else the limit); more are refused with 503
+    #[arg(
+        long,
+        env = "GEORELAY_MAX_BYTES_IN_FLIGHT",
+        default_value_t = 268_435_456
+    )]
+    pub max_bytes_in_flight: usize,
     /// Largest message the Service Bus namespaces take, in bytes (standard
     /// tier 262144, premium up to 104857600); larger records get 413
     #[arg(

@@ -17,6 +17,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         lease: args.lease,
         poll_interval: args.poll_interval,
         max_concurrent_requests: args.max_concurrent_requests,
+        max_bytes_in_flight: args.max_bytes_in_flight,
         servicebus_max_message: args.servicebus_max_message,
     })?;
     let master = config::master_key()?;
