@@ -185,6 +185,108 @@ async fn a_refused_record_is_kept_aside_and_does_not_block_the_rest() {
     );
     let rejected = sqlite_rows(&state.join("plug-1.db"), "SELECT seq, status FROM rejected").await;
     assert_eq!(rejected, vec![(6, 400)]);
+    // `agent requeue` puts it back in line under its own seq.
+    let out = georelay_command(&stack.db)
+        .unwrap()
+        .args(["agent", "requeue", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "plug-1: 1 set-aside records back in line\n"
+    );
+    let db = state.join("plug-1.db");
+    assert_eq!(
+        sqlite_rows(&db, "SELECT seq, 0 FROM outbox").await,
+        vec![(6, 0)]
+    );
+    assert!(sqlite_rows(&db, "SELECT seq, status FROM rejected")
+        .await
+        .is_empty());
+}
+
+/// A 4xx that is not about the record — here 401 while the device is
+/// disabled for a while — used to move records aside for good. They are
+/// kept and retried, and delivered once the device is enabled again.
+#[tokio::test]
+async fn a_refusal_that_is_not_about_the_record_is_retried_not_set_aside() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let state = tempdir("disabled");
+    let (ingest, _drain) = up(&stack);
+    georelay_store::control::set_device_enabled(stack.db.pool(), "plug-1", false)
+        .await
+        .unwrap();
+    let mut agent = Agent::start(&stack, &device, &ingest.url(), &state, &[]);
+    agent.send(1, 3);
+    // Refused (401) at least once meanwhile: the ingest's cache of the
+    // device is dropped on the change, so the answers are 401 at once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let db = state.join("plug-1.db");
+    assert!(sqlite_rows(&db, "SELECT seq, status FROM rejected")
+        .await
+        .is_empty());
+    georelay_store::control::set_device_enabled(stack.db.pool(), "plug-1", true)
+        .await
+        .unwrap();
+    let rows = wait_rows(&stack, "plug-1", 3).await;
+    assert_eq!(rows, vec![(1, 1), (2, 2), (3, 3)]);
+    assert!(agent.finish());
+}
+
+/// A line that is not UTF-8 used to end the input (the agent exited 0 with
+/// the rest unread), and a line without an end grew memory without bound.
+/// Both are skipped with a warning; the input goes on.
+#[tokio::test]
+async fn bad_bytes_and_endless_lines_on_stdin_are_skipped_not_fatal() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let state = tempdir("bad-bytes");
+    let (ingest, _drain) = up(&stack);
+    let mut agent = Agent::start(&stack, &device, &ingest.url(), &state, &[]);
+    agent.send(1, 2);
+    {
+        let stdin = agent.stdin.as_mut().unwrap();
+        stdin.write_all(b"{\"n\": \"caf\xe9\"}\n").unwrap();
+        let long = format!("{{\"n\": 0, \"pad\": \"{}\"}}\n", "x".repeat(1024 * 1024));
+        stdin.write_all(long.as_bytes()).unwrap();
+    }
+    agent.send(3, 4);
+    assert!(agent.finish(), "the agent ends well once stdin is closed");
+    let rows = wait_rows(&stack, "plug-1", 4).await;
+    assert_eq!(rows, vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
+}
+
+/// An input that fails (here standard input that cannot be read) used to end
+/// quietly with exit 0; it stops the agent with a non-zero exit naming it.
+#[tokio::test]
+async fn an_input_that_fails_stops_the_agent_with_an_error() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let state = tempdir("input-fails");
+    // A directory as standard input: every read fails (EISDIR).
+    let out = georelay_command(&stack.db)
+        .unwrap()
+        .env("GEORELAY_DEVICE_KEY", device.key.to_base64().as_str())
+        .args([
+            "agent",
+            "run",
+            "--stdin",
+            "--device",
+            "plug-1",
+            "--url",
+            "http://127.0.0.1:9",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdin(std::fs::File::open(&state).unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot read standard input"), "{stderr}");
 }
 
 #[tokio::test]
@@ -254,6 +356,27 @@ async fn dropped_files_are_taken_once_even_across_a_restart() {
         .await
     );
     assert!(inbox.join("done/a.json").exists());
+    // A new file under a used name is a new file: taken, and kept beside
+    // the first in done/. A line of it that is not UTF-8 is skipped; the
+    // file is read (it used to be retried, unread, every 500 ms).
+    std::fs::write(
+        inbox.join("a.json"),
+        b"{\"n\": 4}\n{\"n\": \"\xff\"}\n{\"n\": 5}\n",
+    )
+    .unwrap();
+    let rows = wait_rows(&stack, "plug-1", 5).await;
+    assert_eq!(rows, vec![(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            inbox.join("done/a.json.1").exists()
+        })
+        .await
+    );
+    assert_eq!(
+        std::fs::read_to_string(inbox.join("done/a.json")).unwrap(),
+        "{\"n\": 1}\nnot json\n{\"n\": 2}\n",
+        "the first file is kept"
+    );
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {

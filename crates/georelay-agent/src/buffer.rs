@@ -17,9 +17,9 @@
 //!   ([`BufferError::Full`]); the input waits (stdin is not read, dropped
 //!   files stay in the folder) until sending frees room. Nothing sealed is
 //!   ever dropped to make room.
-//! - Records the server refused for good (a 4xx other than 408/429) move to
-//!   a `rejected` table with the answer, so they never block the records
-//!   behind them.
+//! - Records the server proved bad (see `sender`) move to a `rejected` table
+//!   with the answer, so they never block the records behind them; they stay
+//!   there, sealed, until [`requeue`] puts them back in the outbox.
 
 use georelay_core::{DeviceId, DeviceKey, RecordError, SealedRecord, NONCE_LEN};
 use sqlx::sqlite::{
@@ -256,6 +256,34 @@ impl Buffer {
         .await?;
         Ok(())
     }
+}
+
+/// Puts every set-aside record of the buffer at `path` back in its outbox,
+/// under the seq it was sealed with (so it goes before anything newer):
+/// `georelay agent requeue`. Safe beside a running agent (SQLite locks).
+/// Returns how many.
+pub async fn requeue(path: &Path) -> Result<u64, BufferError> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(std::time::Duration::from_secs(5));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let mut tx = pool.begin().await?;
+    let moved = sqlx::query(
+        "INSERT OR IGNORE INTO outbox (seq, nonce, ciphertext, sealed_at)
+         SELECT seq, nonce, ciphertext, strftime('%s','now') FROM rejected",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query("DELETE FROM rejected")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    pool.close().await;
+    Ok(moved)
 }
 
 #[cfg(test)]

@@ -26,12 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::buffer::{Buffer, BufferError};
+use crate::input::InputError;
 use crate::sender::{Ledger, Sender, SenderConfig, Stats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Buffer(#[from] BufferError),
+    #[error("input failed")]
+    Input(#[from] InputError),
     #[error("cannot {what} {}", path.display())]
     File {
         what: &'static str,
@@ -111,10 +114,17 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
                     (None, true) => input::stdin(&buffer, &wake, &stop).await?,
                     (None, false) => stop.cancelled().await,
                 }
-                Ok::<_, BufferError>(())
+                Ok::<_, InputError>(())
             }
             .await;
             done.cancel();
+            // Stopped while waiting for room is not a failure.
+            if let Err(e) = &result {
+                if !matches!(e, InputError::Buffer(BufferError::Full(_))) {
+                    tracing::error!(error = %e, "input failed: stopping the agent (what was taken is buffered and will be sent next time)");
+                    stop.cancel();
+                }
+            }
             result
         })
     };
@@ -136,7 +146,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
     tasks.close();
     let input_result = input.await.map_err(|e| AgentError::Task("input", e))?;
     match input_result {
-        Ok(()) | Err(BufferError::Full(_)) => {}
+        Ok(()) | Err(InputError::Buffer(BufferError::Full(_))) => {}
         Err(e) => return Err(e.into()),
     }
     tasks.wait().await;

@@ -1,9 +1,16 @@
 //! Sending the buffer: in seq order, one record at a time when caught up,
 //! the batch endpoint for a backlog. A record leaves the buffer only after
 //! its 202. Retries back off exponentially with jitter and honour
-//! `Retry-After`; a 4xx other than 408/429 is final for that record: it is
-//! moved aside (a refused batch is re-sent one by one to find which record),
-//! so it never blocks the records behind it.
+//! `Retry-After`.
+//!
+//! Only a record the server proves bad is set aside: a 400 or 413 whose
+//! error code is about the record or the request body ([`RECORD_CODES`]).
+//! A refused batch is re-sent one by one to find which record, so it never
+//! blocks the records behind it; set-aside records wait in the buffer's
+//! `rejected` table for `georelay agent requeue`. Every other 4xx (401 for a
+//! device disabled for a while or a wrong key, 403, 404 from a mistyped URL
+//! behind a proxy) is a configuration or a passing state: retried with
+//! back-off, with a warning each time, and nothing is dropped.
 
 use georelay_core::SealedRecord;
 use parking_lot::Mutex;
@@ -85,10 +92,41 @@ pub struct Stats {
     pub rejected: AtomicU64,
 }
 
+/// Error codes by which the server proves a record, or the request body
+/// holding it, bad: sent again as is, it would be refused again.
+pub const RECORD_CODES: [&str; 7] = [
+    "malformed_json",
+    "invalid_record",
+    "not_json_object",
+    "bad_batch_size",
+    "duplicate_seq",
+    "too_large",
+    "record_too_large",
+];
+
 enum Outcome {
     Accepted { namespace: String, epoch: i64 },
     Retry(Option<Duration>),
     Refused { status: u16, answer: String },
+}
+
+/// What a 4xx answer means for the records sent.
+fn judge(status: u16, answer: &str, retry_after: Option<Duration>) -> Outcome {
+    let code = serde_json::from_str::<serde_json::Value>(answer)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+    match (status, code.as_deref()) {
+        (400 | 413, Some(code)) if RECORD_CODES.contains(&code) => Outcome::Refused {
+            status,
+            answer: answer.to_owned(),
+        },
+        (408 | 429, _) => Outcome::Retry(retry_after),
+        _ => {
+            tracing::warn!(status, answer = %answer,
+                "ingest refused the request, but not the records in it (a disabled device, a wrong key or URL?): keeping them and retrying");
+            Outcome::Retry(retry_after)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -226,11 +264,7 @@ impl Sender {
                     epoch: v["epoch"].as_i64().unwrap_or(0),
                 }
             }
-            408 | 429 => Outcome::Retry(retry_after),
-            400..=499 => Outcome::Refused {
-                status,
-                answer: text,
-            },
+            400..=499 => judge(status, &text, retry_after),
             _ => Outcome::Retry(retry_after),
         }
     }

@@ -8,14 +8,48 @@ use georelay_agent::{AgentConfig, SimDevice, SimulateConfig};
 use georelay_core::{DeviceId, DeviceKey};
 use std::path::Path;
 
-use crate::cli::{AgentCmd, AgentRunArgs, SimulateArgs};
+use crate::cli::{AgentCmd, AgentRequeueArgs, AgentRunArgs, SimulateArgs};
 use crate::{config, service};
 
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
     match cmd {
         AgentCmd::Run(args) => agent(args).await,
         AgentCmd::Simulate(args) => simulate(args).await,
+        AgentCmd::Requeue(args) => requeue(args).await,
     }
+}
+
+async fn requeue(args: AgentRequeueArgs) -> anyhow::Result<()> {
+    let buffers: Vec<std::path::PathBuf> = match &args.device {
+        Some(device) => {
+            let device = DeviceId::parse(device).with_context(|| format!("--device {device:?}"))?;
+            vec![args.state_dir.join(format!("{device}.db"))]
+        }
+        None => {
+            let mut found: Vec<_> = std::fs::read_dir(&args.state_dir)
+                .with_context(|| format!("cannot read {}", args.state_dir.display()))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "db"))
+                .collect();
+            found.sort();
+            found
+        }
+    };
+    anyhow::ensure!(
+        !buffers.is_empty(),
+        "no agent buffer (DEVICE.db) in {}",
+        args.state_dir.display()
+    );
+    for path in buffers {
+        anyhow::ensure!(path.is_file(), "no agent buffer at {}", path.display());
+        let moved = georelay_agent::buffer::requeue(&path)
+            .await
+            .with_context(|| format!("cannot requeue {}", path.display()))?;
+        let device = path.file_stem().and_then(|s| s.to_str()).unwrap_or("?");
+        println!("{device}: {moved} set-aside records back in line");
+    }
+    Ok(())
 }
 
 fn sender(urls: Vec<String>) -> anyhow::Result<SenderConfig> {

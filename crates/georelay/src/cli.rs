@@ -76,6 +76,24 @@ pub enum AgentCmd {
     Run(AgentRunArgs),
     /// A fleet of simulated devices sending at a fixed rate, with a ledger of every 202
     Simulate(SimulateArgs),
+    /// Put the records the server refused (set aside in the buffer) back in
+    /// line, to be sent again under their own seqs: after fixing what made
+    /// the server refuse them
+    Requeue(AgentRequeueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentRequeueArgs {
+    /// The agent's state directory
+    #[arg(
+        long,
+        env = "GEORELAY_STATE_DIR",
+        default_value = "/var/lib/georelay-agent"
+    )]
+    pub state_dir: std::path::PathBuf,
+    /// Only this device's buffer (default: every buffer in the directory)
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Args)]
