@@ -616,3 +616,99 @@ async fn nonsense_settings_are_refused_at_start_naming_the_setting() {
         "{stderr}"
     );
 }
+
+/// NATS credentials go into the sealed key columns, never the endpoint (it
+/// was the only way, and `namespace list` printed it): an endpoint with
+/// `user:pass@` is refused with the way to do it; credentials given as
+/// `--key-name user:NAME --key -` are stored sealed, never printed, and a
+/// region that asks for them accepts what the control plane holds.
+#[tokio::test]
+async fn nats_credentials_are_sealed_and_never_printed() {
+    let cli = Cli::new().await;
+    let region = georelay_testkit::NatsRegion::start_with("creds", |_| {
+        ["--user", "georelay", "--pass", "n4ts-s3cret"]
+            .map(String::from)
+            .to_vec()
+    })
+    .unwrap();
+    let in_url = format!("nats://georelay:n4ts-s3cret@127.0.0.1:{}", region.port());
+    let add = |endpoint: &str, creds: &[&'static str]| {
+        let args = [
+            &[
+                "admin",
+                "namespace",
+                "add",
+                "--name",
+                "eu-auth",
+                "--region",
+                "eu",
+                "--transport",
+                "nats",
+                "--endpoint",
+                endpoint,
+                "--priority",
+                "1",
+            ][..],
+            creds,
+        ]
+        .concat();
+        cli.run_with(&args, &[], Some("n4ts-s3cret"))
+    };
+    let refused = add(&in_url, &[]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("must not carry credentials")
+            && refused.stderr.contains("--key-name user:NAME")
+            && !refused.stderr.contains("n4ts-s3cret"),
+        "{}",
+        refused.stderr
+    );
+    let bad_name = add(&region.url(), &["--key-name", "georelay", "--key", "-"]);
+    assert_eq!(bad_name.code, 1, "{}", bad_name.stderr);
+    assert!(bad_name.stderr.contains("user:NAME"), "{}", bad_name.stderr);
+    let added = add(
+        &region.url(),
+        &["--key-name", "user:georelay", "--key", "-"],
+    );
+    assert_eq!(added.code, 0, "{}", added.stderr);
+    let list = cli.ok(&["admin", "namespace", "list"]);
+    assert!(
+        list.contains("eu-auth") && !list.contains("n4ts-s3cret"),
+        "{list}"
+    );
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT key_sealed FROM namespaces WHERE name = 'eu-auth'")
+            .fetch_one(cli.db.pool())
+            .await
+            .unwrap();
+    assert!(
+        !stored.windows(11).any(|w| w == b"n4ts-s3cret"),
+        "sealed, not plaintext"
+    );
+    // What the services load from the control plane gets in.
+    let master = MasterKey::from_base64(&cli.master_key).unwrap();
+    let routing = georelay_store::routing::load_routing(cli.db.pool(), &master)
+        .await
+        .unwrap();
+    let triplet = &routing.namespaces[0].triplet;
+    let ns = georelay_transport::Namespace::connect(triplet, georelay_transport::Limits::default())
+        .await
+        .unwrap();
+    ns.probe().await.unwrap();
+    // A row from before the rule, with credentials in its endpoint, is
+    // listed with them masked.
+    sqlx::query("ALTER TABLE namespaces DROP CONSTRAINT namespaces_endpoint_no_credentials")
+        .execute(cli.db.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE namespaces SET endpoint = $1 WHERE name = 'eu-auth'")
+        .bind(&in_url)
+        .execute(cli.db.pool())
+        .await
+        .unwrap();
+    let list = cli.ok(&["admin", "namespace", "list"]);
+    assert!(
+        !list.contains("n4ts-s3cret") && list.contains("nats://***@127.0.0.1"),
+        "{list}"
+    );
+}

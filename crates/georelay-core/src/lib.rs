@@ -29,4 +29,4 @@ pub use envelope::{Envelope, EnvelopeError};
 pub use ids::{DeviceId, IdError, MAX_SEQ};
 pub use record::{DeviceKey, RecordBody, RecordError, SealedRecord, KEY_LEN, NONCE_LEN, TAG_LEN};
 pub use secret::{KeyId, MasterKey, SecretError};
-pub use triplet::{TransportKind, Triplet};
+pub use triplet::{redacted_endpoint, TransportKind, Triplet};

@@ -61,6 +61,8 @@ pub struct Settings {
     pub declare_trouble_after: Duration,
     /// `--failover-cooldown`.
     pub failover_cooldown: Duration,
+    /// `--nats-ca-file`: the CA of `tls://` NATS servers.
+    pub nats_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -72,6 +74,7 @@ impl Default for Settings {
             ingest_lease: Duration::from_secs(5),
             declare_trouble_after: Duration::from_secs(10),
             failover_cooldown: Duration::from_secs(10),
+            nats_ca_file: None,
         }
     }
 }
@@ -144,6 +147,7 @@ impl Config {
             limits: Limits {
                 publish_deadline: s.ingest_publish_deadline.min(s.lease / 2),
                 request_deadline: (s.lease / 2).min(defaults.request_deadline),
+                nats_ca_file: s.nats_ca_file.clone(),
                 ..Limits::default()
             },
             poll_interval: Duration::from_secs(2),

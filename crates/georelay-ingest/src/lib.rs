@@ -71,6 +71,8 @@ pub struct Settings {
     pub max_bytes_in_flight: usize,
     /// The largest message the Service Bus namespaces take, in bytes.
     pub servicebus_max_message: usize,
+    /// The CA of `tls://` NATS servers, if the system does not trust it.
+    pub nats_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -85,6 +87,7 @@ impl Default for Settings {
             max_concurrent_requests: 2048,
             max_bytes_in_flight: 256 * 1024 * 1024,
             servicebus_max_message: georelay_transport::SERVICEBUS_STANDARD_MAX_MESSAGE,
+            nats_ca_file: None,
         }
     }
 }
@@ -99,6 +102,7 @@ pub struct Config {
     /// Bound on broker management calls and probes.
     pub(crate) broker_request_deadline: Duration,
     pub(crate) servicebus_max_message: usize,
+    pub(crate) nats_ca_file: Option<std::path::PathBuf>,
     /// Bound on a whole records request, failovers included: longer than
     /// the publish deadline, so a publish can finish within it.
     pub(crate) request_deadline: Duration,
@@ -169,6 +173,7 @@ impl Config {
             publish_deadline: s.publish_deadline,
             broker_request_deadline: Duration::from_secs(5),
             servicebus_max_message: s.servicebus_max_message,
+            nats_ca_file: s.nats_ca_file.clone(),
             request_deadline: s.request_deadline,
             breaker: BreakerConfig {
                 slow: s.breaker_slow,
@@ -252,6 +257,7 @@ pub async fn run(
                 publish_deadline: config.publish_deadline,
                 request_deadline: config.broker_request_deadline,
                 servicebus_max_message: config.servicebus_max_message,
+                nats_ca_file: config.nats_ca_file.clone(),
             },
             breaker: config.breaker.clone(),
             cooldown: config.failover_cooldown,

@@ -167,6 +167,12 @@ fn refusal(constraint: Option<&str>, message: &str) -> String {
             "a servicebus namespace needs --key-name and --key (its SAS policy)".to_owned()
         }
         Some("namespaces_key_pair") => "--key-name and --key go together".to_owned(),
+        Some("namespaces_endpoint_no_credentials") => {
+            "the endpoint must not carry credentials (user:pass@): give them as --key-name user:NAME (or token) and --key -, which are stored sealed".to_owned()
+        }
+        Some("namespaces_nats_key_name") => {
+            "a nats namespace's --key-name is user:NAME (with the password as --key) or token (with the token as --key)".to_owned()
+        }
         Some("devices_id_check") => {
             "device id must be 1 to 128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit".to_owned()
         }

@@ -16,6 +16,8 @@ pub struct NatsRegion {
     name: String,
     port: u16,
     dir: PathBuf,
+    /// Added to the command line (credentials, TLS).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -23,6 +25,15 @@ impl NatsRegion {
     /// Starts `nats-server -js` on a free port of 127.0.0.1 and waits until it
     /// accepts connections.
     pub fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_with(name, |_| Vec::new())
+    }
+
+    /// [`start`](Self::start) with more `nats-server` arguments, made from
+    /// the region's own directory (where a test can put certificates).
+    pub fn start_with(
+        name: &str,
+        extra: impl FnOnce(&std::path::Path) -> Vec<String>,
+    ) -> anyhow::Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = std::env::temp_dir().join(format!(
             "georelay-region-{name}-{}",
@@ -32,6 +43,7 @@ impl NatsRegion {
         let mut region = Self {
             name: name.to_owned(),
             port,
+            extra: extra(&dir),
             dir,
             child: None,
         };
@@ -103,6 +115,7 @@ impl NatsRegion {
             .arg(self.dir.join("store"))
             .arg("-l")
             .arg(self.dir.join("nats.log"))
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

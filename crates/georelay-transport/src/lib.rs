@@ -34,7 +34,7 @@ pub mod nats;
 mod pool;
 pub mod servicebus;
 
-pub use georelay_core::{TransportKind, Triplet};
+pub use georelay_core::{redacted_endpoint, TransportKind, Triplet};
 pub use pool::{NamespacePool, Pooled};
 
 use bytes::Bytes;
@@ -129,6 +129,10 @@ pub struct Limits {
     /// The largest message a Service Bus namespace takes, in bytes: 256 KiB
     /// on the standard tier, up to 100 MiB on premium. (NATS says its own.)
     pub servicebus_max_message: usize,
+    /// PEM file of the CA that signs `tls://` NATS servers' certificates, if
+    /// not one the system trusts (not a limit, but fixed for every
+    /// connection the same way).
+    pub nats_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Service Bus standard tier's largest message.
@@ -140,6 +144,7 @@ impl Default for Limits {
             publish_deadline: Duration::from_secs(2),
             request_deadline: Duration::from_secs(5),
             servicebus_max_message: SERVICEBUS_STANDARD_MAX_MESSAGE,
+            nats_ca_file: None,
         }
     }
 }
@@ -190,19 +195,23 @@ pub enum Namespace {
 
 impl Namespace {
     /// Connects to a namespace as the control plane describes it. Service
-    /// Bus needs the SAS policy name and key. NATS waits up to
+    /// Bus needs the SAS policy name and key; NATS takes a user and password
+    /// (key name `user:NAME`, the password as the key) or a token (key name
+    /// `token`), or none; a `tls://` endpoint requires TLS. NATS waits up to
     /// [`CONNECT_WAIT`] for the first connection, so the first calls do not
     /// fail while it is being set up; a server that is down does not fail
     /// this call (calls fail as [`ErrorKind::Unreachable`] until it is up,
     /// and the client keeps connecting in the background).
     pub async fn connect(triplet: &Triplet, limits: Limits) -> Result<Self, TransportError> {
         match (triplet.transport, &triplet.key_name, &triplet.key) {
-            (TransportKind::Nats, _, _) => {
+            (TransportKind::Nats, key_name, key) => {
+                let auth = nats::NatsAuth::from_key(key_name.as_deref(), key.as_ref())?;
                 let endpoint = triplet.endpoint.as_str();
-                let ns = Self::Nats(nats::NatsNamespace::connect(endpoint, limits).await?);
+                let ns =
+                    Self::Nats(nats::NatsNamespace::connect_with(endpoint, auth, limits).await?);
                 if !ns.wait_connected(CONNECT_WAIT).await {
                     tracing::warn!(
-                        endpoint,
+                        endpoint = %redacted_endpoint(endpoint),
                         "namespace does not answer yet; connecting in the background"
                     );
                 }

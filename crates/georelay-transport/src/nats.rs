@@ -51,7 +51,58 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
-use crate::{Delivery, ErrorKind, Handle, Limits, TransportError};
+use crate::{redacted_endpoint, Delivery, ErrorKind, Handle, Limits, TransportError};
+use zeroize::Zeroizing;
+
+/// How georelay authenticates to a NATS server, from a namespace's key
+/// columns (sealed at rest like a Service Bus key).
+#[derive(Clone)]
+pub enum NatsAuth {
+    /// Key name `user:NAME`, the password as the key.
+    UserPassword {
+        user: String,
+        password: Zeroizing<String>,
+    },
+    /// Key name `token`, the token as the key.
+    Token(Zeroizing<String>),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UserPassword { user, .. } => write!(f, "UserPassword({user}, <redacted>)"),
+            Self::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
+}
+
+impl NatsAuth {
+    /// The credentials a namespace's key name and key stand for; `None`
+    /// without a key.
+    pub fn from_key(
+        key_name: Option<&str>,
+        key: Option<&Zeroizing<String>>,
+    ) -> Result<Option<Self>, TransportError> {
+        match (key_name, key) {
+            (None, None) => Ok(None),
+            (Some("token"), Some(key)) => Ok(Some(Self::Token(key.clone()))),
+            (Some(name), Some(key)) => match name.strip_prefix("user:") {
+                Some(user) if !user.is_empty() => Ok(Some(Self::UserPassword {
+                    user: user.to_owned(),
+                    password: key.clone(),
+                })),
+                _ => Err(TransportError::new(
+                    ErrorKind::Auth,
+                    "a nats namespace's key name is user:NAME (the password as the key) or token",
+                )),
+            },
+            _ => Err(TransportError::new(
+                ErrorKind::Auth,
+                "a nats namespace's key name and key go together",
+            )),
+        }
+    }
+}
 
 /// The worker's durable consumer on every queue stream.
 pub const CONSUMER: &str = "georelay-drain";
@@ -84,6 +135,9 @@ struct Inner {
     limits: Limits,
     /// Per queue: the consumer and the connection generation it was made in.
     consumers: Mutex<HashMap<String, (PullConsumer, u64)>>,
+    /// Set when the server refused our credentials, cleared on connecting:
+    /// calls then fail as [`ErrorKind::Auth`], not as unreachable.
+    auth_refused: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped on every disconnect: messages the server sent on a lost
     /// connection count as delivered and come back only after the ack wait,
     /// so a consumer from an older generation is replaced before the next
@@ -99,18 +153,56 @@ impl NatsNamespace {
     /// server is down: the client keeps connecting in the background, and
     /// calls fail as [`ErrorKind::Unreachable`] until it is up.
     pub async fn connect(url: &str, limits: Limits) -> Result<Self, TransportError> {
+        Self::connect_with(url, None, limits).await
+    }
+
+    /// [`connect`](Self::connect) with credentials. A `tls://` URL requires
+    /// TLS, trusting the system's CAs and [`Limits::nats_ca_file`].
+    pub async fn connect_with(
+        url: &str,
+        auth: Option<NatsAuth>,
+        limits: Limits,
+    ) -> Result<Self, TransportError> {
         // The client's own timeouts sit behind ours, so a slow server is
         // always reported by our deadline as a Timeout.
         let backstop =
             limits.request_deadline.max(limits.publish_deadline) + Duration::from_secs(1);
         let generation = Arc::new(AtomicU64::new(0));
         let bump = generation.clone();
-        let client = ConnectOptions::new()
+        let auth_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = auth_refused.clone();
+        let shown = redacted_endpoint(url).into_owned();
+        let mut options = match auth {
+            None => ConnectOptions::new(),
+            Some(NatsAuth::Token(token)) => ConnectOptions::with_token(token.to_string()),
+            Some(NatsAuth::UserPassword { user, password }) => {
+                ConnectOptions::with_user_and_password(user, password.to_string())
+            }
+        };
+        if let Some(ca) = &limits.nats_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        let client = options
             .event_callback(move |event| {
-                let bump = bump.clone();
+                let (bump, refused, shown) = (bump.clone(), refused.clone(), shown.clone());
                 async move {
-                    if matches!(event, async_nats::Event::Disconnected) {
-                        bump.fetch_add(1, Ordering::SeqCst);
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            bump.fetch_add(1, Ordering::SeqCst);
+                        }
+                        async_nats::Event::Connected => refused.store(false, Ordering::SeqCst),
+                        // Refused while connected, or at a (re)connect
+                        // attempt (the connector reports its error kind).
+                        async_nats::Event::ServerError(
+                            async_nats::ServerError::AuthorizationViolation,
+                        ) => refused_credentials(&refused, &shown),
+                        async_nats::Event::ClientError(async_nats::ClientError::Other(e))
+                            if e == async_nats::ConnectErrorKind::AuthorizationViolation
+                                .to_string() =>
+                        {
+                            refused_credentials(&refused, &shown)
+                        }
+                        _ => {}
                     }
                 }
             })
@@ -129,7 +221,7 @@ impl NatsNamespace {
             .map_err(|e| {
                 TransportError::new(
                     ErrorKind::Unreachable,
-                    format!("cannot connect to {url}: {e}"),
+                    format!("cannot connect to {}: {e}", redacted_endpoint(url)),
                 )
             })?;
         let mut js = jetstream::new(client.clone());
@@ -140,6 +232,7 @@ impl NatsNamespace {
                 js,
                 limits,
                 consumers: Mutex::new(HashMap::new()),
+                auth_refused,
                 generation,
                 suspects: parking_lot::Mutex::new(HashSet::new()),
             }),
@@ -548,6 +641,11 @@ impl NatsNamespace {
     fn connected(&self) -> Result<(), TransportError> {
         if self.is_connected() {
             Ok(())
+        } else if self.inner.auth_refused.load(Ordering::SeqCst) {
+            Err(TransportError::new(
+                ErrorKind::Auth,
+                "nats-server refused the credentials",
+            ))
         } else {
             Err(TransportError::new(
                 ErrorKind::Unreachable,
@@ -588,6 +686,14 @@ impl NatsNamespace {
             _ => ErrorKind::Rejected,
         };
         TransportError::new(kind, format!("publish: {e}"))
+    }
+}
+
+/// Notes that the server refused our credentials (logged once per episode).
+fn refused_credentials(refused: &std::sync::atomic::AtomicBool, endpoint: &str) {
+    if !refused.swap(true, Ordering::SeqCst) {
+        tracing::error!(endpoint,
+            "nats-server refused georelay's credentials: set them with `georelay admin namespace set-key` (key name user:NAME or token)");
     }
 }
 

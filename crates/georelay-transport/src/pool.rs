@@ -90,7 +90,7 @@ impl NamespacePool {
                 if conns.contains_key(&id) {
                     tracing::info!(
                         namespace_id = id,
-                        endpoint = %triplet.endpoint,
+                        endpoint = %crate::redacted_endpoint(&triplet.endpoint),
                         "namespace changed (endpoint, transport or key): reconnected"
                     );
                 }

@@ -46,7 +46,7 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
                 a.name,
                 a.region,
                 transport.as_str(),
-                a.endpoint,
+                georelay_core::redacted_endpoint(&a.endpoint),
                 a.priority
             );
         }
@@ -274,7 +274,7 @@ fn namespaces_table(namespaces: &[control::Namespace]) -> String {
             yes_no(n.enabled),
             n.health.clone(),
             time(n.health_changed_at),
-            n.endpoint.clone(),
+            georelay_core::redacted_endpoint(&n.endpoint).into_owned(),
         ]);
     }
     t.render(2)

@@ -192,6 +192,10 @@ pub struct DrainArgs {
     /// Least time between two automatic moves of one group (flapping guard)
     #[arg(long, env = "GEORELAY_FAILOVER_COOLDOWN", default_value = "10s", value_parser = duration)]
     pub failover_cooldown: Duration,
+    /// PEM file of the CA that signs tls:// NATS servers' certificates (when
+    /// the system does not trust it)
+    #[arg(long, env = "GEORELAY_NATS_CA_FILE")]
+    pub nats_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Ingest settings; every flag can also come from the environment.
@@ -241,6 +245,10 @@ pub struct IngestArgs {
         default_value_t = 262_144
     )]
     pub servicebus_max_message: usize,
+    /// PEM file of the CA that signs tls:// NATS servers' certificates (when
+    /// the system does not trust it)
+    #[arg(long, env = "GEORELAY_NATS_CA_FILE")]
+    pub nats_ca_file: Option<std::path::PathBuf>,
 }
 
 /// "250ms", "2s", "1m" or plain seconds.
@@ -310,8 +318,9 @@ pub enum NamespaceCmd {
     Enable(NameArg),
     /// Take a namespace out of rotation (senders are never moved to it)
     Disable(NameArg),
-    /// Replace a namespace's SAS key (after regenerating it); running
-    /// services reconnect with it without a restart
+    /// Replace a namespace's key: a Service Bus SAS key (after regenerating
+    /// it), or NATS credentials (key name user:NAME with the password, or
+    /// token); running services reconnect with it without a restart
     SetKey(NamespaceSetKey),
 }
 
@@ -319,10 +328,11 @@ pub enum NamespaceCmd {
 pub struct NamespaceSetKey {
     #[arg(long)]
     pub name: String,
-    /// SAS policy (issuer) name
+    /// SAS policy (issuer) name; for NATS, user:NAME or token
     #[arg(long)]
     pub key_name: String,
-    /// SAS (issuer) key, stored sealed with the master key; `-` reads it from stdin
+    /// SAS (issuer) key, NATS password or token, stored sealed with the
+    /// master key; `-` reads it from stdin (keeps it out of `ps`)
     #[arg(long)]
     pub key: String,
 }
@@ -335,16 +345,19 @@ pub struct NamespaceAdd {
     pub region: String,
     #[arg(long, value_enum)]
     pub transport: TransportArg,
-    /// nats://host:port, or the Service Bus namespace (https://NAME.servicebus.windows.net)
+    /// nats://host:port (tls://host:port to require TLS), or the Service Bus
+    /// namespace (https://NAME.servicebus.windows.net)
     #[arg(long)]
     pub endpoint: String,
     /// Lower is preferred
     #[arg(long, allow_negative_numbers = true)]
     pub priority: i32,
-    /// SAS policy (issuer) name
+    /// SAS policy (issuer) name; for NATS, user:NAME or token (credentials
+    /// never go in the endpoint)
     #[arg(long, requires = "key")]
     pub key_name: Option<String>,
-    /// SAS (issuer) key, stored sealed with the master key; `-` reads it from stdin
+    /// SAS (issuer) key, NATS password or token, stored sealed with the
+    /// master key; `-` reads it from stdin (keeps it out of `ps`)
     #[arg(long, requires = "key_name")]
     pub key: Option<String>,
 }
