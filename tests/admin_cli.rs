@@ -295,6 +295,22 @@ async fn bad_input_gets_a_one_line_error_and_a_meaningful_exit_code() {
         4,
         "namespace \"mars\"",
     );
+    // A second group on a queue: refused by the database, with the way.
+    cli.fails(
+        &[
+            "admin",
+            "group",
+            "add",
+            "--name",
+            "g2",
+            "--queue",
+            "telemetry",
+            "--namespace",
+            "eu-north",
+        ],
+        1,
+        "queue \"telemetry\" belongs to another group (two workers would share one queue and reorder) (give each group a queue of its own)",
+    );
     cli.fails(
         &["admin", "device", "disable", "--id", "ghost"],
         4,

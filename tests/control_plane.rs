@@ -430,3 +430,99 @@ async fn a_flood_of_unknown_device_ids_holds_only_a_few_database_connections() {
         assert!(lookup.await.unwrap().unwrap().is_none(), "unknown");
     }
 }
+
+/// Every hand edit that would stall a group or lose records is refused by
+/// the database with its own SQLSTATE and a hint, and changes nothing. Trail:
+/// epoch 1 on eu-west, 2 on eu-north (the current one); the group's worker
+/// still on epoch 1.
+#[tokio::test]
+async fn hand_edits_that_would_stall_or_lose_are_refused_with_a_hint() {
+    use sqlx::postgres::PgDatabaseError;
+    let db = TestDb::migrated().await.unwrap();
+    let pool = db.pool();
+    let (group, ns) = control_plane(pool).await;
+    sqlx::query("UPDATE routing_groups SET sender_namespace_id = $1 WHERE id = $2")
+        .bind(ns[1])
+        .bind(group)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE namespaces SET key_name = 'user:g', key_sealed = '\\x00' WHERE name = 'us-east'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let before = snapshot(pool, group).await;
+    let cases: &[(&str, &str)] = &[
+        ("DELETE FROM routing_trail", "GR004"),
+        ("DELETE FROM routing_trail WHERE epoch = 1", "GR004"),
+        ("UPDATE routing_trail SET namespace_id = (SELECT id FROM namespaces WHERE name = 'us-east') WHERE epoch = 1", "GR004"),
+        ("UPDATE routing_trail SET epoch = 7 WHERE epoch = 2", "GR004"),
+        ("INSERT INTO routing_trail (group_id, epoch, namespace_id) SELECT id, 3, sender_namespace_id FROM routing_groups", "GR004"),
+        // The runbook's "mark drained", run on the current epoch.
+        ("UPDATE routing_trail SET sealed_at = now(), drained_at = now() WHERE epoch = 2", "GR005"),
+        ("DELETE FROM routing_groups", "GR006"),
+        ("UPDATE routing_groups SET queue = 'q2'", "GR007"),
+        ("UPDATE routing_groups SET moved_at = now() + interval '1 day'", "GR008"),
+        ("INSERT INTO routing_groups (name, queue, sender_namespace_id) SELECT 'g2', 'q', id FROM namespaces WHERE name = 'us-east'", "GR009"),
+        ("UPDATE namespaces SET endpoint = 'nats://10.9.9.9:4222' WHERE name = 'eu-west'", "GR010"),
+        ("UPDATE namespaces SET name = 'us-east-2' WHERE name = 'us-east'", "GR011"),
+        ("TRUNCATE failover_events", "GR003"),
+    ];
+    for (sql, code) in cases {
+        let err = sqlx::query(sql).execute(pool).await.unwrap_err();
+        let pg = err
+            .as_database_error()
+            .and_then(|e| e.try_downcast_ref::<PgDatabaseError>())
+            .unwrap_or_else(|| panic!("{sql}: {err}"));
+        assert_eq!(pg.code(), *code, "{sql}: {}", pg.message());
+        if *code != "GR003" {
+            assert!(pg.hint().is_some_and(|h| !h.is_empty()), "{sql}: a hint");
+        }
+        assert_eq!(snapshot(pool, group).await, before, "{sql} changed nothing");
+    }
+    // What stays allowed: the runbook's mark-drained on an old epoch, a
+    // drained row's deletion, an endpoint edit where nothing is undrained.
+    sqlx::query("UPDATE routing_trail SET sealed_at = now(), drained_at = now() WHERE epoch = 1")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE namespaces SET endpoint = 'nats://10.9.9.9:4222' WHERE name = 'eu-west'")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM routing_trail WHERE epoch = 1")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The failover cool-down counts from the senders' last move; a group whose
+/// senders never moved has none to wait out (it used to count from the
+/// group's creation: a new group could not fail over for a while).
+#[tokio::test]
+async fn a_new_group_fails_over_at_once() {
+    use georelay_store::control::Actor;
+    use georelay_store::routing::{fail_over, Failover, Trouble};
+    let db = TestDb::migrated().await.unwrap();
+    let pool = db.pool();
+    let (group, ns) = control_plane(pool).await;
+    let actor = Actor {
+        actor: "test".into(),
+        reason: None,
+    };
+    let hour = Duration::from_secs(3600);
+    let first = fail_over(pool, group, ns[0], Trouble::Down, &[], hour, &actor)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first, Failover::Moved { epoch: 2, .. }),
+        "{first:?}"
+    );
+    // Having moved, it waits out the cool-down before moving again.
+    let second = fail_over(pool, group, ns[1], Trouble::Down, &[], hour, &actor)
+        .await
+        .unwrap();
+    assert!(matches!(second, Failover::CoolingDown { .. }), "{second:?}");
+}

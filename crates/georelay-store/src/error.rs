@@ -111,9 +111,21 @@ impl StoreError {
                         name: name.to_owned(),
                     }
                 }
-                // check, foreign key, not null; and the triggers' own GRnnn codes
-                Some("23514" | "23503" | "23502" | "22001") | Some("GR001" | "GR002" | "GR003") => {
+                // check, foreign key, not null
+                Some("23514" | "23503" | "23502" | "22001") => {
                     let message = refusal(db.constraint(), db.message());
+                    return Self::Refused { message, source: e };
+                }
+                // The control plane's guards (GRnnn): their words and the
+                // safe way (the hint), as psql would show them.
+                Some(code) if code.starts_with("GR") => {
+                    let hint = db
+                        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .and_then(|pg| pg.hint());
+                    let message = match hint {
+                        Some(hint) => format!("{} ({hint})", db.message()),
+                        None => db.message().to_owned(),
+                    };
                     return Self::Refused { message, source: e };
                 }
                 _ => {}

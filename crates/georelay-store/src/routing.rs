@@ -220,7 +220,8 @@ impl Trouble {
 ///
 /// 1. if the group's senders are no longer on `troubled`, adopt that move;
 /// 2. mark `troubled` down or degraded (never healthier than it is);
-/// 3. with the failover bit off, or within `cooldown` of the last move, stop;
+/// 3. with the failover bit off, or within `cooldown` of the last move (a
+///    group whose senders never moved has none to wait out), stop;
 /// 4. pick the enabled namespace, not down, not in `troubled`'s region and
 ///    not in `avoid` (namespaces the caller itself sees as broken), healthy
 ///    before degraded, then by priority; move the group there (the trigger
@@ -236,18 +237,21 @@ pub async fn fail_over(
 ) -> Result<Failover, StoreError> {
     let mut tx = pool.begin().await?;
     set_actor(&mut tx, actor).await?;
-    let (sender, epoch, failover_enabled, since_move): (i64, i64, bool, f64) = sqlx::query_as(
-        "SELECT sender_namespace_id, epoch, failover_enabled,
-                extract(epoch FROM now() - moved_at)::float8
+    // Epoch 1: the senders never moved (moved_at is the group's creation),
+    // so there is no cool-down to wait out.
+    let (sender, epoch, failover_enabled, since_move): (i64, i64, bool, Option<f64>) =
+        sqlx::query_as(
+            "SELECT sender_namespace_id, epoch, failover_enabled,
+                CASE WHEN epoch > 1 THEN extract(epoch FROM now() - moved_at)::float8 END
          FROM routing_groups WHERE id = $1 FOR UPDATE",
-    )
-    .bind(group_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or_else(|| StoreError::NotFound {
-        what: "group",
-        name: group_id.to_string(),
-    })?;
+        )
+        .bind(group_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "group",
+            name: group_id.to_string(),
+        })?;
     if sender != troubled {
         tx.commit().await?;
         return Ok(Failover::Adopted {
@@ -267,12 +271,13 @@ pub async fn fail_over(
         tx.commit().await?;
         return Ok(Failover::Disabled);
     }
-    let since_move = Duration::from_secs_f64(since_move.max(0.0));
-    if since_move < cooldown {
-        tx.commit().await?;
-        return Ok(Failover::CoolingDown {
-            retry_after: cooldown - since_move,
-        });
+    if let Some(since_move) = since_move.map(|s| Duration::from_secs_f64(s.max(0.0))) {
+        if since_move < cooldown {
+            tx.commit().await?;
+            return Ok(Failover::CoolingDown {
+                retry_after: cooldown - since_move,
+            });
+        }
     }
     let candidate: Option<i64> = sqlx::query_scalar(
         "SELECT n.id FROM namespaces n, namespaces t

@@ -189,18 +189,15 @@ impl System {
 /// Runs one drill and checks the invariants.
 pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-    let stack = Stack::start(&["eu-west", "eu-north", "us-east"]).await?;
     // Namespaces point at proxies in front of the regions.
     let mut proxies = Vec::new();
-    for (i, region) in stack.regions.iter().enumerate() {
+    let stack = Stack::start_with(&["eu-west", "eu-north", "us-east"], |region| {
         let proxy = FaultProxy::start(([127, 0, 0, 1], region.port()).into())?;
-        sqlx::query("UPDATE namespaces SET endpoint = $1 WHERE id = $2")
-            .bind(format!("nats://{}", proxy.addr()))
-            .bind(stack.namespace_ids[i])
-            .execute(stack.db.pool())
-            .await?;
+        let endpoint = format!("nats://{}", proxy.addr());
         proxies.push(proxy);
-    }
+        Ok(endpoint)
+    })
+    .await?;
     // The services reach PostgreSQL through a proxy too.
     let mut url = url::Url::parse(stack.db.url())?;
     let pg: std::net::SocketAddr = format!(

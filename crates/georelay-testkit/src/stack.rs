@@ -70,6 +70,17 @@ pub const QUEUE: &str = "telemetry";
 
 impl Stack {
     pub async fn start(regions: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(regions, |region| Ok(region.url())).await
+    }
+
+    /// [`start`](Self::start), each namespace's endpoint made by `endpoint`
+    /// from its region (a fault proxy in front of it). Endpoints are set
+    /// before the group exists: the database refuses to change the endpoint
+    /// of a namespace that holds undrained epochs.
+    pub async fn start_with(
+        regions: &[&str],
+        mut endpoint: impl FnMut(&NatsRegion) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Self> {
         let db = TestDb::migrated().await?;
         let master = master_key()?;
         let mut started = Vec::new();
@@ -84,7 +95,7 @@ impl Stack {
                     name,
                     region: name,
                     transport: TransportKind::Nats,
-                    endpoint: &region.url(),
+                    endpoint: &endpoint(&region)?,
                     priority,
                     key_name: None,
                     key: None,
