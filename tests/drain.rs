@@ -9,6 +9,9 @@ use georelay_transport::{Limits, Namespace, Triplet};
 use std::time::Duration;
 
 /// Short grace so epochs seal quickly when no ingest instance is running.
+/// The Service Bus group's queue (the stack's group has [`QUEUE`]).
+const SB_QUEUE: &str = "sb-telemetry";
+
 const DRAIN_ARGS: &[&str] = &[
     "--publish-deadline",
     "200ms",
@@ -697,7 +700,8 @@ async fn a_rotated_service_bus_key_reaches_a_running_worker() {
         actor: "test".into(),
         reason: None,
     };
-    control::add_group(pool, "sb", QUEUE, "sb-west", &actor)
+    // A queue of its own: two groups never share one.
+    control::add_group(pool, "sb", SB_QUEUE, "sb-west", &actor)
         .await
         .unwrap();
     let id = georelay_core::DeviceId::parse("sb-plug").unwrap();
@@ -717,11 +721,11 @@ async fn a_rotated_service_bus_key_reaches_a_running_worker() {
             let ns = Namespace::connect(&triplet, Limits::default())
                 .await
                 .unwrap();
-            ns.ensure_queue(QUEUE).await.unwrap();
+            ns.ensure_queue(SB_QUEUE).await.unwrap();
             let items: Vec<(String, Bytes)> = seqs
                 .map(|seq| (device.id.record_id(seq), device.envelope(seq, 1).encode()))
                 .collect();
-            ns.publish_batch(QUEUE, &items).await.unwrap();
+            ns.publish_batch(SB_QUEUE, &items).await.unwrap();
         }
     };
 

@@ -1028,3 +1028,37 @@ async fn request_bodies_are_held_within_the_bytes_in_flight_budget() {
     .await;
     assert!(accepted, "the budget is given back when the request ends");
 }
+
+/// One bad row must not take the fleet down. A device row holding a key
+/// pasted in by hand (not sealed), and a namespace whose sealed key was
+/// copied from another row: every new process used to refuse to start
+/// (the master key check, the routing load), and the device got 503
+/// forever. Now ingest starts, the device gets 401 (with an ERROR naming
+/// it), the namespace is left out, and every other device is served.
+#[tokio::test]
+async fn a_bad_key_row_refuses_that_row_only() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let good = stack.device("plug-1").await.unwrap();
+    let bad = stack.device("plug-bad").await.unwrap();
+    let pool = stack.db.pool();
+    sqlx::query("UPDATE devices SET key_sealed = $1 WHERE id = 'plug-bad'")
+        .bind(vec![7u8; 32])
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO namespaces (name, region, transport, endpoint, priority, key_name, key_sealed)
+         SELECT 'spare', 'spare', 'nats', 'nats://127.0.0.1:9', 99, 'token', key_sealed
+         FROM devices WHERE id = 'plug-1'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let ingest = stack.ingest(INGEST_ARGS).unwrap();
+    let http = http();
+    let ok = good.post(&http, &ingest.url(), 1).await.unwrap();
+    assert_eq!(ok.0, 202, "{:?}", ok.1);
+    let refused = bad.post(&http, &ingest.url(), 1).await.unwrap();
+    assert_eq!(refused.0, 401, "{:?}", refused.1);
+    assert_eq!(refused.1["error"]["code"], "unauthorized");
+}

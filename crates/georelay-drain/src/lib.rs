@@ -214,6 +214,15 @@ impl Shared {
                 format!("control plane: {e}"),
             )
         })?;
+        if let Some(n) = routing.unopenable.iter().find(|n| n.id == id) {
+            return Err(TransportError::new(
+                georelay_transport::ErrorKind::Auth,
+                format!(
+                    "namespace {}'s sealed key does not open ({}): set it again with `georelay admin namespace set-key`",
+                    n.name, n.why
+                ),
+            ));
+        }
         let info = routing
             .namespaces
             .into_iter()

@@ -400,6 +400,12 @@ async fn device_auth(state: &AppState, device: &DeviceId) -> Result<Arc<DeviceAu
             tracing::warn!("reading device keys timed out");
             Err(unavailable())
         }
+        // That one row is bad, not the database: refuse that device only.
+        Ok(Err(georelay_store::StoreError::Secret(e))) => {
+            tracing::error!(device = %device, error = %e,
+                "the device's sealed key does not open (its row was edited by hand, copied, or restored from another installation): refused with 401; register it again with a new key");
+            Err(ApiError::Unauthorized)
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot read device keys");
             Err(unavailable())

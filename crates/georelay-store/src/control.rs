@@ -351,30 +351,55 @@ pub async fn set_device_enabled(
     }
 }
 
-/// Refuses to go on with a master key that did not seal the secrets already
-/// in the database: with the wrong key every device would fail to
-/// authenticate.
-pub async fn check_master_key(pool: &PgPool, master: &MasterKey) -> Result<(), StoreError> {
-    let other: Option<Vec<u8>> = sqlx::query_scalar(
-        "SELECT head FROM (
-             SELECT substring(key_sealed FROM 1 FOR 5) AS head FROM devices
-             UNION ALL
-             SELECT substring(key_sealed FROM 1 FOR 5) FROM namespaces WHERE key_sealed IS NOT NULL
-         ) s WHERE head IS DISTINCT FROM $1 LIMIT 1",
-    )
-    .bind(master.id().sealed_header().to_vec())
-    .fetch_optional(pool)
+/// Refuses to go on with a master key that sealed none of the secrets in the
+/// database (a wrong key: every device would fail to authenticate). Rows
+/// sealed otherwise beside rows sealed with it — a key pasted in by hand, a
+/// row restored from another installation — are that row's problem, not the
+/// fleet's: they are returned (`device ID`, `namespace NAME`; at most
+/// [`MAX_ODD_ROWS`]) for the caller to report, and refused one by one where
+/// they are used.
+pub async fn check_master_key(
+    pool: &PgPool,
+    master: &MasterKey,
+) -> Result<Vec<String>, StoreError> {
+    const SEALED: &str = "SELECT 'device' AS kind, id AS name, substring(key_sealed FROM 1 FOR 5) AS head FROM devices
+         UNION ALL
+         SELECT 'namespace', name, substring(key_sealed FROM 1 FOR 5) FROM namespaces WHERE key_sealed IS NOT NULL";
+    let header = master.id().sealed_header().to_vec();
+    let odd: Vec<(String, String, Option<Vec<u8>>)> = sqlx::query_as(&format!(
+        "SELECT kind, name, head FROM ({SEALED}) s WHERE head IS DISTINCT FROM $1 LIMIT $2"
+    ))
+    .bind(&header)
+    .bind(MAX_ODD_ROWS as i64)
+    .fetch_all(pool)
     .await?;
-    match other.as_deref().map(KeyId::of_sealed) {
-        None => Ok(()),
-        Some(Some(sealed_with)) => Err(SecretError::WrongMasterKey {
-            sealed_with,
-            configured: master.id(),
+    let Some((_, _, head)) = odd.first() else {
+        return Ok(Vec::new());
+    };
+    let ours: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM ({SEALED}) s WHERE head = $1)"
+    ))
+    .bind(&header)
+    .fetch_one(pool)
+    .await?;
+    if !ours {
+        return Err(match head.as_deref().and_then(KeyId::of_sealed) {
+            Some(sealed_with) => SecretError::WrongMasterKey {
+                sealed_with,
+                configured: master.id(),
+            },
+            None => SecretError::Format,
         }
-        .into()),
-        Some(None) => Err(SecretError::Format.into()),
+        .into());
     }
+    Ok(odd
+        .into_iter()
+        .map(|(kind, name, _)| format!("{kind} {name}"))
+        .collect())
 }
+
+/// Most rows [`check_master_key`] names.
+pub const MAX_ODD_ROWS: usize = 20;
 
 /// A running (or lately running) ingest or drain process, as operators see it.
 #[derive(Debug, Clone, sqlx::FromRow)]

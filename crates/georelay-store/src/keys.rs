@@ -9,7 +9,7 @@
 //! waits for those, and never holds every connection of the pool, which the
 //! lease heartbeat and failover need.
 
-use georelay_core::MasterKey;
+use georelay_core::{MasterKey, SecretError};
 use sqlx::PgPool;
 
 use crate::routing::{device_auth, DeviceAuth};
@@ -29,6 +29,10 @@ pub const MAX_LOOKUPS: usize = 4;
 enum Entry {
     Known(Arc<DeviceAuth>, Instant),
     Unknown(Instant),
+    /// The row's sealed key does not open (a key pasted in by hand, a row
+    /// copied or restored from elsewhere): that device is refused, briefly
+    /// cached like an unknown one so its retries are not a query each.
+    Broken(SecretError, Instant),
 }
 
 #[derive(Debug)]
@@ -49,20 +53,28 @@ impl Devices {
         }
     }
 
-    /// The device's group, state and key; `None` if there is no such device.
+    /// The device's group, state and key; `None` if there is no such device;
+    /// [`StoreError::Secret`] if its row's sealed key does not open.
     pub async fn get(&self, id: &str) -> Result<Option<Arc<DeviceAuth>>, StoreError> {
         if let Some(cached) = self.cached(id) {
-            return Ok(cached);
+            return cached;
         }
         // Never closed, so acquiring only waits.
         let _permit = self.lookups.acquire().await;
         // Another request may have looked it up meanwhile.
         if let Some(cached) = self.cached(id) {
-            return Ok(cached);
+            return cached;
         }
-        let found = device_auth(&self.pool, &self.master, id)
-            .await?
-            .map(Arc::new);
+        let found = match device_auth(&self.pool, &self.master, id).await {
+            Ok(found) => found.map(Arc::new),
+            Err(StoreError::Secret(e)) => {
+                self.cache
+                    .write()
+                    .insert(id.to_owned(), Entry::Broken(e.clone(), Instant::now()));
+                return Err(StoreError::Secret(e));
+            }
+            Err(e) => return Err(e),
+        };
         let mut cache = self.cache.write();
         let now = Instant::now();
         match &found {
@@ -80,10 +92,15 @@ impl Devices {
     }
 
     /// The cached answer for `id`, if there is a fresh one.
-    fn cached(&self, id: &str) -> Option<Option<Arc<DeviceAuth>>> {
+    fn cached(&self, id: &str) -> Option<Result<Option<Arc<DeviceAuth>>, StoreError>> {
         match self.cache.read().get(id) {
-            Some(Entry::Known(auth, at)) if at.elapsed() < KNOWN_TTL => Some(Some(auth.clone())),
-            Some(Entry::Unknown(at)) if at.elapsed() < UNKNOWN_TTL => Some(None),
+            Some(Entry::Known(auth, at)) if at.elapsed() < KNOWN_TTL => {
+                Some(Ok(Some(auth.clone())))
+            }
+            Some(Entry::Unknown(at)) if at.elapsed() < UNKNOWN_TTL => Some(Ok(None)),
+            Some(Entry::Broken(e, at)) if at.elapsed() < UNKNOWN_TTL => {
+                Some(Err(StoreError::Secret(e.clone())))
+            }
             _ => None,
         }
     }

@@ -71,6 +71,18 @@ impl Health {
 pub struct Routing {
     pub groups: Vec<RouteGroup>,
     pub namespaces: Vec<RouteNamespace>,
+    /// Namespaces left out because their sealed key does not open (a row
+    /// edited by hand or restored from another installation): one bad row
+    /// must not stop the routing of every other namespace.
+    pub unopenable: Vec<Unopenable>,
+}
+
+/// A namespace whose sealed key does not open with this master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unopenable {
+    pub id: i64,
+    pub name: String,
+    pub why: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -106,20 +118,34 @@ pub async fn load_routing(pool: &PgPool, master: &MasterKey) -> Result<Routing, 
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    let namespaces = rows
-        .into_iter()
-        .map(|r| {
-            let key = r
-                .key_sealed
-                .map(|sealed| open_text(master, &namespace_key_context(&r.name), &sealed))
-                .transpose()?;
+    let mut namespaces = Vec::with_capacity(rows.len());
+    let mut unopenable = Vec::new();
+    for r in rows {
+        let key = match r
+            .key_sealed
+            .as_ref()
+            .map(|sealed| open_text(master, &namespace_key_context(&r.name), sealed))
+            .transpose()
+        {
+            Ok(key) => key,
+            Err(StoreError::Secret(e)) => {
+                unopenable.push(Unopenable {
+                    id: r.id,
+                    name: r.name,
+                    why: e.to_string(),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        namespaces.push({
             let transport = TransportKind::parse(&r.transport).ok_or_else(|| {
                 StoreError::Inconsistent(format!(
                     "namespace {} has an unknown transport {:?}",
                     r.name, r.transport
                 ))
             })?;
-            Ok(RouteNamespace {
+            RouteNamespace {
                 id: r.id,
                 name: r.name,
                 region: r.region,
@@ -132,10 +158,14 @@ pub async fn load_routing(pool: &PgPool, master: &MasterKey) -> Result<Routing, 
                 priority: r.priority,
                 enabled: r.enabled,
                 health: Health::parse(&r.health),
-            })
-        })
-        .collect::<Result<_, StoreError>>()?;
-    Ok(Routing { groups, namespaces })
+            }
+        });
+    }
+    Ok(Routing {
+        groups,
+        namespaces,
+        unopenable,
+    })
 }
 
 fn open_text(

@@ -17,7 +17,7 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
     match cmd {
         Admin::Namespace(NamespaceCmd::Add(a)) => {
             let master = config::master_key()?;
-            control::check_master_key(&pool, &master).await?;
+            config::check_master_key(&pool, &master).await?;
             let key = match a.key.as_deref() {
                 Some("-") => Some(read_secret_from_stdin()?),
                 Some(k) => Some(Zeroizing::new(k.to_owned())),
@@ -52,7 +52,7 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
         }
         Admin::Namespace(NamespaceCmd::SetKey(a)) => {
             let master = config::master_key()?;
-            control::check_master_key(&pool, &master).await?;
+            config::check_master_key(&pool, &master).await?;
             let key = match a.key.as_str() {
                 "-" => read_secret_from_stdin()?,
                 k => Zeroizing::new(k.to_owned()),
@@ -103,7 +103,7 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
             let id =
                 DeviceId::parse(&d.id).with_context(|| format!("invalid device id {:?}", d.id))?;
             let master = config::master_key()?;
-            control::check_master_key(&pool, &master).await?;
+            config::check_master_key(&pool, &master).await?;
             let key = control::add_device(&pool, &master, &id, &d.group).await?;
             eprintln!(
                 "device {id} added to group {}; its key (shown once, keep it secret):",

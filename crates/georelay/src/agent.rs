@@ -185,7 +185,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 async fn provision(keys_dir: &Path, group: &str, n: usize) -> anyhow::Result<()> {
     let pool = config::database().await?;
     let master = config::master_key()?;
-    georelay_store::control::check_master_key(&pool, &master).await?;
+    config::check_master_key(&pool, &master).await?;
     for i in 1..=n {
         let id = DeviceId::parse(&format!("sim-{i:04}"))?;
         let path = keys_dir.join(format!("{id}.key"));

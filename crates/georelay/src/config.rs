@@ -35,3 +35,17 @@ pub fn env(name: &str) -> anyhow::Result<Option<String>> {
         Err(std::env::VarError::NotUnicode(_)) => bail!("{name} is set but is not valid UTF-8"),
     }
 }
+
+/// Refuses a master key that sealed none of the secrets in the database;
+/// names (ERROR) the rows sealed otherwise, which are refused one by one
+/// where they are used rather than stopping the process.
+pub async fn check_master_key(pool: &PgPool, master: &MasterKey) -> anyhow::Result<()> {
+    let odd = georelay_store::control::check_master_key(pool, master).await?;
+    if !odd.is_empty() {
+        tracing::error!(
+            rows = %odd.join(", "),
+            "sealed keys that this master key did not seal (pasted in by hand, or restored from another installation): those devices get 401 and those namespaces are left out until their keys are set again; the rest goes on"
+        );
+    }
+    Ok(())
+}

@@ -23,7 +23,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     })?;
     let master = config::master_key()?;
     let pool = config::database_with(16).await?;
-    georelay_store::control::check_master_key(&pool, &master).await?;
+    config::check_master_key(&pool, &master).await?;
     let api = bind(&args.listen).await?;
     let metrics = match &args.metrics_listen {
         Some(listen) => {
@@ -52,7 +52,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     })?;
     let master = config::master_key()?;
     let pool = config::database_with(8).await?;
-    georelay_store::control::check_master_key(&pool, &master).await?;
+    config::check_master_key(&pool, &master).await?;
     let listener = bind(&args.listen).await?;
     georelay_drain::run(drain, pool, master, listener, shutdown_on_signal()).await?;
     Ok(())

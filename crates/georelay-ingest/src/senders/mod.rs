@@ -109,6 +109,9 @@ pub struct Senders {
     pub lease: Lease,
     /// Ask the reload task for a fresh snapshot.
     pub reload_wanted: Notify,
+    /// Namespaces left out of the routing (their key does not open), as
+    /// last reported: an ERROR when the set changes, not at every reload.
+    unopenable: parking_lot::Mutex<Vec<georelay_store::routing::Unopenable>>,
 }
 
 impl Senders {
@@ -133,6 +136,7 @@ impl Senders {
             flights: Flights::default(),
             metrics,
             reload_wanted: Notify::new(),
+            unopenable: parking_lot::Mutex::default(),
         }
     }
 
@@ -141,6 +145,16 @@ impl Senders {
     /// senders moved (a higher epoch) send to the new namespace from now on.
     pub async fn reload(&self) -> Result<(), StoreError> {
         let routing = load_routing(&self.pool, &self.master).await?;
+        {
+            let mut known = self.unopenable.lock();
+            if *known != routing.unopenable {
+                for n in &routing.unopenable {
+                    tracing::error!(namespace = %n.name, error = %n.why,
+                        "namespace left out of the routing: its sealed key does not open (edited by hand, or restored from another installation); set it again with `georelay admin namespace set-key`");
+                }
+                known.clone_from(&routing.unopenable);
+            }
+        }
         self.namespaces.load(routing.namespaces).await;
         for g in &routing.groups {
             let route = Route {
