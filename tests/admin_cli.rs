@@ -728,3 +728,55 @@ async fn nats_credentials_are_sealed_and_never_printed() {
         "{list}"
     );
 }
+
+/// `admin doctor` checks the control plane's invariants and prints each
+/// problem with the statement that fixes it (exit 1); `admin status` shows
+/// them first. Problems made by hand: an ingest instance with a lease a day
+/// ahead (it holds back every seal barrier), and a drain lease naming no
+/// running process.
+#[tokio::test]
+async fn doctor_names_each_problem_with_its_fix() {
+    let cli = Cli::new().await;
+    cli.setup_regions();
+    assert_eq!(cli.ok(&["admin", "doctor"]), "no problems found\n");
+    let pool = cli.db.pool();
+    sqlx::query("INSERT INTO instances (id, role, hostname, lease_until) VALUES ('00000000-0000-0000-0000-00000000beef', 'ingest', 'ghost', now() + interval '1 day')")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO drain_leases (group_id, instance_id, token, lease_until) SELECT id, '00000000-0000-0000-0000-00000000dead', 1, now() + interval '1 hour' FROM routing_groups")
+        .execute(pool)
+        .await
+        .unwrap();
+    let r = cli.run(&["admin", "doctor"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("2 control plane problem(s)"),
+        "{}",
+        r.stderr
+    );
+    let fixes: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("fix: "))
+        .collect();
+    assert_eq!(
+        fixes,
+        vec![
+            "UPDATE drain_leases SET lease_until = now() WHERE group_id = (SELECT id FROM routing_groups WHERE name = 'demo')",
+            "DELETE FROM instances WHERE id = '00000000-0000-0000-0000-00000000beef'",
+        ],
+        "{}",
+        r.stdout
+    );
+    let status = cli.ok(&["admin", "status"]);
+    assert!(
+        status.starts_with("PROBLEM group demo: its drain lease names instance"),
+        "{status}"
+    );
+    // The printed fixes fix it.
+    for fix in fixes {
+        sqlx::query(fix).execute(pool).await.unwrap();
+    }
+    assert_eq!(cli.ok(&["admin", "doctor"]), "no problems found\n");
+}

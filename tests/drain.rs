@@ -757,3 +757,21 @@ async fn a_rotated_service_bus_key_reaches_a_running_worker() {
     wait_stored(&stack, 10, Duration::from_secs(60)).await;
     assert_in_order(&stack, 10).await;
 }
+
+/// The drain's watchdog counts control plane problems: here an ingest
+/// instance row inserted by hand with a lease a day ahead, which holds back
+/// every seal barrier (an ERROR names it and the fix).
+#[tokio::test]
+async fn the_watchdog_counts_a_hand_inserted_instance_holding_back_the_barrier() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    sqlx::query("INSERT INTO instances (id, role, hostname, lease_until) VALUES ('00000000-0000-0000-0000-00000000beef', 'ingest', 'ghost', now() + interval '1 day')")
+        .execute(stack.db.pool())
+        .await
+        .unwrap();
+    let worker = stack.drain(DRAIN_ARGS).unwrap();
+    let counted = wait_until(Duration::from_secs(10), || async {
+        metric(&worker, "georelay_control_plane_problems").await == 1.0
+    })
+    .await;
+    assert!(counted, "georelay_control_plane_problems is 1");
+}

@@ -313,6 +313,18 @@ pub async fn run(
             .await
     });
     tracing::info!(%instance, "drain worker started");
+    let watchdog = tokio::spawn({
+        let (gauge, stop) = (
+            shared.metrics.control_plane_problems.clone(),
+            shutdown.clone(),
+        );
+        georelay_store::doctor::watchdog(
+            shared.pool.clone(),
+            shared.master.clone(),
+            move |n| gauge.set(n as i64),
+            async move { stop.cancelled().await },
+        )
+    });
 
     let workers = TaskTracker::new();
     let mut running = HashSet::new();
@@ -347,6 +359,7 @@ pub async fn run(
     workers.wait().await;
     let _ = instances::deregister(&shared.pool, instance).await;
     let _ = http.await;
+    let _ = watchdog.await;
     tracing::info!(%instance, "drain worker stopped");
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! namespace names from the control plane and a fixed set of reasons.
 
 use prometheus::{
-    Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, Clone)]
@@ -18,6 +18,8 @@ pub struct Metrics {
     pub blocked_seconds: GaugeVec,
     pub backlog: IntGaugeVec,
     pub lease_held: IntGaugeVec,
+    /// Control plane problems the watchdog found at its last run.
+    pub control_plane_problems: IntGauge,
 }
 
 impl Metrics {
@@ -86,6 +88,11 @@ impl Metrics {
         registry.register(Box::new(blocked_seconds.clone()))?;
         registry.register(Box::new(backlog.clone()))?;
         registry.register(Box::new(lease_held.clone()))?;
+        let control_plane_problems = IntGauge::new(
+            "georelay_control_plane_problems",
+            "Control plane problems found by the watchdog (georelay admin doctor lists them)",
+        )?;
+        registry.register(Box::new(control_plane_problems.clone()))?;
         Ok(Self {
             registry,
             rows_stored,
@@ -97,6 +104,7 @@ impl Metrics {
             blocked_seconds,
             backlog,
             lease_held,
+            control_plane_problems,
         })
     }
 

@@ -280,7 +280,7 @@ pub async fn run(
     .await?;
     senders.lease.renewed(started);
 
-    let devices = Arc::new(Devices::new(pool.clone(), master));
+    let devices = Arc::new(Devices::new(pool.clone(), master.clone()));
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
     let loops = TaskTracker::new();
@@ -307,6 +307,15 @@ pub async fn run(
         senders.clone(),
         background.clone(),
     ));
+    loops.spawn({
+        let (gauge, stop) = (metrics.control_plane_problems.clone(), background.clone());
+        georelay_store::doctor::watchdog(
+            pool.clone(),
+            master.clone(),
+            move |n| gauge.set(n as i64),
+            async move { stop.cancelled().await },
+        )
+    });
 
     let accepting = Arc::new(AtomicBool::new(true));
     let state = Arc::new(http::App {

@@ -3,8 +3,8 @@
 //! from the control plane, not from requests.
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, Clone)]
@@ -16,6 +16,8 @@ pub struct Metrics {
     pub breaker_open: IntGaugeVec,
     pub failovers: IntCounterVec,
     pub group_epoch: IntGaugeVec,
+    /// Control plane problems the watchdog found at its last run.
+    pub control_plane_problems: IntGauge,
 }
 
 impl Metrics {
@@ -69,6 +71,11 @@ impl Metrics {
         registry.register(Box::new(breaker_open.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(group_epoch.clone()))?;
+        let control_plane_problems = IntGauge::new(
+            "georelay_control_plane_problems",
+            "Control plane problems found by the watchdog (georelay admin doctor lists them)",
+        )?;
+        registry.register(Box::new(control_plane_problems.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -77,6 +84,7 @@ impl Metrics {
             breaker_open,
             failovers,
             group_epoch,
+            control_plane_problems,
         })
     }
 

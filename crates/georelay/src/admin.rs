@@ -149,8 +149,34 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
             }
         }
         Admin::Status => print!("{}", status(&pool).await?),
+        Admin::Doctor => {
+            let master = config::master_key()?;
+            let problems = georelay_store::doctor::problems(&pool, Some(&master)).await?;
+            if problems.is_empty() {
+                println!("no problems found");
+            } else {
+                print!("{}", problems_text(&problems));
+                bail!(
+                    "{} control plane problem(s); each is printed above with its fix",
+                    problems.len()
+                );
+            }
+        }
     }
     Ok(())
+}
+
+fn problems_text(problems: &[georelay_store::doctor::Problem]) -> String {
+    let mut out = String::new();
+    for p in problems {
+        out.push_str(&format!(
+            "PROBLEM {}
+  fix: {}
+",
+            p.what, p.fix
+        ));
+    }
+    out
 }
 
 /// The audit actor for commands run by a person: `cli:USER@HOST`.
@@ -186,7 +212,11 @@ async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
     let groups = control::list_groups(pool).await?;
     let trail = control::undrained_trail(pool).await?;
     let namespaces = control::list_namespaces(pool).await?;
-    let mut out = String::from("GROUPS\n");
+    // Key checks need the master key; without it `admin doctor` does them.
+    let master = config::master_key().ok();
+    let problems = georelay_store::doctor::problems(pool, master.as_ref()).await?;
+    let mut out = problems_text(&problems);
+    out.push_str("GROUPS\n");
     if groups.is_empty() {
         out.push_str("  (none: georelay admin group add --name G --queue Q --namespace N)\n");
     }

@@ -298,8 +298,12 @@ pub enum Admin {
     Device(DeviceCmd),
     /// Move a group's senders to another namespace (planned failover or failback)
     Failover(FailoverArgs),
-    /// Groups, their trail and namespaces at a glance
+    /// Groups, their trail and namespaces at a glance (control plane
+    /// problems first)
     Status,
+    /// Check the control plane's invariants; print each problem with its fix
+    /// and exit 1 if there is any
+    Doctor,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
