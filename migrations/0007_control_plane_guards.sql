@@ -112,3 +112,8 @@ CREATE TRIGGER namespaces_guard BEFORE UPDATE OF endpoint, name ON namespaces
 -- The row trigger of 0001 does not fire on TRUNCATE.
 CREATE TRIGGER failover_events_no_truncate BEFORE TRUNCATE ON failover_events
     FOR EACH STATEMENT EXECUTE FUNCTION failover_events_append_only();
+
+-- `georelay admin trail abandon` records giving up on an epoch.
+ALTER TABLE failover_events DROP CONSTRAINT failover_events_kind_check;
+ALTER TABLE failover_events ADD CONSTRAINT failover_events_kind_check
+    CHECK (kind IN ('group_created', 'sender_moved', 'drain_followed', 'exhausted', 'abandoned'));

@@ -775,3 +775,85 @@ async fn the_watchdog_counts_a_hand_inserted_instance_holding_back_the_barrier()
     .await;
     assert!(counted, "georelay_control_plane_problems is 1");
 }
+
+/// The hard day: region A is gone for good with records on it. `admin trail
+/// abandon` says what it would give up (A cannot even be counted), refuses
+/// the current epoch, and with --yes lets the worker go on to B, recording
+/// who gave up what.
+#[tokio::test]
+async fn abandoning_a_lost_region_lets_the_worker_go_on_and_is_recorded() {
+    let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let devices = devices(&stack, 1).await;
+    publish(&stack.regions[0].url(), &devices, 1..=5, 1).await;
+    stack.move_senders(1).await.unwrap();
+    publish(&stack.regions[1].url(), &devices, 6..=8, 2).await;
+    stack.regions[0].kill();
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    let cli = |args: &[&str]| {
+        georelay_testkit::georelay_command(&stack.db)
+            .unwrap()
+            .env("GEORELAY_MASTER_KEY", georelay_testkit::master_key_b64())
+            .args(["admin"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let asked = cli(&["trail", "abandon", "--group", "g", "--epoch", "1"]);
+    assert_eq!(asked.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&asked.stderr);
+    assert!(
+        said.contains("epoch 1 of group g is on eu-west")
+            && said.contains("cannot reach it")
+            && said.contains("--yes"),
+        "{said}"
+    );
+    let current = cli(&["trail", "abandon", "--group", "g", "--epoch", "2", "--yes"]);
+    assert_eq!(current.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&current.stderr).contains("move the senders first"),
+        "{current:?}"
+    );
+    let done = cli(&[
+        "trail",
+        "abandon",
+        "--group",
+        "g",
+        "--epoch",
+        "1",
+        "--reason",
+        "eu-west lost",
+        "--yes",
+    ]);
+    assert!(done.status.success(), "{done:?}");
+    assert!(
+        String::from_utf8_lossy(&done.stdout).contains("the worker drains eu-north now"),
+        "{done:?}"
+    );
+    wait_stored(&stack, 3, Duration::from_secs(30)).await;
+    let (kind, actor, reason): (String, String, Option<String>) =
+        sqlx::query_as("SELECT kind, actor, reason FROM failover_events WHERE kind = 'abandoned'")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (kind.as_str(), reason.as_deref()),
+        ("abandoned", Some("eu-west lost"))
+    );
+    assert!(actor.starts_with("cli:"), "{actor}");
+    // The other hard-day switches.
+    let off = cli(&["group", "set", "--name", "g", "--failover", "off"]);
+    assert!(off.status.success(), "{off:?}");
+    let bit: bool = sqlx::query_scalar("SELECT failover_enabled FROM routing_groups")
+        .fetch_one(stack.db.pool())
+        .await
+        .unwrap();
+    assert!(!bit);
+    georelay_store::control::set_device_enabled(stack.db.pool(), devices[0].id.as_str(), false)
+        .await
+        .unwrap();
+    let on = cli(&["device", "enable", "--id", devices[0].id.as_str()]);
+    assert_eq!(
+        String::from_utf8_lossy(&on.stdout),
+        format!("device {} enabled\n", devices[0].id)
+    );
+}

@@ -280,6 +280,124 @@ pub async fn undrained_trail(pool: &PgPool) -> Result<Vec<TrailEpoch>, StoreErro
     .await?)
 }
 
+/// What [`abandon_epoch`] gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abandoned {
+    /// The namespace the epoch was on.
+    pub namespace: String,
+    /// Where the worker drains now.
+    pub worker_on: String,
+}
+
+/// Gives up on epoch `epoch` of `group` (its region is gone for good): marks
+/// it drained, so the worker goes on to the next epoch and what that queue
+/// still held is not stored. Refused for the current epoch (GR005: move the
+/// senders first). Recorded as an `abandoned` event with `actor`.
+pub async fn abandon_epoch(
+    pool: &PgPool,
+    group: &str,
+    epoch: i64,
+    actor: &Actor,
+) -> Result<Abandoned, StoreError> {
+    let mut tx = pool.begin().await?;
+    set_actor(&mut tx, actor).await?;
+    let group_id: i64 =
+        sqlx::query_scalar("SELECT id FROM routing_groups WHERE name = $1 FOR UPDATE")
+            .bind(group)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "group",
+                name: group.to_owned(),
+            })?;
+    let from: i64 = sqlx::query_scalar(
+        "UPDATE routing_trail SET sealed_at = coalesce(sealed_at, now()), drained_at = now()
+         WHERE group_id = $1 AND epoch = $2 AND drained_at IS NULL RETURNING namespace_id",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(|e| StoreError::from_sqlx(e, "epoch", &epoch.to_string()))?
+    .ok_or_else(|| StoreError::NotFound {
+        what: "undrained epoch",
+        name: format!("{epoch} of group {group}"),
+    })?;
+    let (to, namespace, worker_on): (i64, String, String) = sqlx::query_as(
+        "WITH oldest AS (SELECT namespace_id FROM routing_trail
+                         WHERE group_id = $1 AND drained_at IS NULL ORDER BY epoch LIMIT 1),
+              moved AS (UPDATE routing_groups SET drain_namespace_id = (SELECT namespace_id FROM oldest)
+                        WHERE id = $1 RETURNING drain_namespace_id)
+         SELECT m.drain_namespace_id, f.name, t.name FROM moved m
+         JOIN namespaces f ON f.id = $2 JOIN namespaces t ON t.id = m.drain_namespace_id",
+    )
+    .bind(group_id)
+    .bind(from)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO failover_events (group_id, kind, from_namespace_id, to_namespace_id, epoch, actor, reason)
+         VALUES ($1, 'abandoned', $2, $3, $4, $5, $6)",
+    )
+    .bind(group_id)
+    .bind(from)
+    .bind(to)
+    .bind(epoch)
+    .bind(&actor.actor)
+    .bind(&actor.reason)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Abandoned {
+        namespace,
+        worker_on,
+    })
+}
+
+/// The namespace epoch `epoch` of `group` is on, and the group's queue.
+pub async fn epoch_home(
+    pool: &PgPool,
+    group: &str,
+    epoch: i64,
+) -> Result<(String, String), StoreError> {
+    sqlx::query_as(
+        "SELECT n.name, g.queue FROM routing_trail t
+         JOIN routing_groups g ON g.id = t.group_id JOIN namespaces n ON n.id = t.namespace_id
+         WHERE g.name = $1 AND t.epoch = $2",
+    )
+    .bind(group)
+    .bind(epoch)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| StoreError::NotFound {
+        what: "epoch",
+        name: format!("{epoch} of group {group}"),
+    })
+}
+
+/// Sets a group's failover bit. Returns whether anything changed.
+pub async fn set_failover_enabled(
+    pool: &PgPool,
+    group: &str,
+    enabled: bool,
+) -> Result<bool, StoreError> {
+    let row: Option<(bool,)> = sqlx::query_as(
+        "UPDATE routing_groups g SET failover_enabled = $2 FROM routing_groups old
+         WHERE g.id = old.id AND g.name = $1 RETURNING old.failover_enabled",
+    )
+    .bind(group)
+    .bind(enabled)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some((was,)) => Ok(was != enabled),
+        None => Err(StoreError::NotFound {
+            what: "group",
+            name: group.to_owned(),
+        }),
+    }
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Device {
     pub id: String,

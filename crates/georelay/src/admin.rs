@@ -8,7 +8,9 @@ use georelay_store::control::{self, Actor, NewNamespace, TransportKind};
 use std::io::Read as _;
 use zeroize::Zeroizing;
 
-use crate::cli::{Admin, DeviceCmd, GroupCmd, NamespaceCmd, TransportArg};
+use crate::cli::{
+    Admin, DeviceCmd, GroupCmd, NamespaceCmd, OnOff, TrailAbandon, TrailCmd, TransportArg,
+};
 use crate::config;
 use crate::table::Table;
 
@@ -130,6 +132,29 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
                 }
             );
         }
+        Admin::Device(DeviceCmd::Enable(d)) => {
+            let changed = control::set_device_enabled(&pool, &d.id, true).await?;
+            let state = if changed {
+                "enabled"
+            } else {
+                "was already enabled"
+            };
+            println!("device {} {state}", d.id);
+        }
+        Admin::Group(GroupCmd::Set(g)) => {
+            let on = g.failover == OnOff::On;
+            let changed = control::set_failover_enabled(&pool, &g.name, on).await?;
+            let state = match (on, changed) {
+                (true, true) => "automatic failover on",
+                (false, true) => {
+                    "automatic failover off: it stays where it is, even if its region goes down"
+                }
+                (true, false) => "automatic failover was already on",
+                (false, false) => "automatic failover was already off",
+            };
+            println!("group {}: {state}", g.name);
+        }
+        Admin::Trail(TrailCmd::Abandon(a)) => abandon(&pool, a).await?,
         Admin::Failover(f) => {
             let reason = f
                 .reason
@@ -164,6 +189,54 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `admin trail abandon`: says what the epoch's queue still holds, and with
+/// `--yes` gives it up.
+async fn abandon(pool: &georelay_store::PgPool, a: TrailAbandon) -> anyhow::Result<()> {
+    let (namespace, queue) = control::epoch_home(pool, &a.group, a.epoch).await?;
+    let held = match config::master_key() {
+        Ok(master) => queue_depth(pool, &master, &namespace, &queue).await,
+        Err(e) => format!("cannot count it ({e})"),
+    };
+    if !a.yes {
+        bail!(
+            "epoch {} of group {} is on {namespace}, whose queue {queue} holds {held}: abandoning gives that up for good; run again with --yes to do it",
+            a.epoch,
+            a.group
+        );
+    }
+    let done = control::abandon_epoch(pool, &a.group, a.epoch, &actor(a.reason)).await?;
+    println!(
+        "epoch {} of group {} abandoned ({} held {held}); the worker drains {} now",
+        a.epoch, a.group, done.namespace, done.worker_on
+    );
+    Ok(())
+}
+
+/// What `queue` holds in namespace `name`, in words (the region may be gone).
+async fn queue_depth(
+    pool: &georelay_store::PgPool,
+    master: &georelay_core::MasterKey,
+    name: &str,
+    queue: &str,
+) -> String {
+    let routing = match georelay_store::routing::load_routing(pool, master).await {
+        Ok(r) => r,
+        Err(e) => return format!("an unknown number of records (cannot read the routing: {e})"),
+    };
+    let Some(ns) = routing.namespaces.iter().find(|n| n.name == name) else {
+        return "an unknown number of records (its key does not open)".to_owned();
+    };
+    let limits = georelay_transport::Limits::default();
+    let depth = async {
+        let conn = georelay_transport::Namespace::connect(&ns.triplet, limits).await?;
+        conn.depth(queue).await
+    };
+    match depth.await {
+        Ok(n) => format!("{n} records"),
+        Err(e) => format!("an unknown number of records (cannot reach it: {e})"),
+    }
 }
 
 fn problems_text(problems: &[georelay_store::doctor::Problem]) -> String {

@@ -304,6 +304,31 @@ pub enum Admin {
     /// Check the control plane's invariants; print each problem with its fix
     /// and exit 1 if there is any
     Doctor,
+    /// A group's trail of epochs
+    #[command(subcommand)]
+    Trail(TrailCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrailCmd {
+    /// Give up on an old epoch whose region is gone for good: the worker goes
+    /// on to the next epoch and what that queue still holds is not stored.
+    /// Shows how much that is first; needs --yes
+    Abandon(TrailAbandon),
+}
+
+#[derive(Debug, Args)]
+pub struct TrailAbandon {
+    #[arg(long)]
+    pub group: String,
+    #[arg(long)]
+    pub epoch: i64,
+    /// Recorded in failover_events
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Do it (without: only say what it would give up)
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -378,6 +403,23 @@ pub enum GroupCmd {
     Add(GroupAdd),
     /// List groups with their epoch and namespaces
     List,
+    /// Change a group's settings
+    Set(GroupSet),
+}
+
+#[derive(Debug, Args)]
+pub struct GroupSet {
+    #[arg(long)]
+    pub name: String,
+    /// Automatic failover for this group
+    #[arg(long, value_enum)]
+    pub failover: OnOff,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Args)]
@@ -400,6 +442,8 @@ pub enum DeviceCmd {
     List(DeviceList),
     /// Refuse a device's records from now on
     Disable(DeviceIdArg),
+    /// Take a device's records again
+    Enable(DeviceIdArg),
 }
 
 #[derive(Debug, Args)]
