@@ -857,3 +857,78 @@ async fn abandoning_a_lost_region_lets_the_worker_go_on_and_is_recorded() {
         format!("device {} enabled\n", devices[0].id)
     );
 }
+
+/// `admin dead-letters`: a record of a device that was not registered yet is
+/// an `unknown_device` dead letter; once the device is (back) in `devices`,
+/// `replay` verifies it again and stores it; `list` and `show` tell what is
+/// there without revealing the record.
+#[tokio::test]
+async fn an_unknown_devices_record_is_replayed_once_the_device_is_registered() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let late = stack.device("plug-late").await.unwrap();
+    let pool = stack.db.pool();
+    let (group_id, sealed): (i64, Vec<u8>) =
+        sqlx::query_as("SELECT group_id, key_sealed FROM devices WHERE id = 'plug-late'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    sqlx::query("DELETE FROM devices WHERE id = 'plug-late'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let ns = connect(&stack.regions[0].url()).await;
+    ns.publish(QUEUE, "plug-late/1", late.envelope(1, 1).encode())
+        .await
+        .unwrap();
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    let dead = wait_until(Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letters")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    assert!(dead, "dead-lettered as unknown_device");
+    let cli = |args: &[&str]| {
+        let out = georelay_testkit::georelay_command(&stack.db)
+            .unwrap()
+            .env("GEORELAY_MASTER_KEY", georelay_testkit::master_key_b64())
+            .args(["admin", "dead-letters"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = cli(&["list", "--reason", "unknown_device", "--since", "1h"]);
+    assert!(
+        listed.contains("unknown_device") && listed.contains("plug-late"),
+        "{listed}"
+    );
+    let id: i64 = sqlx::query_scalar("SELECT id FROM dead_letters")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let shown = cli(&["show", "--id", &id.to_string()]);
+    assert!(shown.contains("device plug-late, seq 1"), "{shown}");
+    assert!(!shown.contains(late.key.to_base64().as_str()), "never the key");
+    // Still unknown: kept.
+    assert!(cli(&["replay", "--id", &id.to_string()]).contains("0 stored, 1 kept"));
+    sqlx::query("INSERT INTO devices (id, group_id, key_sealed) VALUES ('plug-late', $1, $2)")
+        .bind(group_id)
+        .bind(&sealed)
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        cli(&["replay", "--reason", "unknown_device"]),
+        "1 stored, 0 kept\n"
+    );
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM telemetry WHERE device_id = 'plug-late'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1);
+}

@@ -241,6 +241,11 @@ impl DeadLetterReason {
         Self::Unreadable,
     ];
 
+    /// The reason stored as `s`, if there is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
     /// The value stored in `dead_letters.reason` (and the metric label).
     pub fn as_str(self) -> &'static str {
         match self {

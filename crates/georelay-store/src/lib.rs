@@ -17,6 +17,7 @@
 //! the epoch or the audit itself.
 
 pub mod control;
+pub mod dead_letters;
 pub mod doctor;
 pub mod drain;
 mod error;

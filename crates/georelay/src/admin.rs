@@ -9,7 +9,8 @@ use std::io::Read as _;
 use zeroize::Zeroizing;
 
 use crate::cli::{
-    Admin, DeviceCmd, GroupCmd, NamespaceCmd, OnOff, TrailAbandon, TrailCmd, TransportArg,
+    Admin, DeadLettersCmd, DeviceCmd, GroupCmd, NamespaceCmd, OnOff, TrailAbandon, TrailCmd,
+    TransportArg,
 };
 use crate::config;
 use crate::table::Table;
@@ -155,6 +156,7 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
             println!("group {}: {state}", g.name);
         }
         Admin::Trail(TrailCmd::Abandon(a)) => abandon(&pool, a).await?,
+        Admin::DeadLetters(cmd) => dead_letters(&pool, cmd).await?,
         Admin::Failover(f) => {
             let reason = f
                 .reason
@@ -186,6 +188,106 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
                     problems.len()
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+async fn dead_letters(pool: &georelay_store::PgPool, cmd: DeadLettersCmd) -> anyhow::Result<()> {
+    use georelay_store::dead_letters::{self as dl, Filter, Replayed};
+    match cmd {
+        DeadLettersCmd::List(l) => {
+            let since = l
+                .since
+                .map(|d| chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default());
+            let letters = dl::list(
+                pool,
+                &Filter {
+                    group: l.group.as_deref(),
+                    reason: l.reason.as_deref(),
+                    since,
+                    limit: l.limit.clamp(1, 10_000),
+                    ..Filter::default()
+                },
+            )
+            .await?;
+            let mut t = Table::new(&["ID", "AT", "GROUP", "REASON", "DEVICE", "SEQ", "DETAIL"]);
+            for d in &letters {
+                let mut detail = d.detail.clone().unwrap_or_default();
+                if detail.chars().count() > 80 {
+                    detail = detail.chars().take(79).chain(['…']).collect();
+                }
+                t.row(vec![
+                    d.id.to_string(),
+                    time(d.at),
+                    d.group.clone().unwrap_or_default(),
+                    d.reason.clone(),
+                    d.device_id.clone().unwrap_or_default(),
+                    d.seq.map(|s| s.to_string()).unwrap_or_default(),
+                    detail,
+                ]);
+            }
+            print!("{}", t.render(0));
+        }
+        DeadLettersCmd::Show(s) => {
+            let found = dl::list(
+                pool,
+                &Filter {
+                    id: Some(s.id),
+                    limit: 1,
+                    ..Filter::default()
+                },
+            )
+            .await?;
+            let Some(d) = found.first() else {
+                bail!("dead letter {} does not exist", s.id);
+            };
+            let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+            println!("id          {}\nat          {}\ngroup       {}\nnamespace   {}\nepoch       {}\nmessage id  {}\nreason      {}\ndetail      {}\nraw         {} bytes",
+                d.id, time(d.at), opt(&d.group), opt(&d.namespace),
+                d.epoch.map_or("-".to_owned(), |e| e.to_string()), opt(&d.message_id),
+                d.reason, opt(&d.detail), d.raw.len());
+            match georelay_core::Envelope::decode(&d.raw) {
+                Ok(e) => println!(
+                    "envelope    epoch {}, received {}, device {}, seq {}, sealed record {} bytes",
+                    e.epoch,
+                    chrono::DateTime::from_timestamp_micros(e.received_at_micros)
+                        .map_or("-".to_owned(), time),
+                    e.device,
+                    e.record.seq,
+                    e.record.ciphertext.len()
+                ),
+                Err(e) => println!("envelope    not readable: {e}"),
+            }
+        }
+        DeadLettersCmd::Replay(r) => {
+            let master = config::master_key()?;
+            let mut letters = dl::list(
+                pool,
+                &Filter {
+                    id: r.id,
+                    reason: r.reason.as_deref(),
+                    limit: 100_000,
+                    ..Filter::default()
+                },
+            )
+            .await?;
+            if letters.is_empty() {
+                bail!("no such dead letters");
+            }
+            // Oldest first: a device's records in the order they came.
+            letters.reverse();
+            let (mut stored, mut kept) = (0, 0);
+            for d in &letters {
+                match dl::replay(pool, &master, d).await? {
+                    Replayed::Stored => stored += 1,
+                    Replayed::Kept { reason, why } => {
+                        kept += 1;
+                        println!("{}: kept ({}): {why}", d.id, reason.as_str());
+                    }
+                }
+            }
+            println!("{stored} stored, {kept} kept");
         }
     }
     Ok(())

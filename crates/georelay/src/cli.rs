@@ -251,7 +251,6 @@ pub struct IngestArgs {
     pub nats_ca_file: Option<std::path::PathBuf>,
 }
 
-/// "250ms", "2s", "1m" or plain seconds.
 /// A simulated device's readings a second, within `RATE_RANGE`.
 fn rate(s: &str) -> Result<f64, String> {
     let range = georelay_agent::RATE_RANGE;
@@ -268,6 +267,7 @@ fn rate(s: &str) -> Result<f64, String> {
         })
 }
 
+/// "250ms", "2s", "1m", "1h" or plain seconds.
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, unit) = s
@@ -280,7 +280,8 @@ pub fn duration(s: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
 }
@@ -307,6 +308,49 @@ pub enum Admin {
     /// A group's trail of epochs
     #[command(subcommand)]
     Trail(TrailCmd),
+    /// Records that could not be stored, kept sealed in dead_letters
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCmd {
+    /// Newest first
+    List(DeadLettersList),
+    /// One dead letter with its envelope's fields decoded (never the record)
+    Show(DeadLetterId),
+    /// Verify again and store what now can be (an unknown_device record once
+    /// the device is registered), in order; the rest is kept with its reason
+    Replay(DeadLettersReplay),
+}
+
+#[derive(Debug, Args)]
+pub struct DeadLettersList {
+    #[arg(long)]
+    pub group: Option<String>,
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only those of the last DURATION ("1h", "30m")
+    #[arg(long, value_parser = duration)]
+    pub since: Option<Duration>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct DeadLetterId {
+    #[arg(long)]
+    pub id: i64,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct DeadLettersReplay {
+    #[arg(long)]
+    pub id: Option<i64>,
+    /// Every dead letter with this reason (oldest first)
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
