@@ -9,6 +9,8 @@
 --   GR009  two groups cannot share a queue
 --   GR010  a namespace holding undrained epochs keeps its endpoint
 --   GR011  a namespace with a sealed key keeps its name (the key is sealed to it)
+--   GR012  an enabled device keeps its group (its records in the old group's
+--          queues and the new one's would be drained independently: reordered)
 -- (GR001-GR003 are in 0001.) Every guard also holds for the services' own
 -- statements, which never need what it refuses.
 
@@ -108,6 +110,19 @@ END
 $$;
 CREATE TRIGGER namespaces_guard BEFORE UPDATE OF endpoint, name ON namespaces
     FOR EACH ROW EXECUTE FUNCTION namespaces_guard();
+
+CREATE FUNCTION devices_guard_group() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.group_id <> OLD.group_id AND OLD.enabled AND NEW.enabled THEN
+        RAISE EXCEPTION 'device "%" is enabled: moved to another group while it sends, its records would be stored out of order', OLD.id
+            USING ERRCODE = 'GR012',
+                  HINT = 'disable it (georelay admin device disable), wait until its group''s queues are drained (georelay admin status), move it, then enable it';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER devices_guard_group BEFORE UPDATE OF group_id ON devices
+    FOR EACH ROW EXECUTE FUNCTION devices_guard_group();
 
 -- The row trigger of 0001 does not fire on TRUNCATE.
 CREATE TRIGGER failover_events_no_truncate BEFORE TRUNCATE ON failover_events

@@ -453,6 +453,15 @@ async fn hand_edits_that_would_stall_or_lose_are_refused_with_a_hint() {
     .execute(pool)
     .await
     .unwrap();
+    sqlx::query("INSERT INTO routing_groups (name, queue, sender_namespace_id) SELECT 'other', 'q-other', id FROM namespaces WHERE name = 'us-east'")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO devices (id, group_id, key_sealed) VALUES ('plug-1', $1, '\\x00')")
+        .bind(group)
+        .execute(pool)
+        .await
+        .unwrap();
     let before = snapshot(pool, group).await;
     let cases: &[(&str, &str)] = &[
         ("DELETE FROM routing_trail", "GR004"),
@@ -469,6 +478,7 @@ async fn hand_edits_that_would_stall_or_lose_are_refused_with_a_hint() {
         ("UPDATE namespaces SET endpoint = 'nats://10.9.9.9:4222' WHERE name = 'eu-west'", "GR010"),
         ("UPDATE namespaces SET name = 'us-east-2' WHERE name = 'us-east'", "GR011"),
         ("TRUNCATE failover_events", "GR003"),
+        ("UPDATE devices SET group_id = (SELECT id FROM routing_groups WHERE name = 'other')", "GR012"),
     ];
     for (sql, code) in cases {
         let err = sqlx::query(sql).execute(pool).await.unwrap_err();
@@ -484,7 +494,8 @@ async fn hand_edits_that_would_stall_or_lose_are_refused_with_a_hint() {
     }
     // What stays allowed: the runbook's mark-drained on an old epoch, a
     // drained row's deletion, an endpoint edit where nothing is undrained.
-    sqlx::query("UPDATE routing_trail SET sealed_at = now(), drained_at = now() WHERE epoch = 1")
+    sqlx::query("UPDATE routing_trail SET sealed_at = now(), drained_at = now() WHERE epoch = 1 AND group_id = $1")
+        .bind(group)
         .execute(pool)
         .await
         .unwrap();
@@ -492,7 +503,12 @@ async fn hand_edits_that_would_stall_or_lose_are_refused_with_a_hint() {
         .execute(pool)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM routing_trail WHERE epoch = 1")
+    sqlx::query("DELETE FROM routing_trail WHERE epoch = 1 AND group_id = $1")
+        .bind(group)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE devices SET enabled = false, group_id = (SELECT id FROM routing_groups WHERE name = 'other')")
         .execute(pool)
         .await
         .unwrap();

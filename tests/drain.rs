@@ -912,7 +912,10 @@ async fn an_unknown_devices_record_is_replayed_once_the_device_is_registered() {
         .unwrap();
     let shown = cli(&["show", "--id", &id.to_string()]);
     assert!(shown.contains("device plug-late, seq 1"), "{shown}");
-    assert!(!shown.contains(late.key.to_base64().as_str()), "never the key");
+    assert!(
+        !shown.contains(late.key.to_base64().as_str()),
+        "never the key"
+    );
     // Still unknown: kept.
     assert!(cli(&["replay", "--id", &id.to_string()]).contains("0 stored, 1 kept"));
     sqlx::query("INSERT INTO devices (id, group_id, key_sealed) VALUES ('plug-late', $1, $2)")
