@@ -169,3 +169,49 @@ async fn a_reused_seq_sent_through_ingest_is_reported_not_dropped_by_the_broker(
         .unwrap();
     assert_eq!((reason.as_str(), seq), ("seq_conflict", 1));
 }
+
+/// Careless SQL on a live stack with a device sending: each statement that
+/// used to stall the group or lose records is refused, and the records sent
+/// after each are all stored, in order.
+#[tokio::test]
+async fn careless_sql_on_a_live_stack_is_refused_and_records_keep_flowing() {
+    let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let ingest = stack.ingest(INGEST_TEST_ARGS).unwrap();
+    let _drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let pool = stack.db.pool();
+    let statements = [
+        "DELETE FROM routing_trail",
+        "UPDATE routing_trail SET sealed_at = now(), drained_at = now()",
+        "UPDATE routing_trail SET namespace_id = (SELECT id FROM namespaces WHERE name = 'eu-north')",
+        "INSERT INTO routing_trail (group_id, epoch, namespace_id) SELECT id, epoch + 1, sender_namespace_id FROM routing_groups",
+        "UPDATE routing_groups SET queue = 'renamed'",
+        "UPDATE routing_groups SET moved_at = now() + interval '1 day'",
+        "UPDATE namespaces SET endpoint = 'nats://127.0.0.1:1' WHERE name = 'eu-west'",
+        "DELETE FROM routing_groups",
+        "TRUNCATE failover_events",
+    ];
+    let mut sent = 0;
+    for sql in statements {
+        let refused = sqlx::query(sql).execute(pool).await;
+        assert!(refused.is_err(), "{sql}: refused");
+        send(device.clone(), ingest.url(), sent + 1..=sent + 3).await;
+        sent += 3;
+    }
+    let stored = || async {
+        sqlx::query_scalar::<_, i64>("SELECT seq FROM telemetry ORDER BY store_order")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    };
+    let all = wait_until(Duration::from_secs(30), || async {
+        stored().await.len() as u64 == sent
+    })
+    .await;
+    assert!(all, "{} of {sent} stored", stored().await.len());
+    assert_eq!(
+        stored().await,
+        (1..=sent as i64).collect::<Vec<_>>(),
+        "in order"
+    );
+}
