@@ -46,7 +46,7 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -135,6 +135,9 @@ struct Inner {
     limits: Limits,
     /// Per queue: the consumer and the connection generation it was made in.
     consumers: Mutex<HashMap<String, (PullConsumer, u64)>>,
+    /// The server's `max_payload` (0 while not known): read from its INFO
+    /// once per connection, not on every publish (the INFO is cloned).
+    max_payload: Arc<AtomicUsize>,
     /// Set when the server refused our credentials, cleared on connecting:
     /// calls then fail as [`ErrorKind::Auth`], not as unreachable.
     auth_refused: Arc<std::sync::atomic::AtomicBool>,
@@ -171,6 +174,8 @@ impl NatsNamespace {
         let bump = generation.clone();
         let auth_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refused = auth_refused.clone();
+        let max_payload = Arc::new(AtomicUsize::new(0));
+        let forget_max = max_payload.clone();
         let shown = redacted_endpoint(url).into_owned();
         let mut options = match auth {
             None => ConnectOptions::new(),
@@ -185,12 +190,17 @@ impl NatsNamespace {
         let client = options
             .event_callback(move |event| {
                 let (bump, refused, shown) = (bump.clone(), refused.clone(), shown.clone());
+                let forget_max = forget_max.clone();
                 async move {
                     match event {
                         async_nats::Event::Disconnected => {
                             bump.fetch_add(1, Ordering::SeqCst);
                         }
-                        async_nats::Event::Connected => refused.store(false, Ordering::SeqCst),
+                        async_nats::Event::Connected => {
+                            refused.store(false, Ordering::SeqCst);
+                            // Perhaps another server, or another config.
+                            forget_max.store(0, Ordering::SeqCst);
+                        }
                         // Refused while connected, or at a (re)connect
                         // attempt (the connector reports its error kind).
                         async_nats::Event::ServerError(
@@ -232,6 +242,7 @@ impl NatsNamespace {
                 js,
                 limits,
                 consumers: Mutex::new(HashMap::new()),
+                max_payload,
                 auth_refused,
                 generation,
                 suspects: parking_lot::Mutex::new(HashSet::new()),
@@ -269,7 +280,11 @@ impl NatsNamespace {
     /// less room for the message id header; `None` before the first
     /// connection.
     pub fn max_payload(&self) -> Option<usize> {
-        let max = self.inner.client.server_info().max_payload;
+        let mut max = self.inner.max_payload.load(Ordering::Relaxed);
+        if max == 0 {
+            max = self.inner.client.server_info().max_payload;
+            self.inner.max_payload.store(max, Ordering::Relaxed);
+        }
         (max > 0).then(|| max.saturating_sub(HEADER_ROOM))
     }
 
