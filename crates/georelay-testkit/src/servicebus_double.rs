@@ -7,6 +7,12 @@
 //!   the policy name must match, the token must not be expired, and `sr` must
 //!   be a prefix of the requested `https://NAME.servicebus.windows.net/…` URL.
 //!   Refusals are 401 and counted ([`ServiceBusDouble::auth_failures`]).
+//! - `MaxDeliveryCount` (10 unless the queue was created or updated with
+//!   another; `PUT` with `If-Match: *` updates): a message delivered that
+//!   many times moves, at its next delivery, to the queue's dead-letter
+//!   sub-queue, readable (peek-lock, complete) at `{queue}/$DeadLetterQueue`.
+//!   The description's `MessageCount` counts both; `CountDetails` splits
+//!   them (`ActiveMessageCount`, `DeadLetterMessageCount`).
 //! - Queues keep messages in sequence order; duplicate detection by
 //!   `MessageId` when the queue was created with it (at most 128 characters,
 //!   else 400); peek-lock hands out the
@@ -67,7 +73,16 @@ struct Queue {
     seen: HashMap<String, Instant>,
     duplicate_detection: bool,
     lock_duration: Duration,
+    max_delivery_count: u32,
     next: i64,
+}
+
+/// The service's default `MaxDeliveryCount`.
+const DEFAULT_MAX_DELIVERY_COUNT: u32 = 10;
+
+/// The dead-letter sub-queue of `queue`, as its path names it.
+fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}/$DeadLetterQueue")
 }
 
 #[derive(Debug)]
@@ -142,6 +157,17 @@ impl ServiceBusDouble {
     }
 
     /// Requests refused for a missing or wrong SAS token so far.
+    /// Creates `queue` as the portal would with its defaults (duplicate
+    /// detection on, `MaxDeliveryCount` 10): a queue made before georelay.
+    pub fn create_queue_with_defaults(&self, queue: &str) {
+        create_queue(
+            &self.state,
+            queue,
+            b"<RequiresDuplicateDetection>true</RequiresDuplicateDetection>",
+            false,
+        );
+    }
+
     pub fn auth_failures(&self) -> usize {
         self.state.auth_failures.load(Ordering::SeqCst)
     }
@@ -195,11 +221,20 @@ async fn handle(
             "<feed xmlns=\"http://www.w3.org/2005/Atom\"/>",
         )
             .into_response(),
-        (&Method::PUT, [queue]) => create_queue(&state, queue, &body),
+        (&Method::PUT, [queue]) => {
+            let update = headers.get("if-match").is_some_and(|v| v == "*");
+            create_queue(&state, queue, &body, update)
+        }
         (&Method::GET, [queue]) => describe_queue(&state, queue),
         (&Method::POST, [queue, "messages"]) => send(&state, queue, &headers, body),
         (&Method::POST, [queue, "messages", "head"]) => peek_lock(&state, queue, &uri).await,
+        (&Method::POST, [queue, "$DeadLetterQueue", "messages", "head"]) => {
+            peek_lock(&state, &dead_letter_queue(queue), &uri).await
+        }
         (m, [queue, "messages", seq, lock]) => settle(&state, m, queue, seq, lock),
+        (m, [queue, "$DeadLetterQueue", "messages", seq, lock]) => {
+            settle(&state, m, &dead_letter_queue(queue), seq, lock)
+        }
         _ => status(StatusCode::NOT_FOUND),
     }
 }
@@ -269,7 +304,7 @@ fn with_queue<R>(state: &Shared, queue: &str, f: impl FnOnce(&mut Queue) -> R) -
     queues.get_mut(queue).map(f)
 }
 
-fn create_queue(state: &Shared, queue: &str, body: &[u8]) -> Response {
+fn create_queue(state: &Shared, queue: &str, body: &[u8], update: bool) -> Response {
     let text = String::from_utf8_lossy(body);
     let tag = |name: &str| {
         text.split_once(&format!("<{name}>"))
@@ -284,37 +319,92 @@ fn create_queue(state: &Shared, queue: &str, body: &[u8]) -> Response {
         })
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(60));
+    let max_delivery_count = tag("MaxDeliveryCount")
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (1..=i32::MAX as u32).contains(n))
+        .unwrap_or(DEFAULT_MAX_DELIVERY_COUNT);
     let mut queues = state
         .queues
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if queues.contains_key(queue) {
-        return status(StatusCode::CONFLICT);
+    if let Some(q) = queues.get_mut(queue) {
+        if !update {
+            return status(StatusCode::CONFLICT);
+        }
+        q.lock_duration = lock_duration;
+        q.max_delivery_count = max_delivery_count;
+        return status(StatusCode::OK);
     }
-    queues.insert(
-        queue.to_owned(),
-        Queue {
-            messages: BTreeMap::new(),
-            seen: HashMap::new(),
-            duplicate_detection: tag("RequiresDuplicateDetection").as_deref() == Some("true"),
-            lock_duration,
-            next: 0,
-        },
-    );
+    let duplicate_detection = tag("RequiresDuplicateDetection").as_deref() == Some("true");
+    for (name, max) in [
+        (queue.to_owned(), max_delivery_count),
+        (dead_letter_queue(queue), u32::MAX),
+    ] {
+        queues.insert(
+            name,
+            Queue {
+                messages: BTreeMap::new(),
+                seen: HashMap::new(),
+                duplicate_detection,
+                lock_duration,
+                max_delivery_count: max,
+                next: 0,
+            },
+        );
+    }
     status(StatusCode::CREATED)
 }
 
 fn describe_queue(state: &Shared, queue: &str) -> Response {
-    match with_queue(state, queue, |q| (q.messages.len(), q.lock_duration)) {
-        Some((count, lock)) => (
+    let described = with_queue(state, queue, |q| {
+        (q.messages.len(), q.lock_duration, q.max_delivery_count)
+    });
+    let dead = with_queue(state, &dead_letter_queue(queue), |q| q.messages.len()).unwrap_or(0);
+    match described {
+        Some((active, lock, max)) => (
             StatusCode::OK,
             format!(
-                "<entry xmlns=\"http://www.w3.org/2005/Atom\"><title>{queue}</title><content type=\"application/xml\"><QueueDescription xmlns=\"http://schemas.microsoft.com/netservices/2010/10/servicebus/connect\"><LockDuration>PT{}S</LockDuration><MessageCount>{count}</MessageCount></QueueDescription></content></entry>",
-                lock.as_secs()
+                "<entry xmlns=\"http://www.w3.org/2005/Atom\"><title>{queue}</title><content type=\"application/xml\"><QueueDescription xmlns=\"http://schemas.microsoft.com/netservices/2010/10/servicebus/connect\"><LockDuration>PT{}S</LockDuration><MaxDeliveryCount>{max}</MaxDeliveryCount><MessageCount>{}</MessageCount><CountDetails xmlns:d2p1=\"http://schemas.microsoft.com/netservices/2011/06/servicebus\"><d2p1:ActiveMessageCount>{active}</d2p1:ActiveMessageCount><d2p1:DeadLetterMessageCount>{dead}</d2p1:DeadLetterMessageCount><d2p1:ScheduledMessageCount>0</d2p1:ScheduledMessageCount><d2p1:TransferMessageCount>0</d2p1:TransferMessageCount><d2p1:TransferDeadLetterMessageCount>0</d2p1:TransferDeadLetterMessageCount></CountDetails></QueueDescription></content></entry>",
+                lock.as_secs(),
+                active + dead
             ),
         )
             .into_response(),
         None => status(StatusCode::NOT_FOUND),
+    }
+}
+
+/// Moves every message of `queue` that is free to be delivered again but
+/// has been delivered `MaxDeliveryCount` times to its dead-letter sub-queue,
+/// as the service does at its next delivery.
+fn dead_letter_exhausted(state: &Shared, queue: &str) {
+    let mut queues = state
+        .queues
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
+    let Some(q) = queues.get_mut(queue) else {
+        return;
+    };
+    let max = q.max_delivery_count;
+    let exhausted: Vec<i64> = q
+        .messages
+        .iter()
+        .filter(|(_, m)| {
+            m.delivery_count >= max && m.lock.as_ref().is_none_or(|(_, until)| *until <= now)
+        })
+        .map(|(seq, _)| *seq)
+        .collect();
+    let moved: Vec<Message> = exhausted
+        .iter()
+        .filter_map(|seq| q.messages.remove(seq))
+        .collect();
+    if let Some(dlq) = queues.get_mut(&dead_letter_queue(queue)) {
+        for mut m in moved {
+            m.lock = None;
+            dlq.next += 1;
+            dlq.messages.insert(dlq.next, m);
+        }
     }
 }
 
@@ -369,6 +459,7 @@ async fn peek_lock(state: &Shared, queue: &str, uri: &Uri) -> Response {
         .unwrap_or(Duration::from_secs(60));
     let started = Instant::now();
     loop {
+        dead_letter_exhausted(state, queue);
         let locked = with_queue(state, queue, |q| {
             let now = Instant::now();
             let lock_duration = q.lock_duration;

@@ -155,15 +155,39 @@ impl ServiceBusNamespace {
         })
     }
 
+    /// Creates `queue` with an explicit [`MAX_DELIVERY_COUNT`]; a queue that
+    /// exists with a lower one (the service's default is 10) is updated to
+    /// it, so the service never dead-letters a record behind our back.
     pub async fn ensure_queue(&self, queue: &str) -> Result<(), TransportError> {
         let body = format!(
-            r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml"><QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance"><LockDuration>PT{}S</LockDuration><RequiresDuplicateDetection>true</RequiresDuplicateDetection><DuplicateDetectionHistoryTimeWindow>PT2M</DuplicateDetectionHistoryTimeWindow></QueueDescription></content></entry>"#,
+            r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml"><QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance"><LockDuration>PT{}S</LockDuration><RequiresDuplicateDetection>true</RequiresDuplicateDetection><DuplicateDetectionHistoryTimeWindow>PT2M</DuplicateDetectionHistoryTimeWindow><MaxDeliveryCount>{MAX_DELIVERY_COUNT}</MaxDeliveryCount></QueueDescription></content></entry>"#,
             self.inner.lock_duration.as_secs()
         );
-        let (status, _) = self.management(Method::Put, queue, Some(body)).await?;
+        let (status, _) = self
+            .management(Method::Put, queue, Some(body.clone()), false)
+            .await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        if status != StatusCode::Conflict {
+            return Err(status_error("create queue", status));
+        }
+        let (status, description) = self.management(Method::Get, queue, None, false).await?;
+        if !status.is_success() {
+            return Err(status_error("queue description", status));
+        }
+        let current = xml_number(&String::from_utf8_lossy(&description), "MaxDeliveryCount");
+        if current.is_some_and(|n| n >= u64::from(MAX_DELIVERY_COUNT)) {
+            return Ok(());
+        }
+        tracing::warn!(queue, max_delivery_count = ?current,
+            "queue dead-letters after too few deliveries (the worker's own redeliveries count): raising its MaxDeliveryCount");
+        let (status, _) = self
+            .management(Method::Put, queue, Some(body), true)
+            .await?;
         match status {
-            s if s.is_success() || s == StatusCode::Conflict => Ok(()),
-            s => Err(status_error("create queue", s)),
+            s if s.is_success() => Ok(()),
+            s => Err(status_error("update queue", s)),
         }
     }
 
@@ -264,24 +288,27 @@ impl ServiceBusNamespace {
         Ok(())
     }
 
+    /// Active messages: `CountDetails`' `ActiveMessageCount` (the plain
+    /// `MessageCount` counts the dead-letter sub-queue too, so an epoch with
+    /// anything dead-lettered there would never count as empty).
     pub async fn depth(&self, queue: &str) -> Result<u64, TransportError> {
-        let (status, body) = self.management(Method::Get, queue, None).await?;
+        let (status, body) = self.management(Method::Get, queue, None, false).await?;
         if !status.is_success() {
             return Err(status_error("queue description", status));
         }
         let text = String::from_utf8_lossy(&body);
-        text.split_once("<MessageCount>")
-            .and_then(|(_, rest)| rest.split_once("</MessageCount>"))
-            .and_then(|(n, _)| n.trim().parse().ok())
-            .ok_or_else(|| {
-                TransportError::new(ErrorKind::Rejected, "queue description has no MessageCount")
-            })
+        xml_number(&text, "ActiveMessageCount").ok_or_else(|| {
+            TransportError::new(
+                ErrorKind::Rejected,
+                "queue description has no CountDetails/ActiveMessageCount",
+            )
+        })
     }
 
     pub async fn probe(&self) -> Result<Duration, TransportError> {
         let started = Instant::now();
         let (status, _) = self
-            .management(Method::Get, "$Resources/Queues", None)
+            .management(Method::Get, "$Resources/Queues", None, false)
             .await?;
         if status.is_success() {
             Ok(started.elapsed())
@@ -333,11 +360,14 @@ impl ServiceBusNamespace {
     }
 
     /// A signed management request on `path` (a queue, or `$Resources/…`).
+    /// One management call; `update` sends `If-Match: *` (a PUT then
+    /// updates an existing entity instead of answering 409).
     async fn management(
         &self,
         method: Method,
         path: &str,
         body: Option<String>,
+        update: bool,
     ) -> Result<(StatusCode, Bytes), TransportError> {
         let resource = format!(
             "https://{}.servicebus.windows.net/{path}",
@@ -354,6 +384,9 @@ impl ServiceBusNamespace {
             SAS_TTL,
         );
         request.insert_header(azure_core::headers::AUTHORIZATION, sas);
+        if update {
+            request.insert_header(azure_core::headers::IF_MATCH, "*");
+        }
         match body {
             Some(b) => {
                 request.insert_header(
@@ -545,6 +578,23 @@ fn keep_broker_properties(response: Response) -> Response {
         headers.insert(ORIGINAL_BROKER_PROPERTIES, raw);
     }
     Response::new(status, headers, Box::pin(body))
+}
+
+/// The `MaxDeliveryCount` georelay's queues are created with: the service's
+/// largest. Every unlock (a nack: the worker gives back a batch it could not
+/// store, and a later epoch's messages at each seal poll, 4 a second, while
+/// an A → B → A trail waits for its seal), every lock expiry and every
+/// crash counts as a delivery, and at the default of 10 the service moves
+/// the message to the `$DeadLetterQueue` sub-queue, which nothing reads: an
+/// accepted record lost. At 4 a second this takes 17 years.
+pub const MAX_DELIVERY_COUNT: u32 = i32::MAX as u32;
+
+/// The number in the first `<...name>N</...name>` element of an XML text
+/// (with or without a namespace prefix).
+fn xml_number(text: &str, name: &str) -> Option<u64> {
+    let start = text.find(&format!("{name}>"))? + name.len() + 1;
+    let rest = &text[start..];
+    rest[..rest.find('<')?].trim().parse().ok()
 }
 
 /// Room kept in a message's size for what the service counts besides the

@@ -163,3 +163,57 @@ async fn ids_longer_than_the_service_takes_are_accepted_and_deduplicated() {
     .unwrap();
     assert_eq!(ns.depth("q").await.unwrap(), 2, "the re-send was dropped");
 }
+
+fn adapter(double: &ServiceBusDouble) -> Namespace {
+    let mut config = ServiceBusConfig::new(&double.endpoint(), POLICY, KEY.to_owned().into());
+    config.rewrite_to = Some(double.base_url().unwrap());
+    config.lock_duration = Duration::from_secs(5);
+    Namespace::ServiceBus(ServiceBusNamespace::new(config, Limits::default()).unwrap())
+}
+
+/// Every nack is a delivery to the service. At its default MaxDeliveryCount
+/// (10) the eleventh moved the message to the dead-letter sub-queue, which
+/// nothing reads: an accepted record gone, and (MessageCount counting it)
+/// the queue never empty. Queues are made with the largest count, and one
+/// that exists with the default is raised.
+#[tokio::test]
+async fn the_workers_own_redeliveries_never_dead_letter_a_message() {
+    let double = ServiceBusDouble::start("georelay-mdc", POLICY, KEY).unwrap();
+    double.create_queue_with_defaults("old");
+    let ns = adapter(&double);
+    for queue in ["old", "new"] {
+        ns.ensure_queue(queue).await.unwrap();
+        ns.publish(queue, "dev/1/x", Bytes::from_static(b"reading"))
+            .await
+            .unwrap();
+        for round in 0..15 {
+            let got = ns.receive(queue, 10, Duration::from_secs(6)).await.unwrap();
+            assert_eq!(got.len(), 1, "{queue}: delivery {round} still there");
+            ns.nack(queue, got).await.unwrap();
+        }
+        assert_eq!(ns.depth(queue).await.unwrap(), 1, "{queue}");
+    }
+}
+
+/// What the service dead-lettered is in `MessageCount` but not in the
+/// queue: depth counts active messages (`CountDetails`), or an old epoch
+/// holding a dead-lettered message would never count as empty.
+#[tokio::test]
+async fn depth_counts_active_messages_not_the_dead_letter_sub_queue() {
+    let double = ServiceBusDouble::start("georelay-depth", POLICY, KEY).unwrap();
+    // Made before georelay, with the default MaxDeliveryCount (10), and
+    // not ensured: the service dead-letters at the eleventh delivery.
+    double.create_queue_with_defaults("q");
+    let ns = adapter(&double);
+    ns.publish("q", "dev/1/x", Bytes::from_static(b"reading"))
+        .await
+        .unwrap();
+    loop {
+        let got = ns.receive("q", 10, Duration::from_secs(6)).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        ns.nack("q", got).await.unwrap();
+    }
+    assert_eq!(ns.depth("q").await.unwrap(), 0);
+}
