@@ -65,6 +65,8 @@ struct Shared {
     queues: Mutex<HashMap<String, Queue>>,
     paused: watch::Sender<bool>,
     auth_failures: AtomicUsize,
+    /// Send requests (one message or one batch each).
+    sends: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -112,6 +114,7 @@ impl ServiceBusDouble {
             queues: Mutex::new(HashMap::new()),
             paused: watch::channel(false).0,
             auth_failures: AtomicUsize::new(0),
+            sends: AtomicUsize::new(0),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -166,6 +169,11 @@ impl ServiceBusDouble {
             b"<RequiresDuplicateDetection>true</RequiresDuplicateDetection>",
             false,
         );
+    }
+
+    /// Send requests so far (a batch is one).
+    pub fn sends(&self) -> usize {
+        self.state.sends.load(Ordering::SeqCst)
     }
 
     pub fn auth_failures(&self) -> usize {
@@ -408,17 +416,47 @@ fn dead_letter_exhausted(state: &Shared, queue: &str) {
     }
 }
 
+/// One message in (`brokerproperties` header, raw body), or a batch: content
+/// type `application/vnd.microsoft.servicebus.json`, a JSON array of
+/// `{"Body": string, "BrokerProperties": {...}}`, queued in order, as the
+/// REST API's batch send does.
 fn send(state: &Shared, queue: &str, headers: &HeaderMap, body: Bytes) -> Response {
-    let id = headers
-        .get("brokerproperties")
-        .and_then(|v| serde_json::from_slice::<serde_json::Value>(v.as_bytes()).ok())
-        .and_then(|p| {
-            p.get("MessageId")
-                .and_then(|m| m.as_str())
-                .map(str::to_owned)
-        });
+    state.sends.fetch_add(1, Ordering::SeqCst);
+    let batch = headers.get("content-type").is_some_and(|v| {
+        v.as_bytes()
+            .starts_with(b"application/vnd.microsoft.servicebus.json")
+    });
+    let messages: Vec<(Option<String>, Bytes)> = if batch {
+        let Ok(serde_json::Value::Array(items)) = serde_json::from_slice(&body) else {
+            return (StatusCode::BAD_REQUEST, "The batch is not a JSON array.").into_response();
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let Some(body) = item.get("Body").and_then(|b| b.as_str()) else {
+                return (StatusCode::BAD_REQUEST, "A batch message has no Body.").into_response();
+            };
+            let id = item["BrokerProperties"]["MessageId"]
+                .as_str()
+                .map(str::to_owned);
+            out.push((id, Bytes::from(body.to_owned())));
+        }
+        out
+    } else {
+        let id = headers
+            .get("brokerproperties")
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(v.as_bytes()).ok())
+            .and_then(|p| {
+                p.get("MessageId")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            });
+        vec![(id, body)]
+    };
     // The service's limit on a MessageId.
-    if id.as_ref().is_some_and(|id| id.chars().count() > 128) {
+    if messages
+        .iter()
+        .any(|(id, _)| id.as_ref().is_some_and(|id| id.chars().count() > 128))
+    {
         return (
             StatusCode::BAD_REQUEST,
             "The value supplied for MessageId exceeds the max length of 128.",
@@ -426,23 +464,25 @@ fn send(state: &Shared, queue: &str, headers: &HeaderMap, body: Bytes) -> Respon
             .into_response();
     }
     let sent = with_queue(state, queue, |q| {
-        let now = Instant::now();
-        if let (true, Some(id)) = (q.duplicate_detection, &id) {
-            q.seen
-                .retain(|_, at| now.duration_since(*at) < DUPLICATE_WINDOW);
-            if q.seen.insert(id.clone(), now).is_some() {
-                return;
+        for (id, body) in messages {
+            let now = Instant::now();
+            if let (true, Some(id)) = (q.duplicate_detection, &id) {
+                q.seen
+                    .retain(|_, at| now.duration_since(*at) < DUPLICATE_WINDOW);
+                if q.seen.insert(id.clone(), now).is_some() {
+                    continue;
+                }
             }
+            q.next += 1;
+            let message = Message {
+                id,
+                body,
+                enqueued_at: SystemTime::now(),
+                delivery_count: 0,
+                lock: None,
+            };
+            q.messages.insert(q.next, message);
         }
-        q.next += 1;
-        let message = Message {
-            id,
-            body,
-            enqueued_at: SystemTime::now(),
-            delivery_count: 0,
-            lock: None,
-        };
-        q.messages.insert(q.next, message);
     });
     match sent {
         Some(()) => status(StatusCode::CREATED),

@@ -287,8 +287,8 @@ impl Namespace {
     /// `items[..i]` are queued and `items[i]` failed with `e` (items after it
     /// may or may not have landed, but never ahead of `items[i]` on NATS,
     /// whose publishes share one ordered connection). NATS pipelines the
-    /// batch under one publish deadline; Service Bus sends one by one, each
-    /// under its own. An item over [`max_payload`](Self::max_payload) is
+    /// batch under one publish deadline; Service Bus sends the REST API's
+    /// batches (as many records as fit in one message), each under its own. An item over [`max_payload`](Self::max_payload) is
     /// found before anything is sent: `Err((i, TooLarge))` and nothing of
     /// the batch is queued.
     pub async fn publish_batch(
@@ -298,15 +298,7 @@ impl Namespace {
     ) -> Result<(), (usize, TransportError)> {
         match self {
             Self::Nats(n) => n.publish_batch(queue, items).await,
-            Self::ServiceBus(s) => {
-                check_sizes(items, Some(s.max_payload()))?;
-                for (i, (id, payload)) in items.iter().enumerate() {
-                    s.publish(queue, id, payload.clone())
-                        .await
-                        .map_err(|e| (i, e))?;
-                }
-                Ok(())
-            }
+            Self::ServiceBus(s) => s.publish_batch(queue, items).await,
         }
     }
 

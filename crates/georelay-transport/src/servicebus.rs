@@ -51,6 +51,10 @@ const BROKER_PROPERTIES: HeaderName = HeaderName::from_static("brokerproperties"
 pub const ORIGINAL_BROKER_PROPERTIES: HeaderName =
     HeaderName::from_static("x-georelay-brokerproperties");
 const API_VERSION: &str = "2017-04";
+/// The management API's body type.
+const ATOM: &str = "application/atom+xml;type=entry;charset=utf-8";
+/// The REST API's batch send body type.
+const BATCH: &str = "application/vnd.microsoft.servicebus.json";
 const SAS_TTL: Duration = Duration::from_secs(3600);
 
 /// Where and how to reach one Service Bus namespace.
@@ -164,7 +168,7 @@ impl ServiceBusNamespace {
             self.inner.lock_duration.as_secs()
         );
         let (status, _) = self
-            .management(Method::Put, queue, Some(body.clone()), false)
+            .request(Method::Put, queue, Some((ATOM, body.clone())), false, None)
             .await?;
         if status.is_success() {
             return Ok(());
@@ -172,7 +176,7 @@ impl ServiceBusNamespace {
         if status != StatusCode::Conflict {
             return Err(status_error("create queue", status));
         }
-        let (status, description) = self.management(Method::Get, queue, None, false).await?;
+        let (status, description) = self.request(Method::Get, queue, None, false, None).await?;
         if !status.is_success() {
             return Err(status_error("queue description", status));
         }
@@ -183,7 +187,7 @@ impl ServiceBusNamespace {
         tracing::warn!(queue, max_delivery_count = ?current,
             "queue dead-letters after too few deliveries (the worker's own redeliveries count): raising its MaxDeliveryCount");
         let (status, _) = self
-            .management(Method::Put, queue, Some(body), true)
+            .request(Method::Put, queue, Some((ATOM, body)), true, None)
             .await?;
         match status {
             s if s.is_success() => Ok(()),
@@ -228,6 +232,55 @@ impl ServiceBusNamespace {
             client.send_message(&body, Some(options)),
         )
         .await
+    }
+
+    /// Sends `items` in order in as few requests as the message size limit
+    /// allows: the REST API's batch send (one JSON array a request, queued
+    /// in order). See [`crate::Namespace::publish_batch`]; each request is
+    /// bounded by the publish deadline.
+    pub async fn publish_batch(
+        &self,
+        queue: &str,
+        items: &[(String, Bytes)],
+    ) -> Result<(), (usize, TransportError)> {
+        crate::check_sizes(items, Some(self.max_payload()))?;
+        let limit = self
+            .inner
+            .limits
+            .servicebus_max_message
+            .saturating_sub(PROPERTIES_ROOM);
+        let mut start = 0;
+        while start < items.len() {
+            let mut body = String::from("[");
+            let mut end = start;
+            while let Some((id, payload)) = items.get(end) {
+                let entry = serde_json::json!({
+                    "Body": B64.encode(payload),
+                    "BrokerProperties": {"MessageId": message_id(id)},
+                })
+                .to_string();
+                if end > start && body.len() + entry.len() + 1 > limit {
+                    break;
+                }
+                if end > start {
+                    body.push(',');
+                }
+                body.push_str(&entry);
+                end += 1;
+            }
+            body.push(']');
+            let path = format!("{queue}/messages");
+            let deadline = Some(self.inner.limits.publish_deadline);
+            let (status, _) = self
+                .request(Method::Post, &path, Some((BATCH, body)), false, deadline)
+                .await
+                .map_err(|e| (start, e))?;
+            if !status.is_success() {
+                return Err((start, status_error("publish", status)));
+            }
+            start = end;
+        }
+        Ok(())
     }
 
     pub async fn receive(
@@ -292,7 +345,7 @@ impl ServiceBusNamespace {
     /// `MessageCount` counts the dead-letter sub-queue too, so an epoch with
     /// anything dead-lettered there would never count as empty).
     pub async fn depth(&self, queue: &str) -> Result<u64, TransportError> {
-        let (status, body) = self.management(Method::Get, queue, None, false).await?;
+        let (status, body) = self.request(Method::Get, queue, None, false, None).await?;
         if !status.is_success() {
             return Err(status_error("queue description", status));
         }
@@ -308,7 +361,7 @@ impl ServiceBusNamespace {
     pub async fn probe(&self) -> Result<Duration, TransportError> {
         let started = Instant::now();
         let (status, _) = self
-            .management(Method::Get, "$Resources/Queues", None, false)
+            .request(Method::Get, "$Resources/Queues", None, false, None)
             .await?;
         if status.is_success() {
             Ok(started.elapsed())
@@ -360,14 +413,16 @@ impl ServiceBusNamespace {
     }
 
     /// A signed management request on `path` (a queue, or `$Resources/…`).
-    /// One management call; `update` sends `If-Match: *` (a PUT then
-    /// updates an existing entity instead of answering 409).
-    async fn management(
+    /// One REST call on `path` with `body` of its content type; `update`
+    /// sends `If-Match: *` (a PUT then updates an existing entity instead of
+    /// answering 409). Bounded by `deadline`, else the request deadline.
+    async fn request(
         &self,
         method: Method,
         path: &str,
-        body: Option<String>,
+        body: Option<(&'static str, String)>,
         update: bool,
+        deadline: Option<Duration>,
     ) -> Result<(StatusCode, Bytes), TransportError> {
         let resource = format!(
             "https://{}.servicebus.windows.net/{path}",
@@ -388,11 +443,8 @@ impl ServiceBusNamespace {
             request.insert_header(azure_core::headers::IF_MATCH, "*");
         }
         match body {
-            Some(b) => {
-                request.insert_header(
-                    azure_core::headers::CONTENT_TYPE,
-                    "application/atom+xml;type=entry;charset=utf-8",
-                );
+            Some((content_type, b)) => {
+                request.insert_header(azure_core::headers::CONTENT_TYPE, content_type);
                 request.set_body(b);
             }
             None => {
@@ -402,8 +454,8 @@ impl ServiceBusNamespace {
         }
         let http = self.inner.http.clone();
         self.call(
-            "management",
-            self.inner.limits.request_deadline,
+            "request",
+            deadline.unwrap_or(self.inner.limits.request_deadline),
             async move {
                 let (status, _, body) = http.execute_request(&request).await?.deconstruct();
                 Ok((status, body.collect().await?))

@@ -217,3 +217,35 @@ async fn depth_counts_active_messages_not_the_dead_letter_sub_queue() {
     }
     assert_eq!(ns.depth("q").await.unwrap(), 0);
 }
+
+/// A batch of records is one request (the REST API's batch send), not one
+/// per record: the round trip was the ceiling on a real namespace. In order,
+/// with their ids (duplicates dropped as for single sends).
+#[tokio::test]
+async fn a_batch_is_sent_in_one_request_in_order() {
+    let double = ServiceBusDouble::start("georelay-batch", POLICY, KEY).unwrap();
+    let ns = adapter(&double);
+    ns.ensure_queue("q").await.unwrap();
+    let items: Vec<(String, Bytes)> = (1..=50)
+        .map(|n| (format!("dev/{n}/x"), Bytes::from(format!("reading {n}"))))
+        .collect();
+    let before = double.sends();
+    ns.publish_batch("q", &items).await.unwrap();
+    assert_eq!(double.sends() - before, 1, "one request");
+    ns.publish_batch("q", &items[..2]).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        let batch = ns.receive("q", 50, Duration::from_secs(6)).await.unwrap();
+        assert!(!batch.is_empty(), "messages arrive");
+        got.extend(batch);
+    }
+    let read: Vec<(String, Bytes)> = got
+        .iter()
+        .map(|d| (d.id.clone().unwrap(), d.payload.clone()))
+        .collect();
+    assert_eq!(
+        read, items,
+        "in order, the re-sent two dropped as duplicates"
+    );
+    assert_eq!(ns.depth("q").await.unwrap(), 50);
+}
