@@ -80,7 +80,9 @@ BEGIN
             USING ERRCODE = 'GR008',
                   HINT = 'turn automatic failover off instead: UPDATE routing_groups SET failover_enabled = false WHERE name = ''...''';
     END IF;
-    IF TG_OP = 'INSERT' AND EXISTS (SELECT 1 FROM routing_groups WHERE queue = NEW.queue) THEN
+    -- (A group of the same name is left to the unique key: "already exists".)
+    IF TG_OP = 'INSERT'
+       AND EXISTS (SELECT 1 FROM routing_groups WHERE queue = NEW.queue AND name <> NEW.name) THEN
         RAISE EXCEPTION 'queue "%" belongs to another group (two workers would share one queue and reorder)', NEW.queue
             USING ERRCODE = 'GR009',
                   HINT = 'give each group a queue of its own';

@@ -357,6 +357,23 @@ async fn bad_input_gets_a_one_line_error_and_a_meaningful_exit_code() {
         3,
         "group \"demo\" already exists",
     );
+    // The same group again, queue and all (deploy/bootstrap.sh on a second
+    // `./dev up`): "already exists", which set-up scripts take as done.
+    cli.fails(
+        &[
+            "admin",
+            "group",
+            "add",
+            "--name",
+            "demo",
+            "--queue",
+            "telemetry",
+            "--namespace",
+            "eu-west",
+        ],
+        3,
+        "group \"demo\" already exists",
+    );
     cli.fails(
         &[
             "admin", "device", "add", "--id", "plug-1", "--group", "demo",
