@@ -90,7 +90,8 @@ impl Breaker {
             return self.open;
         }
         match kind {
-            ErrorKind::Unreachable | ErrorKind::Auth => self.trip(Trouble::Down),
+            // A full queue takes nothing until it drains: move the senders.
+            ErrorKind::Unreachable | ErrorKind::Auth | ErrorKind::Full => self.trip(Trouble::Down),
             ErrorKind::Timeout => {
                 self.consecutive_timeouts += 1;
                 if self.consecutive_timeouts >= self.config.timeouts_to_trip {
@@ -195,8 +196,18 @@ mod tests {
         let mut b = breaker();
         for _ in 0..100 {
             assert_eq!(b.failure(ErrorKind::Rejected, Instant::now()), None);
+            assert_eq!(b.failure(ErrorKind::TooLarge, Instant::now()), None);
         }
         assert_eq!(b.open(), None);
+    }
+
+    #[test]
+    fn a_full_queue_trips_at_once() {
+        let mut b = breaker();
+        assert_eq!(
+            b.failure(ErrorKind::Full, Instant::now()),
+            Some(Trouble::Down)
+        );
     }
 
     #[test]

@@ -76,6 +76,9 @@ struct Queue {
     duplicate_detection: bool,
     lock_duration: Duration,
     max_delivery_count: u32,
+    /// Bytes the queue holds at most (the service's `MaxSizeInMegabytes`);
+    /// past it a send is refused with 403, as the service answers.
+    max_size: Option<usize>,
     next: i64,
 }
 
@@ -169,6 +172,12 @@ impl ServiceBusDouble {
             b"<RequiresDuplicateDetection>true</RequiresDuplicateDetection>",
             false,
         );
+    }
+
+    /// Caps what `queue` holds at `bytes` (the service's
+    /// `MaxSizeInMegabytes`, whose smallest is 1 GiB, scaled for a test).
+    pub fn set_max_size(&self, queue: &str, bytes: usize) {
+        with_queue(&self.state, queue, |q| q.max_size = Some(bytes));
     }
 
     /// Send requests so far (a batch is one).
@@ -356,6 +365,7 @@ fn create_queue(state: &Shared, queue: &str, body: &[u8], update: bool) -> Respo
                 duplicate_detection,
                 lock_duration,
                 max_delivery_count: max,
+                max_size: None,
                 next: 0,
             },
         );
@@ -464,6 +474,11 @@ fn send(state: &Shared, queue: &str, headers: &HeaderMap, body: Bytes) -> Respon
             .into_response();
     }
     let sent = with_queue(state, queue, |q| {
+        let held: usize = q.messages.values().map(|m| m.body.len()).sum();
+        let adding: usize = messages.iter().map(|(_, b)| b.len()).sum();
+        if q.max_size.is_some_and(|max| held + adding > max) {
+            return Err(held);
+        }
         for (id, body) in messages {
             let now = Instant::now();
             if let (true, Some(id)) = (q.duplicate_detection, &id) {
@@ -483,9 +498,15 @@ fn send(state: &Shared, queue: &str, headers: &HeaderMap, body: Bytes) -> Respon
             };
             q.messages.insert(q.next, message);
         }
+        Ok(())
     });
     match sent {
-        Some(()) => status(StatusCode::CREATED),
+        Some(Ok(())) => status(StatusCode::CREATED),
+        Some(Err(held)) => (
+            StatusCode::FORBIDDEN,
+            format!("<Error><Code>403</Code><Detail>The maximum entity size has been reached or exceeded for Queue: '{}:Queue:{queue}'. Size of entity in bytes:{held}. For more information please see https://aka.ms/ServiceBusExceptions . TrackingId:double</Detail></Error>", state.namespace),
+        )
+            .into_response(),
         None => status(StatusCode::NOT_FOUND),
     }
 }

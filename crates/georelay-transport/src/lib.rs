@@ -57,6 +57,9 @@ pub enum ErrorKind {
     /// The message is larger than the namespace carries; refused before it
     /// was sent. The sender's fault, never the namespace's health.
     TooLarge,
+    /// The queue is full (Service Bus: quota exceeded): the namespace takes
+    /// no records until its backlog drains. Not a credentials problem.
+    Full,
 }
 
 impl fmt::Display for ErrorKind {
@@ -67,6 +70,7 @@ impl fmt::Display for ErrorKind {
             Self::Rejected => "rejected",
             Self::Auth => "auth",
             Self::TooLarge => "too large",
+            Self::Full => "queue full",
         })
     }
 }

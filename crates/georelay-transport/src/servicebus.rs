@@ -28,9 +28,7 @@
 use async_trait::async_trait;
 use azure_core::headers::{HeaderName, Headers};
 use azure_core::{HttpClient, Method, Request, Response, StatusCode, Url};
-use azure_messaging_servicebus::service_bus::{
-    PeekLockResponse, QueueClient, SendMessageOptions, SettableBrokerProperties,
-};
+use azure_messaging_servicebus::service_bus::{PeekLockResponse, QueueClient};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -206,32 +204,17 @@ impl ServiceBusNamespace {
             * 3
     }
 
+    /// One record: a batch of one (the batch send's answer keeps the body,
+    /// which tells a full queue from refused credentials).
     pub async fn publish(
         &self,
         queue: &str,
         id: &str,
         payload: Bytes,
     ) -> Result<(), TransportError> {
-        let limit = self.max_payload();
-        if payload.len() > limit {
-            return Err(TransportError::too_large(payload.len(), limit));
-        }
-        let client = self.queue_client(queue)?;
-        let options = SendMessageOptions {
-            content_type: Some("text/plain".to_owned()),
-            broker_properties: Some(SettableBrokerProperties {
-                message_id: Some(message_id(id)),
-                ..Default::default()
-            }),
-            custom_properties: None,
-        };
-        let body = B64.encode(&payload);
-        self.call(
-            "publish",
-            self.inner.limits.publish_deadline,
-            client.send_message(&body, Some(options)),
-        )
-        .await
+        self.publish_batch(queue, &[(id.to_owned(), payload)])
+            .await
+            .map_err(|(_, e)| e)
     }
 
     /// Sends `items` in order in as few requests as the message size limit
@@ -271,12 +254,12 @@ impl ServiceBusNamespace {
             body.push(']');
             let path = format!("{queue}/messages");
             let deadline = Some(self.inner.limits.publish_deadline);
-            let (status, _) = self
+            let (status, answer) = self
                 .request(Method::Post, &path, Some((BATCH, body)), false, deadline)
                 .await
                 .map_err(|e| (start, e))?;
             if !status.is_success() {
-                return Err((start, status_error("publish", status)));
+                return Err((start, send_error(status, &answer)));
             }
             start = end;
         }
@@ -574,6 +557,21 @@ fn status_error(what: &str, status: StatusCode) -> TransportError {
         _ => ErrorKind::Rejected,
     };
     TransportError::new(kind, format!("{what}: HTTP {code}"))
+}
+
+/// A refused send: a 403 whose body says the queue is full (the service's
+/// "maximum entity size has been reached", `QuotaExceeded`) is
+/// [`ErrorKind::Full`], not refused credentials.
+fn send_error(status: StatusCode, body: &[u8]) -> TransportError {
+    let text = String::from_utf8_lossy(body).to_lowercase();
+    let full = text.contains("maximum entity size") || text.contains("quotaexceeded");
+    if u16::from(status) == 403 && full {
+        return TransportError::new(
+            ErrorKind::Full,
+            "publish: HTTP 403: the queue is full (quota exceeded); it takes records again once drained",
+        );
+    }
+    status_error("publish", status)
 }
 
 fn classify(what: &str, e: &azure_core::Error) -> TransportError {

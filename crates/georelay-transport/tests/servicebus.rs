@@ -249,3 +249,26 @@ async fn a_batch_is_sent_in_one_request_in_order() {
     );
     assert_eq!(ns.depth("q").await.unwrap(), 50);
 }
+
+/// A full queue (the service's 403 "maximum entity size has been reached")
+/// is reported as full — the namespace takes no records until it drains —
+/// not as refused credentials (which the adapter reported, and logged).
+#[tokio::test]
+async fn a_full_queue_is_full_not_refused_credentials() {
+    let double = ServiceBusDouble::start("georelay-full", POLICY, KEY).unwrap();
+    let ns = adapter(&double);
+    ns.ensure_queue("q").await.unwrap();
+    double.set_max_size("q", 64);
+    ns.publish("q", "dev/1/x", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let err = ns
+        .publish("q", "dev/2/x", Bytes::from(vec![b'x'; 100]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), georelay_transport::ErrorKind::Full, "{err}");
+    let items = vec![("dev/3/x".to_owned(), Bytes::from(vec![b'x'; 100]))];
+    let (at, err) = ns.publish_batch("q", &items).await.unwrap_err();
+    assert_eq!((at, err.kind()), (0, georelay_transport::ErrorKind::Full));
+    assert_eq!(double.auth_failures(), 0);
+}
