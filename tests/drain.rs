@@ -935,3 +935,40 @@ async fn an_unknown_devices_record_is_replayed_once_the_device_is_registered() {
             .unwrap();
     assert_eq!(stored, 1);
 }
+
+/// Rows no georelay process wrote do not hold the drain back: a drain lease
+/// naming no running drain process is taken over at once (it used to be
+/// honoured until it expired, here an hour), and an ingest instance whose
+/// lease runs a day past its heartbeat (no ingest takes over 1 h) does not
+/// hold the seal barrier (it held every epoch forever).
+#[tokio::test]
+async fn rows_written_by_hand_do_not_hold_the_drain_back() {
+    let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let devices = devices(&stack, 1).await;
+    let pool = stack.db.pool();
+    sqlx::query("INSERT INTO drain_leases (group_id, instance_id, token, lease_until) VALUES ($1, '00000000-0000-0000-0000-00000000dead', 5, now() + interval '1 hour')")
+        .bind(stack.group_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO instances (id, role, hostname, lease_until) VALUES ('00000000-0000-0000-0000-00000000beef', 'ingest', 'ghost', now() + interval '1 day')")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO instance_epochs (instance_id, group_id, epoch) VALUES ('00000000-0000-0000-0000-00000000beef', $1, 1)")
+        .bind(stack.group_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    publish(&stack.regions[0].url(), &devices, 1..=5, 1).await;
+    stack.move_senders(1).await.unwrap();
+    publish(&stack.regions[1].url(), &devices, 6..=10, 2).await;
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 10, Duration::from_secs(30)).await;
+    assert_in_order(&stack, 10).await;
+    let token: i64 = sqlx::query_scalar("SELECT token FROM drain_leases")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(token, 6, "taken over, with the next fencing token");
+}

@@ -19,8 +19,10 @@ pub struct LeaseToken {
     pub token: i64,
 }
 
-/// Takes the group's lease if it is free or has lapsed. `None`: another
-/// worker holds it.
+/// Takes the group's lease if it is free, has lapsed, or names no running
+/// drain process (a row written by hand, or its process's own lease lapsed:
+/// the fencing token keeps a holder that was only slow from committing).
+/// `None`: another worker holds it.
 pub async fn acquire_lease(
     pool: &PgPool,
     group_id: i64,
@@ -34,6 +36,9 @@ pub async fn acquire_lease(
              SET instance_id = EXCLUDED.instance_id, token = drain_leases.token + 1,
                  acquired_at = clock_timestamp(), lease_until = EXCLUDED.lease_until
              WHERE drain_leases.lease_until < clock_timestamp()
+                OR NOT EXISTS (SELECT 1 FROM instances i
+                               WHERE i.id = drain_leases.instance_id AND i.role = 'drain'
+                                 AND i.lease_until > clock_timestamp())
          RETURNING token",
     )
     .bind(group_id)
@@ -144,7 +149,9 @@ pub async fn epoch_namespace(
 /// is sealed when the senders are past it, `grace` has passed since they
 /// moved on, and no ingest instance that may still be publishing (lease not
 /// lapsed by more than `publish_deadline`) acknowledges `epoch` or older — an
-/// instance with no acknowledgement for the group counts as older. When
+/// instance with no acknowledgement for the group counts as older; a row
+/// whose lease runs more than an hour past its heartbeat is no ingest
+/// process (their `--lease` is at most 1 h) and does not hold it. When
 /// sealed, `sealed_at` is set (once).
 pub async fn seal_if_ready(
     pool: &PgPool,
@@ -162,6 +169,9 @@ pub async fn seal_if_ready(
                     LEFT JOIN instance_epochs e ON e.instance_id = i.id AND e.group_id = $1
                     WHERE i.role = 'ingest'
                       AND i.lease_until + make_interval(secs => $4) > now()
+                      -- no ingest process holds a lease over an hour (--lease
+                      -- is at most 1h): a row that does was written by hand
+                      AND i.lease_until <= i.heartbeat_at + interval '1 hour 1 minute'
                       AND coalesce(e.epoch, 0) <= $2)
          FROM routing_groups g WHERE g.id = $1",
     )
