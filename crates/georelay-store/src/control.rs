@@ -101,18 +101,35 @@ pub async fn set_namespace_enabled(
     name: &str,
     enabled: bool,
 ) -> Result<bool, StoreError> {
-    let row: Option<(bool,)> = sqlx::query_as(
+    set_flag(
+        pool,
         "UPDATE namespaces n SET enabled = $2 FROM namespaces old
          WHERE n.id = old.id AND n.name = $1 RETURNING old.enabled",
+        "namespace",
+        name,
+        enabled,
     )
-    .bind(name)
-    .bind(enabled)
-    .fetch_optional(pool)
-    .await?;
-    match row {
-        Some((was,)) => Ok(was != enabled),
+    .await
+}
+
+/// Runs `sql` (`$1` the row's name, `$2` the new value, returning the old
+/// value) on one row; whether it changed anything, or `NotFound`.
+async fn set_flag(
+    pool: &PgPool,
+    sql: &'static str,
+    what: &'static str,
+    name: &str,
+    value: bool,
+) -> Result<bool, StoreError> {
+    let was: Option<bool> = sqlx::query_scalar(sql)
+        .bind(name)
+        .bind(value)
+        .fetch_optional(pool)
+        .await?;
+    match was {
+        Some(was) => Ok(was != value),
         None => Err(StoreError::NotFound {
-            what: "namespace",
+            what,
             name: name.to_owned(),
         }),
     }
@@ -381,21 +398,15 @@ pub async fn set_failover_enabled(
     group: &str,
     enabled: bool,
 ) -> Result<bool, StoreError> {
-    let row: Option<(bool,)> = sqlx::query_as(
+    set_flag(
+        pool,
         "UPDATE routing_groups g SET failover_enabled = $2 FROM routing_groups old
          WHERE g.id = old.id AND g.name = $1 RETURNING old.failover_enabled",
+        "group",
+        group,
+        enabled,
     )
-    .bind(group)
-    .bind(enabled)
-    .fetch_optional(pool)
-    .await?;
-    match row {
-        Some((was,)) => Ok(was != enabled),
-        None => Err(StoreError::NotFound {
-            what: "group",
-            name: group.to_owned(),
-        }),
-    }
+    .await
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -452,21 +463,15 @@ pub async fn set_device_enabled(
     id: &str,
     enabled: bool,
 ) -> Result<bool, StoreError> {
-    let row: Option<(bool,)> = sqlx::query_as(
+    set_flag(
+        pool,
         "UPDATE devices d SET enabled = $2 FROM devices old
          WHERE d.id = old.id AND d.id = $1 RETURNING old.enabled",
+        "device",
+        id,
+        enabled,
     )
-    .bind(id)
-    .bind(enabled)
-    .fetch_optional(pool)
-    .await?;
-    match row {
-        Some((was,)) => Ok(was != enabled),
-        None => Err(StoreError::NotFound {
-            what: "device",
-            name: id.to_owned(),
-        }),
-    }
+    .await
 }
 
 /// Refuses to go on with a master key that sealed none of the secrets in the

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Row as _, Transaction};
+use std::borrow::Borrow;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -343,24 +344,29 @@ async fn store_together(
         else {
             return Ok(None);
         };
-        let mut conflicts = Vec::new();
-        if inserted < rows.len() as u64 {
-            // Committed already; the duplicates are looked at under the
-            // lease. Lost in between: not acked, so the next holder reads
-            // them again and looks.
-            let mut tx = pool.begin().await?;
-            if !check_lease(&mut tx, lease, lease_length).await? {
-                return Ok(None);
-            }
-            conflicts = record_conflicts(&mut tx, lease, namespace_id, epoch, rows).await?;
-            tx.commit().await?;
+        if inserted == rows.len() as u64 {
+            return Ok(Some(Stored::new(
+                rows.len(),
+                inserted,
+                Vec::new(),
+                Vec::new(),
+            )));
         }
-        return Ok(Some(Stored::new(
-            rows.len(),
+        // Committed already; the duplicates are looked at under the lease.
+        // Lost in between: not acked, so the next holder reads them again
+        // and looks.
+        let mut tx = pool.begin().await?;
+        if !check_lease(&mut tx, lease, lease_length).await? {
+            return Ok(None);
+        }
+        let done = Done {
+            lease,
+            namespace_id,
+            epoch,
+            rows: rows.len(),
             inserted,
-            conflicts,
-            Vec::new(),
-        )));
+        };
+        return done.commit(tx, rows, &[], Vec::new()).await.map(Some);
     }
     let mut tx = pool.begin().await?;
     let inserted = if rows.is_empty() {
@@ -374,18 +380,14 @@ async fn store_together(
             None => return Ok(None),
         }
     };
-    let mut conflicts = Vec::new();
-    if inserted < rows.len() as u64 {
-        conflicts = record_conflicts(&mut tx, lease, namespace_id, epoch, rows).await?;
-    }
-    insert_dead_letters(&mut tx, lease, namespace_id, epoch, dead).await?;
-    tx.commit().await?;
-    Ok(Some(Stored::new(
-        rows.len(),
+    let done = Done {
+        lease,
+        namespace_id,
+        epoch,
+        rows: rows.len(),
         inserted,
-        conflicts,
-        Vec::new(),
-    )))
+    };
+    done.commit(tx, rows, dead, Vec::new()).await.map(Some)
 }
 
 /// [`store_batch`] for a batch PostgreSQL refused: one savepoint per row.
@@ -411,7 +413,7 @@ async fn store_one_by_one(
         match insert_rows(&mut *tx, lease, lease_length, namespace_id, one).await {
             Ok(Some(n)) => {
                 inserted += n;
-                taken.push(row.clone());
+                taken.push(row);
                 sqlx::query("RELEASE SAVEPOINT one_row")
                     .execute(&mut *tx)
                     .await?;
@@ -433,14 +435,50 @@ async fn store_one_by_one(
             Err(e) => return Err(e),
         }
     }
-    let mut conflicts = Vec::new();
-    if inserted < taken.len() as u64 {
-        conflicts = record_conflicts(&mut tx, lease, namespace_id, epoch, &taken).await?;
+    let done = Done {
+        lease,
+        namespace_id,
+        epoch,
+        rows: rows.len(),
+        inserted,
+    };
+    done.commit(tx, &taken, dead, refused).await.map(Some)
+}
+
+/// The end of every storing transaction, once the rows are in.
+struct Done<'a> {
+    lease: &'a LeaseToken,
+    namespace_id: i64,
+    epoch: i64,
+    /// Rows in the batch.
+    rows: usize,
+    /// Rows inserted (the rest were there already, or refused).
+    inserted: u64,
+}
+
+impl Done<'_> {
+    /// Records which of `taken` (rows the database took, inserted or there
+    /// already) conflict with what was stored, inserts the dead letters and
+    /// `refused`, and commits.
+    async fn commit<R: Borrow<Row>>(
+        self,
+        mut tx: Transaction<'_, Postgres>,
+        taken: &[R],
+        dead: &[DeadLetter],
+        refused: Vec<DeadLetter>,
+    ) -> Result<Stored, StoreError> {
+        let mut conflicts = Vec::new();
+        if self.inserted < taken.len() as u64 {
+            conflicts =
+                record_conflicts(&mut tx, self.lease, self.namespace_id, self.epoch, taken).await?;
+        }
+        for letters in [dead, &refused] {
+            insert_dead_letters(&mut tx, self.lease, self.namespace_id, self.epoch, letters)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Stored::new(self.rows, self.inserted, conflicts, refused))
     }
-    insert_dead_letters(&mut tx, lease, namespace_id, epoch, dead).await?;
-    insert_dead_letters(&mut tx, lease, namespace_id, epoch, &refused).await?;
-    tx.commit().await?;
-    Ok(Some(Stored::new(rows.len(), inserted, conflicts, refused)))
 }
 
 async fn insert_dead_letters(
@@ -539,17 +577,18 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
 /// A duplicate is normally a redelivery (same payload). A different payload
 /// under a stored `(device_id, seq)` means the device reused a seq: keep the
 /// newcomer, sealed, as a dead letter. Returns `(device_id, seq)` of each.
-async fn record_conflicts(
+async fn record_conflicts<R: Borrow<Row>>(
     tx: &mut Transaction<'_, Postgres>,
     lease: &LeaseToken,
     namespace_id: i64,
     epoch: i64,
-    rows: &[Row],
+    rows: &[R],
 ) -> Result<Vec<(String, i64)>, StoreError> {
-    let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
-    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
-    let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_ref()).collect();
+    let rows = rows.iter().map(Borrow::borrow);
+    let devices: Vec<&str> = rows.clone().map(|r| r.device_id.as_str()).collect();
+    let seqs: Vec<i64> = rows.clone().map(|r| r.seq).collect();
+    let payloads: Vec<&str> = rows.clone().map(|r| r.payload.as_str()).collect();
+    let raws: Vec<&[u8]> = rows.map(|r| r.raw.as_ref()).collect();
     Ok(sqlx::query(
         "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
          SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, $8,
