@@ -463,23 +463,10 @@ impl NatsNamespace {
     ) -> Result<Option<Delivery>, TransportError> {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
-        let answer: serde_json::Value = self
-            .bounded(
-                "get message",
-                self.inner.js.request(
-                    format!("STREAM.MSG.GET.{queue}"),
-                    &serde_json::json!({ "seq": seq }),
-                ),
-            )
-            .await?
-            .map_err(|e| self.classify("get message", e))?;
-        if let Some(error) = answer.get("error") {
-            // 10037: no message found.
-            if error["err_code"] == 10037 {
-                return Ok(None);
-            }
-            return Err(self.classify("get message", error));
-        }
+        // 10037: no message found.
+        let Some(answer) = self.by_sequence("GET", queue, seq, 10037).await? else {
+            return Ok(None);
+        };
         let message = &answer["message"];
         let bytes = |field: &str| {
             message[field]
@@ -526,10 +513,11 @@ impl NatsNamespace {
     /// the queue (and from `depth`) when this returns. One round trip a batch.
     pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
         let mut messages = Vec::with_capacity(batch.len());
+        let mut stored = Vec::new();
         for d in batch {
             match d.handle {
                 Handle::Nats(message) => messages.push(message),
-                Handle::NatsStored { queue, seq } => self.delete(&queue, seq).await?,
+                Handle::NatsStored { queue, seq } => stored.push((queue, seq)),
                 Handle::ServiceBus(_) => {
                     return Err(TransportError::new(
                         ErrorKind::Rejected,
@@ -537,6 +525,14 @@ impl NatsNamespace {
                     ))
                 }
             }
+        }
+        // Read by sequence number (a suspect queue): deleted, side by side
+        // as they were read.
+        let mut deletes = futures_util::stream::iter(stored)
+            .map(|(queue, seq)| async move { self.delete(&queue, seq).await })
+            .buffer_unordered(64);
+        while let Some(deleted) = deletes.next().await {
+            deleted?;
         }
         let Some(last) = messages.pop() else {
             return Ok(());
@@ -551,22 +547,34 @@ impl NatsNamespace {
 
     /// Acks a message read by sequence number: deletes it from the stream.
     async fn delete(&self, queue: &str, seq: u64) -> Result<(), TransportError> {
+        // 10057: gone already, and acked is acked.
+        self.by_sequence("DELETE", queue, seq, 10057).await.map(drop)
+    }
+
+    /// `$JS.API.STREAM.MSG.{op}.{queue}` for message `seq`: its answer, or
+    /// `None` when the server answers error `absent` (no such message).
+    async fn by_sequence(
+        &self,
+        op: &str,
+        queue: &str,
+        seq: u64,
+        absent: u64,
+    ) -> Result<Option<serde_json::Value>, TransportError> {
+        let what = format!("stream message {op}");
         let answer: serde_json::Value = self
             .bounded(
-                "delete message",
+                &what,
                 self.inner.js.request(
-                    format!("STREAM.MSG.DELETE.{queue}"),
+                    format!("STREAM.MSG.{op}.{queue}"),
                     &serde_json::json!({ "seq": seq }),
                 ),
             )
             .await?
-            .map_err(|e| self.classify("delete message", e))?;
+            .map_err(|e| self.classify(&what, e))?;
         match answer.get("error") {
-            // Gone already: acked is acked.
-            Some(error) if error["err_code"] != 10057 => {
-                Err(self.classify("delete message", error))
-            }
-            _ => Ok(()),
+            None => Ok(Some(answer)),
+            Some(error) if error["err_code"] == absent => Ok(None),
+            Some(error) => Err(self.classify(&what, error)),
         }
     }
 
