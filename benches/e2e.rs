@@ -299,7 +299,7 @@ async fn main() {
 /// own buffer, one transaction a reading, without fsync a commit).
 async fn fill(dir: &Path, device: &georelay_testkit::TestDevice, n: u64) {
     let buffer = Buffer::open(
-        &dir.join(format!("{}.db", device.id)),
+        &georelay_agent::buffer::path(dir, &device.id),
         device.id.clone(),
         device.key.clone(),
         n,

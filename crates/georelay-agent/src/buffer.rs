@@ -39,6 +39,14 @@ pub enum BufferError {
     Db(#[from] sqlx::Error),
 }
 
+/// Where a device's buffer lives in a state directory.
+pub fn path(state_dir: &Path, device: &DeviceId) -> std::path::PathBuf {
+    state_dir.join(format!("{device}.db"))
+}
+
+/// The file extension of [`path`].
+pub const EXTENSION: &str = "db";
+
 /// The nonce for `seq`: 4 zero bytes, then seq big-endian.
 pub fn nonce_for(seq: u64) -> [u8; NONCE_LEN] {
     let mut nonce = [0u8; NONCE_LEN];

@@ -69,7 +69,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
         path: config.state_dir.clone(),
         source,
     })?;
-    let path = config.state_dir.join(format!("{}.db", config.device));
+    let path = buffer::path(&config.state_dir, &config.device);
     let buffer = Buffer::open(
         &path,
         config.device.clone(),
@@ -258,7 +258,7 @@ pub async fn simulate(
     let tasks = TaskTracker::new();
     let mut handles = Vec::new();
     for device in &config.devices {
-        let path = config.state_dir.join(format!("{}.db", device.id));
+        let path = buffer::path(&config.state_dir, &device.id);
         let buffer = Buffer::open(
             &path,
             device.id.clone(),

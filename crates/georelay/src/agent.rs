@@ -3,6 +3,7 @@
 //! from the command line (it shows in `ps`).
 
 use anyhow::{bail, Context as _};
+use georelay_agent::buffer;
 use georelay_agent::sender::SenderConfig;
 use georelay_agent::{AgentConfig, SimDevice, SimulateConfig};
 use georelay_core::{DeviceId, DeviceKey};
@@ -20,36 +21,40 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
 }
 
 async fn requeue(args: AgentRequeueArgs) -> anyhow::Result<()> {
-    let buffers: Vec<std::path::PathBuf> = match &args.device {
+    let state_dir = &args.state.state_dir;
+    let buffers = match &args.device {
         Some(device) => {
             let device = DeviceId::parse(device).with_context(|| format!("--device {device:?}"))?;
-            vec![args.state_dir.join(format!("{device}.db"))]
+            vec![buffer::path(state_dir, &device)]
         }
-        None => {
-            let mut found: Vec<_> = std::fs::read_dir(&args.state_dir)
-                .with_context(|| format!("cannot read {}", args.state_dir.display()))?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "db"))
-                .collect();
-            found.sort();
-            found
-        }
+        None => files_ending(state_dir, buffer::EXTENSION)?,
     };
     anyhow::ensure!(
         !buffers.is_empty(),
         "no agent buffer (DEVICE.db) in {}",
-        args.state_dir.display()
+        state_dir.display()
     );
     for path in buffers {
         anyhow::ensure!(path.is_file(), "no agent buffer at {}", path.display());
-        let moved = georelay_agent::buffer::requeue(&path)
+        let moved = buffer::requeue(&path)
             .await
             .with_context(|| format!("cannot requeue {}", path.display()))?;
         let device = path.file_stem().and_then(|s| s.to_str()).unwrap_or("?");
         println!("{device}: {moved} set-aside records back in line");
     }
     Ok(())
+}
+
+/// The files in `dir` with extension `extension`, in name order.
+fn files_ending(dir: &Path, extension: &str) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == extension))
+        .collect();
+    found.sort();
+    Ok(found)
 }
 
 fn sender(urls: Vec<String>) -> anyhow::Result<SenderConfig> {
@@ -98,7 +103,7 @@ async fn agent(args: AgentRunArgs) -> anyhow::Result<()> {
             device,
             key,
             sender: sender(args.urls)?,
-            state_dir: args.state_dir,
+            state_dir: args.state.state_dir,
             read_stdin: args.stdin,
             watch: args.watch,
             max_buffer: args.max_buffer.max(1),
@@ -116,14 +121,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         provision(&args.keys_dir, group, args.devices.unwrap_or(10)).await?;
     }
     let mut devices = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(&args.keys_dir)
-        .with_context(|| format!("cannot read {}", args.keys_dir.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "key"))
-        .collect();
-    entries.sort();
-    for path in entries.into_iter().take(args.devices.unwrap_or(usize::MAX)) {
+    for path in files_ending(&args.keys_dir, "key")?.into_iter().take(args.devices.unwrap_or(usize::MAX)) {
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())

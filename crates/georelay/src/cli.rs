@@ -82,15 +82,22 @@ pub enum AgentCmd {
     Requeue(AgentRequeueArgs),
 }
 
+/// An agent's state directory.
 #[derive(Debug, Args)]
-pub struct AgentRequeueArgs {
-    /// The agent's state directory
+pub struct StateDirArg {
+    /// Where the sequence counter and the offline buffer live
     #[arg(
         long,
         env = "GEORELAY_STATE_DIR",
         default_value = "/var/lib/georelay-agent"
     )]
     pub state_dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentRequeueArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
     /// Only this device's buffer (default: every buffer in the directory)
     #[arg(long)]
     pub device: Option<String>,
@@ -112,13 +119,8 @@ pub struct AgentRunArgs {
         required = true
     )]
     pub urls: Vec<String>,
-    /// Where the sequence counter and the offline buffer live
-    #[arg(
-        long,
-        env = "GEORELAY_STATE_DIR",
-        default_value = "/var/lib/georelay-agent"
-    )]
-    pub state_dir: std::path::PathBuf,
+    #[command(flatten)]
+    pub state: StateDirArg,
     /// Read readings from standard input
     #[arg(long)]
     pub stdin: bool,
