@@ -221,9 +221,12 @@ async fn a_refusal_that_is_not_about_the_record_is_retried_not_set_aside() {
         .unwrap();
     let mut agent = Agent::start(&stack, &device, &ingest.url(), &state, &[]);
     agent.send(1, 3);
-    // Refused (401) at least once meanwhile: the ingest's cache of the
-    // device is dropped on the change, so the answers are 401 at once.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Refused (401) twice: a first answer, and a retry after it.
+    let refused = wait_until(Duration::from_secs(10), || async {
+        refusals(&ingest).await >= 2.0
+    })
+    .await;
+    assert!(refused, "ingest answered 401");
     let db = state.join("plug-1.db");
     assert!(sqlite_rows(&db, "SELECT seq, status FROM rejected")
         .await
@@ -377,6 +380,22 @@ async fn dropped_files_are_taken_once_even_across_a_restart() {
         "{\"n\": 1}\nnot json\n{\"n\": 2}\n",
         "the first file is kept"
     );
+}
+
+/// Records requests ingest answered with 401, from its metrics.
+async fn refusals(ingest: &Service) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", ingest.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("georelay_ingest_requests_total{") && l.contains("status=\"401\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {

@@ -110,6 +110,17 @@ async fn undrained(stack: &Stack) -> Vec<i64> {
     .unwrap()
 }
 
+/// `georelay admin ARGS` against the stack's database, with its master key.
+fn admin(stack: &Stack, args: &[&str]) -> std::process::Output {
+    georelay_testkit::georelay_command(&stack.db)
+        .unwrap()
+        .env("GEORELAY_MASTER_KEY", georelay_testkit::master_key_b64())
+        .arg("admin")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 async fn metric(service: &Service, name: &str) -> f64 {
     let text = reqwest::get(format!("{}/metrics", service.url()))
         .await
@@ -789,15 +800,7 @@ async fn abandoning_a_lost_region_lets_the_worker_go_on_and_is_recorded() {
     publish(&stack.regions[1].url(), &devices, 6..=8, 2).await;
     stack.regions[0].kill();
     let _worker = stack.drain(DRAIN_ARGS).unwrap();
-    let cli = |args: &[&str]| {
-        georelay_testkit::georelay_command(&stack.db)
-            .unwrap()
-            .env("GEORELAY_MASTER_KEY", georelay_testkit::master_key_b64())
-            .args(["admin"])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| admin(&stack, args);
     let asked = cli(&["trail", "abandon", "--group", "g", "--epoch", "1"]);
     assert_eq!(asked.status.code(), Some(1));
     let said = String::from_utf8_lossy(&asked.stderr);
@@ -891,13 +894,7 @@ async fn an_unknown_devices_record_is_replayed_once_the_device_is_registered() {
     .await;
     assert!(dead, "dead-lettered as unknown_device");
     let cli = |args: &[&str]| {
-        let out = georelay_testkit::georelay_command(&stack.db)
-            .unwrap()
-            .env("GEORELAY_MASTER_KEY", georelay_testkit::master_key_b64())
-            .args(["admin", "dead-letters"])
-            .args(args)
-            .output()
-            .unwrap();
+        let out = admin(&stack, &[&["dead-letters"], args].concat());
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap()
     };

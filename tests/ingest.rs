@@ -877,12 +877,20 @@ async fn a_record_larger_than_the_broker_takes_is_413_and_fails_nothing_over() {
 /// Opens a records request for `device` that declares `length` bytes of body
 /// and sends only a few of them: a client on a very slow link, or one
 /// holding the server's resources on purpose.
-async fn trickle(base: &str, device: &str, length: usize) -> tokio::net::TcpStream {
+/// `length` `None`: a chunked body, whose length nobody knows beforehand.
+async fn trickle(base: &str, device: &str, length: Option<usize>) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt as _;
     let addr = base.trim_start_matches("http://");
     let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (framing, start) = match length {
+        Some(n) => (format!("Content-Length: {n}"), "{\"records\": [".to_owned()),
+        None => (
+            "Transfer-Encoding: chunked".to_owned(),
+            "5\r\n{\"rec\r\n".to_owned(),
+        ),
+    };
     let head = format!(
-        "POST /v1/devices/{device}/telemetry/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"records\": ["
+        "POST /v1/devices/{device}/telemetry/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n{start}"
     );
     socket.write_all(head.as_bytes()).await.unwrap();
     socket
@@ -908,7 +916,7 @@ async fn trickling_bodies_do_not_lock_out_other_devices() {
     let mut slow = Vec::new();
     for i in 0..8 {
         let d = stack.device(&format!("plug-slow-{i}")).await.unwrap();
-        slow.push(trickle(&base, d.id.as_str(), 4096).await);
+        slow.push(trickle(&base, d.id.as_str(), Some(4096)).await);
     }
     let device = stack.device("plug-1").await.unwrap();
     let http = http();
@@ -924,7 +932,7 @@ async fn trickling_bodies_do_not_lock_out_other_devices() {
         assert_eq!(ok.0, 202, "seq {seq} beside slow uploads: {:?}", ok.1);
     }
     // An unknown device is answered before its body has arrived.
-    let mut stranger = trickle(&base, "plug-nobody", 8 * 1024 * 1024).await;
+    let mut stranger = trickle(&base, "plug-nobody", Some(8 * 1024 * 1024)).await;
     let mut answer = vec![0u8; 512];
     let n = tokio::time::timeout(Duration::from_secs(3), stranger.read(&mut answer))
         .await
@@ -932,22 +940,25 @@ async fn trickling_bodies_do_not_lock_out_other_devices() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-    // A device has at most four bodies in flight: the fifth is refused at
-    // once, before its body is read.
-    for _ in 0..3 {
-        slow.push(trickle(&base, "plug-slow-0", 4096).await);
-    }
-    // Let the server take those in before the fifth.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut fifth = trickle(&base, "plug-slow-0", 4096).await;
-    let mut buf = vec![0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(3), fifth.read(&mut buf))
-        .await
-        .expect("answered without waiting for the body")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf[..n]);
-    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
-    assert!(text.contains("overloaded"), "{text}");
+    // A device has at most four bodies in flight: past them a request is
+    // refused at once, before its body is read. plug-slow-0 holds one; each
+    // further request is either refused (answered) or held (no answer).
+    let mut held = 1;
+    let refusal = loop {
+        assert!(held <= 4, "more than four bodies of one device held");
+        let mut probe = trickle(&base, "plug-slow-0", Some(4096)).await;
+        let mut buf = vec![0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(500), probe.read(&mut buf)).await {
+            Ok(n) => break String::from_utf8_lossy(&buf[..n.unwrap()]).into_owned(),
+            Err(_) => {
+                held += 1;
+                slow.push(probe);
+            }
+        }
+    };
+    assert_eq!(held, 4, "refused once four were held");
+    assert!(refusal.starts_with("HTTP/1.1 503"), "{refusal}");
+    assert!(refusal.contains("overloaded"), "{refusal}");
     drop(slow);
 }
 
@@ -957,7 +968,6 @@ async fn trickling_bodies_do_not_lock_out_other_devices() {
 /// full, as many as came). `cargo bench --bench slow_uploads` measures RSS.
 #[tokio::test]
 async fn request_bodies_are_held_within_the_bytes_in_flight_budget() {
-    use tokio::io::AsyncReadExt as _;
     let stack = Stack::start(&["eu-west"]).await.unwrap();
     let ingest = stack
         .ingest_in_process(georelay_ingest::Settings {
@@ -969,39 +979,21 @@ async fn request_bodies_are_held_within_the_bytes_in_flight_budget() {
     let base = ingest.url();
     let hog = stack.device("plug-hog").await.unwrap();
     // Declares nothing: reserves the batch limit, the whole budget.
-    let mut held = {
-        use tokio::io::AsyncWriteExt as _;
-        let addr = base.trim_start_matches("http://");
-        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let head = format!(
-            "POST /v1/devices/{}/telemetry/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{{\"rec\r\n",
-            hog.id
-        );
-        socket.write_all(head.as_bytes()).await.unwrap();
-        socket
-    };
+    let held = trickle(&base, hog.id.as_str(), None).await;
     let device = stack.device("plug-1").await.unwrap();
     let url = device.url(&base);
     let http = http();
-    let refused = wait_until(Duration::from_secs(5), || async {
+    let post = || {
         post_raw(
             &http,
             &url,
             Some("application/json"),
             device.body(1).to_string(),
         )
-        .await
-        .0 == 503
-    })
-    .await;
+    };
+    let refused = wait_until(Duration::from_secs(5), || async { post().await.0 == 503 }).await;
     assert!(refused, "no room left in the budget: 503");
-    let answer = post_raw(
-        &http,
-        &url,
-        Some("application/json"),
-        device.body(1).to_string(),
-    )
-    .await;
+    let answer = post().await;
     assert_error(&answer, 503, "overloaded", "budget spent");
     assert!(
         answer.1["error"]["message"]
@@ -1012,20 +1004,8 @@ async fn request_bodies_are_held_within_the_bytes_in_flight_budget() {
         answer.1
     );
     // The hog gives up: its bytes come back.
-    let mut sink = [0u8; 256];
-    drop(tokio::time::timeout(Duration::from_millis(100), held.read(&mut sink)).await);
     drop(held);
-    let accepted = wait_until(Duration::from_secs(5), || async {
-        post_raw(
-            &http,
-            &url,
-            Some("application/json"),
-            device.body(1).to_string(),
-        )
-        .await
-        .0 == 202
-    })
-    .await;
+    let accepted = wait_until(Duration::from_secs(5), || async { post().await.0 == 202 }).await;
     assert!(accepted, "the budget is given back when the request ends");
 }
 

@@ -548,7 +548,9 @@ impl NatsNamespace {
     /// Acks a message read by sequence number: deletes it from the stream.
     async fn delete(&self, queue: &str, seq: u64) -> Result<(), TransportError> {
         // 10057: gone already, and acked is acked.
-        self.by_sequence("DELETE", queue, seq, 10057).await.map(drop)
+        self.by_sequence("DELETE", queue, seq, 10057)
+            .await
+            .map(drop)
     }
 
     /// `$JS.API.STREAM.MSG.{op}.{queue}` for message `seq`: its answer, or

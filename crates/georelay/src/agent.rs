@@ -121,7 +121,10 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         provision(&args.keys_dir, group, args.devices.unwrap_or(10)).await?;
     }
     let mut devices = Vec::new();
-    for path in files_ending(&args.keys_dir, "key")?.into_iter().take(args.devices.unwrap_or(usize::MAX)) {
+    for path in files_ending(&args.keys_dir, "key")?
+        .into_iter()
+        .take(args.devices.unwrap_or(usize::MAX))
+    {
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())
