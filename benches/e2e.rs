@@ -19,6 +19,9 @@
 //! of BENCH_AGENT_BUFFERED buffered records (with how fast it delivered it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{env_num, status_mib};
 use georelay_agent::buffer::Buffer;
 use georelay_testkit::{Georelay, Service, Stack};
 use std::io::Read as _;
@@ -27,13 +30,6 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const LAG_P99_LIMIT_MS: f64 = 250.0;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
     std::env::var(name)
@@ -73,20 +69,6 @@ fn cpu_seconds_of_all(comm: &str) -> f64 {
         .sum()
 }
 
-/// Peak resident set size in MiB (`VmHWM`).
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Waits for a child, reading its CPU time and peak RSS until it exits.
 /// Returns (cpu seconds, peak RSS MiB, stdout).
 async fn watch(mut child: Child) -> (f64, f64, String) {
@@ -94,7 +76,7 @@ async fn watch(mut child: Child) -> (f64, f64, String) {
     let (mut cpu, mut rss) = (0.0, 0.0);
     while child.try_wait().unwrap().is_none() {
         cpu = cpu_seconds(pid).unwrap_or(cpu);
-        rss = peak_rss_mib(pid).unwrap_or(rss);
+        rss = status_mib(pid, "VmHWM:").unwrap_or(rss);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut out = String::new();
@@ -288,8 +270,8 @@ async fn main() {
     );
     println!(
         "peak RSS: ingest {:.1} MiB, drain {:.1} MiB",
-        peak_rss_mib(ingest.pid().unwrap()).unwrap(),
-        peak_rss_mib(drain.pid().unwrap()).unwrap()
+        status_mib(ingest.pid().unwrap(), "VmHWM:").unwrap(),
+        status_mib(drain.pid().unwrap(), "VmHWM:").unwrap()
     );
     drop((ingest, drain));
     let _ = std::fs::remove_dir_all(&work);

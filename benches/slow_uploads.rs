@@ -19,6 +19,9 @@
 //! in full before the device was looked at: 200 × 8 MiB = 1.6 GiB.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::env_num;
 use georelay_testkit::{Georelay, Service, Stack};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,28 +31,6 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const BODY: usize = 8 * 1024 * 1024;
 const BUDGET_MIB: f64 = 256.0;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A `/proc/PID/status` figure in MiB (`VmRSS`, `VmHWM`).
-fn status_mib(pid: u32, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib / 1024.0
-}
 
 /// One slow upload; returns the answer's status (0: no answer).
 async fn upload(addr: String, device: String, kib_per_second: u64) -> u16 {
@@ -95,9 +76,14 @@ async fn upload(addr: String, device: String, kib_per_second: u64) -> u16 {
     }
 }
 
+/// Ingest's figure; it runs through the whole benchmark.
+fn rss(pid: u32, field: &str) -> f64 {
+    common::status_mib(pid, field).expect("ingest is running")
+}
+
 async fn round(name: &str, ingest: &Service, devices: Vec<String>, kib_per_second: u64) {
     let pid = ingest.pid().expect("ingest is running");
-    let before = status_mib(pid, "VmRSS:");
+    let before = rss(pid, "VmRSS:");
     let addr = ingest.url().trim_start_matches("http://").to_owned();
     let done = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -105,7 +91,7 @@ async fn round(name: &str, ingest: &Service, devices: Vec<String>, kib_per_secon
         tokio::spawn(async move {
             let mut highest: f64 = 0.0;
             while !done.load(Ordering::Relaxed) {
-                highest = highest.max(status_mib(pid, "VmRSS:"));
+                highest = highest.max(rss(pid, "VmRSS:"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             highest
@@ -125,7 +111,7 @@ async fn round(name: &str, ingest: &Service, devices: Vec<String>, kib_per_secon
     println!(
         "{name}: {:.1} s; answers {answers:?} (0 = none); ingest RSS before {before:.1} MiB, highest {highest:.1} MiB, peak (VmHWM) {:.1} MiB; bound {:.1} MiB (before + {BUDGET_MIB} MiB budget)",
         started.elapsed().as_secs_f64(),
-        status_mib(pid, "VmHWM:"),
+        rss(pid, "VmHWM:"),
         before + BUDGET_MIB,
     );
 }
