@@ -158,7 +158,15 @@ async fn take_line(
             "not a JSON object"
         }
         Line::NotUtf8 => "not UTF-8",
-        Line::TooLong => "longer than the longest reading taken (48 KiB)",
+        Line::TooLong => {
+            tracing::warn!(
+                input = source,
+                line = line_no,
+                limit_bytes = MAX_LINE,
+                "longer than the longest reading taken; skipped"
+            );
+            return Ok(false);
+        }
     };
     tracing::warn!(input = source, line = line_no, "{why}; skipped");
     Ok(false)
