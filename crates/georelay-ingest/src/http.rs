@@ -484,6 +484,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let budget = state.config.max_bytes_in_flight / 1024;
+    let reserved = budget.saturating_sub(state.body_kib.available_permits());
+    state
+        .metrics
+        .body_bytes_in_flight
+        .set(i64::try_from(reserved * 1024).unwrap_or(i64::MAX));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub breaker_open: IntGaugeVec,
     pub failovers: IntCounterVec,
     pub group_epoch: IntGaugeVec,
+    /// Request body bytes reserved from `--max-bytes-in-flight` (set when
+    /// rendered, from the budget's free permits).
+    pub body_bytes_in_flight: IntGauge,
     /// Control plane problems the watchdog found at its last run.
     pub control_plane_problems: IntGauge,
 }
@@ -71,6 +74,11 @@ impl Metrics {
         registry.register(Box::new(breaker_open.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(group_epoch.clone()))?;
+        let body_bytes_in_flight = IntGauge::new(
+            "georelay_ingest_body_bytes_in_flight",
+            "Request body bytes reserved from --max-bytes-in-flight (bodies being read, and read ones until answered)",
+        )?;
+        registry.register(Box::new(body_bytes_in_flight.clone()))?;
         let control_plane_problems = IntGauge::new(
             "georelay_control_plane_problems",
             "Control plane problems found by the watchdog (georelay admin doctor lists them)",
@@ -84,6 +92,7 @@ impl Metrics {
             breaker_open,
             failovers,
             group_epoch,
+            body_bytes_in_flight,
             control_plane_problems,
         })
     }
