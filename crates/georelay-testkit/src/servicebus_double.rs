@@ -19,9 +19,16 @@
 //!   oldest unlocked message, locks expire after the queue's `LockDuration`.
 //! - Sequence numbers are those of a partitioned entity: `SequenceNumber` and
 //!   `EnqueuedSequenceNumber` do not fit in an `i32`.
+//! - A message moved to the dead-letter sub-queue carries the service's
+//!   `DeadLetterReason` (`MaxDeliveryCountExceeded`) as a custom property
+//!   (a response header).
 //! - Faults: [`kill`](ServiceBusDouble::kill) drops the server and every
-//!   connection (refused from then on); [`pause`](ServiceBusDouble::pause)
-//!   accepts requests and answers none until [`resume`](ServiceBusDouble::resume).
+//!   connection (refused from then on) and [`restart`](ServiceBusDouble::restart)
+//!   serves the same namespace again on the same port, its queues kept;
+//!   [`pause`](ServiceBusDouble::pause) accepts requests and answers none
+//!   until [`resume`](ServiceBusDouble::resume).
+//! - [`set_latency`](ServiceBusDouble::set_latency) adds a round trip to
+//!   every request, so figures resemble a real namespace's.
 //!
 //! The server runs on a runtime of its own, so killing it closes its sockets
 //! whatever the test's runtime is doing.
@@ -67,6 +74,8 @@ struct Shared {
     auth_failures: AtomicUsize,
     /// Send requests (one message or one batch each).
     sends: AtomicUsize,
+    /// Added to every request's answer.
+    latency: Mutex<Duration>,
 }
 
 #[derive(Debug)]
@@ -97,18 +106,14 @@ struct Message {
     enqueued_at: SystemTime,
     delivery_count: u32,
     lock: Option<(String, Instant)>,
+    /// Why the service moved it to the dead-letter sub-queue.
+    dead_letter_reason: Option<&'static str>,
 }
 
 impl ServiceBusDouble {
     /// Serves namespace `namespace` with one SAS policy on 127.0.0.1.
     pub fn start(namespace: &str, key_name: &str, key: &str) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("servicebus-double")
-            .enable_all()
-            .build()?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Shared {
             namespace: namespace.to_owned(),
@@ -118,21 +123,46 @@ impl ServiceBusDouble {
             paused: watch::channel(false).0,
             auth_failures: AtomicUsize::new(0),
             sends: AtomicUsize::new(0),
+            latency: Mutex::new(Duration::ZERO),
         });
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(state.clone());
-        let listener = {
-            let _guard = runtime.enter();
-            tokio::net::TcpListener::from_std(listener)?
-        };
-        runtime.spawn(async move { axum::serve(listener, app).await });
+        let runtime = serve(state.clone(), listener)?;
         Ok(Self {
             namespace: namespace.to_owned(),
             addr,
             state,
             runtime: Some(runtime),
         })
+    }
+
+    /// Serves again on the same port after [`kill`](Self::kill), with the
+    /// queues and messages it had.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let listener = std::net::TcpListener::bind(self.addr)
+            .with_context(|| format!("cannot listen on {} again", self.addr))?;
+        self.runtime = Some(serve(self.state.clone(), listener)?);
+        Ok(())
+    }
+
+    /// The port it serves on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The namespace name.
+    pub fn name(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Adds `latency` to every answer from now on (a round trip to a real
+    /// namespace is a few milliseconds).
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.state.latency) = latency;
+    }
+
+    /// Messages in `queue`'s dead-letter sub-queue.
+    pub fn dead_lettered(&self, queue: &str) -> usize {
+        with_queue(&self.state, &dead_letter_queue(queue), |q| q.messages.len()).unwrap_or(0)
     }
 
     /// `https://NAME.servicebus.windows.net`: what `namespaces.endpoint` holds.
@@ -206,6 +236,30 @@ impl ServiceBusDouble {
     }
 }
 
+/// Serves the namespace `state` on `listener`, on a runtime of its own.
+fn serve(
+    state: Arc<Shared>,
+    listener: std::net::TcpListener,
+) -> anyhow::Result<tokio::runtime::Runtime> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("servicebus-double")
+        .enable_all()
+        .build()?;
+    listener.set_nonblocking(true)?;
+    let app = axum::Router::new().fallback(handle).with_state(state);
+    let listener = {
+        let _guard = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    Ok(runtime)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Drop for ServiceBusDouble {
     fn drop(&mut self) {
         self.kill();
@@ -216,8 +270,23 @@ fn status(code: StatusCode) -> Response {
     code.into_response()
 }
 
+/// Serves one request on a task of its own: as on the service, a request
+/// takes effect once it arrived, whether or not its client still waits for
+/// the answer (a peek-lock whose answer is lost still locks a message).
 async fn handle(
     State(state): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    tokio::spawn(serve_request(state, method, uri, headers, body))
+        .await
+        .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR))
+}
+
+async fn serve_request(
+    state: Arc<Shared>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -226,6 +295,10 @@ async fn handle(
     let mut unpaused = state.paused.subscribe();
     if unpaused.wait_for(|paused| !*paused).await.is_err() {
         return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let latency = *lock(&state.latency);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
     }
     if !authorized(&state, &uri, &headers) {
         state.auth_failures.fetch_add(1, Ordering::SeqCst);
@@ -420,6 +493,7 @@ fn dead_letter_exhausted(state: &Shared, queue: &str) {
     if let Some(dlq) = queues.get_mut(&dead_letter_queue(queue)) {
         for mut m in moved {
             m.lock = None;
+            m.dead_letter_reason = Some("MaxDeliveryCountExceeded");
             dlq.next += 1;
             dlq.messages.insert(dlq.next, m);
         }
@@ -495,6 +569,7 @@ fn send(state: &Shared, queue: &str, headers: &HeaderMap, body: Bytes) -> Respon
                 enqueued_at: SystemTime::now(),
                 delivery_count: 0,
                 lock: None,
+                dead_letter_reason: None,
             };
             q.messages.insert(q.next, message);
         }
@@ -539,11 +614,12 @@ async fn peek_lock(state: &Shared, queue: &str, uri: &Uri) -> Response {
                 m.enqueued_at,
                 m.delivery_count,
                 lock_duration,
+                m.dead_letter_reason,
             ))
         });
         match locked {
             None => return status(StatusCode::NOT_FOUND),
-            Some(Some((seq, token, id, body, enqueued_at, deliveries, lock_duration))) => {
+            Some(Some((seq, token, id, body, enqueued_at, deliveries, lock_duration, reason))) => {
                 let props = serde_json::json!({
                     "DeliveryCount": deliveries,
                     "EnqueuedSequenceNumber": ENQUEUED_SEQUENCE_BASE + seq,
@@ -562,10 +638,14 @@ async fn peek_lock(state: &Shared, queue: &str, uri: &Uri) -> Response {
                 );
                 let mut response = (StatusCode::CREATED, body).into_response();
                 let headers = response.headers_mut();
+                let reason = reason.map(|r| ("deadletterreason", format!("\"{r}\"")));
                 for (name, value) in [
                     ("brokerproperties", props.to_string()),
                     ("location", location),
-                ] {
+                ]
+                .into_iter()
+                .chain(reason)
+                {
                     if let Ok(v) = HeaderValue::from_str(&value) {
                         headers.insert(name, v);
                     }

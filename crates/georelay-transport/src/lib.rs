@@ -177,7 +177,7 @@ enum Handle {
         queue: std::sync::Arc<str>,
         seq: u64,
     },
-    ServiceBus(Box<azure_messaging_servicebus::service_bus::PeekLockResponse>),
+    ServiceBus(servicebus::Lock),
 }
 
 impl fmt::Debug for Handle {
@@ -335,7 +335,7 @@ impl Namespace {
     pub async fn nack(&self, queue: &str, batch: Vec<Delivery>) -> Result<(), TransportError> {
         match self {
             Self::Nats(n) => n.nack(queue, batch).await,
-            Self::ServiceBus(s) => s.nack(batch).await,
+            Self::ServiceBus(s) => s.nack(queue, batch).await,
         }
     }
 

@@ -10,8 +10,21 @@
 //! - Bodies are text: the binary payload travels base64-encoded.
 //!   `MessageId` = the record's message id (its digest when longer than 128); queues are created with duplicate
 //!   detection (two-minute window).
-//! - Peek-lock receive, complete (`ack`) after the database commit, unlock
-//!   (`nack`) to give back in order.
+//! - **Receive** is a long-polling peek-lock for the first message, then up
+//!   to [`RECEIVE_CONCURRENCY`] peek-locks at once that do not wait, their
+//!   answers put back in order by the broker's `SequenceNumber`: not one
+//!   round trip a message. Complete (`ack`) after the database commit, many
+//!   at once.
+//! - **This reader remembers every lock it holds** (per queue, by sequence
+//!   number) until it completes or unlocks it. A `nack` unlocks *all* of a
+//!   queue's held messages, also those the caller dropped, before it
+//!   returns: the next receive starts at the oldest, never behind a message
+//!   still locked to nobody. Held locks are renewed in the background while
+//!   a batch takes long (a slow database).
+//! - **A lost answer taints the queue.** A peek-lock whose answer was lost
+//!   (timeout, reset) may have locked a message that nobody knows of; what
+//!   came with it is unlocked and the queue is not read again until that
+//!   lock has expired, since reading past it would reorder.
 //! - **Crate bug worked around:** `BrokerProperties.enqueued_sequence_number`
 //!   is an `i32` in the crate; partitioned entities return larger values and
 //!   `peek_lock_message2` would then fail after the message is already locked.
@@ -21,7 +34,8 @@
 //! - **A new reader waits out old locks.** Messages a previous reader (a
 //!   crashed worker) locked come back only when their lock expires; reading
 //!   newer ones first would reorder. So a fresh [`ServiceBusNamespace`]
-//!   receives nothing until one lock duration after it was created.
+//!   receives nothing until one lock duration after it was created (a
+//!   receive meanwhile waits for that first).
 //! - Management calls the crate lacks (create queue, depth, probe) are signed
 //!   here the same way the crate signs (SAS over the URL-encoded resource).
 
@@ -32,10 +46,11 @@ use azure_messaging_servicebus::service_bus::{PeekLockResponse, QueueClient};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
+use futures_util::future::join_all;
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use sha2::Sha256;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -114,6 +129,29 @@ struct Inner {
     permits: Semaphore,
     queues: Mutex<HashMap<String, QueueClient>>,
     ready_at: Instant,
+    /// Per queue: the messages this reader holds locked and has neither
+    /// completed nor unlocked, by sequence number.
+    held: Mutex<HashMap<String, BTreeMap<i64, Held>>>,
+    /// Per queue: no receive before this instant (a lost answer may have
+    /// left a message locked to nobody until then).
+    tainted_until: Mutex<HashMap<String, Instant>>,
+}
+
+/// A lock this reader holds.
+#[derive(Debug, Clone)]
+struct Held {
+    /// The lock's path under the namespace (`{queue}/messages/{seq}/{token}`).
+    path: String,
+    /// When it was taken or last renewed.
+    since: Instant,
+}
+
+/// The handle of a Service Bus delivery: which lock settles it.
+#[derive(Debug)]
+pub(crate) struct Lock {
+    queue: String,
+    sequence: i64,
+    path: String,
 }
 
 impl ServiceBusNamespace {
@@ -142,7 +180,7 @@ impl ServiceBusNamespace {
         let lock_duration = config
             .lock_duration
             .clamp(Duration::from_secs(5), Duration::from_secs(300));
-        Ok(Self {
+        let ns = Self {
             inner: Arc::new(Inner {
                 http,
                 namespace,
@@ -153,8 +191,66 @@ impl ServiceBusNamespace {
                 permits: Semaphore::new(config.max_in_flight.max(1)),
                 queues: Mutex::new(HashMap::new()),
                 ready_at: Instant::now() + lock_duration,
+                held: Mutex::new(HashMap::new()),
+                tainted_until: Mutex::new(HashMap::new()),
             }),
-        })
+        };
+        ns.renew_in_background();
+        Ok(ns)
+    }
+
+    /// Renews held locks at a third of the lock duration, for as long as
+    /// this namespace is in use (the task ends when the last clone is gone).
+    fn renew_in_background(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = Arc::downgrade(&self.inner);
+        let every = self.inner.lock_duration / 3;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                ServiceBusNamespace { inner }.renew_held().await;
+            }
+        });
+    }
+
+    /// Renews every held lock taken or renewed half a lock duration ago. A
+    /// lock that cannot be renewed is left as it is: if it is lost, the
+    /// message's complete fails and it comes again (the database's key
+    /// drops it if it was stored).
+    async fn renew_held(&self) {
+        let half = self.inner.lock_duration / 2;
+        let due: Vec<(String, i64, String)> = self
+            .inner
+            .held
+            .lock()
+            .iter()
+            .flat_map(|(queue, held)| {
+                held.iter()
+                    .filter(|(_, h)| h.since.elapsed() >= half)
+                    .map(|(seq, h)| (queue.clone(), *seq, h.path.clone()))
+            })
+            .collect();
+        let renewed = join_all(
+            due.iter()
+                .map(|(_, _, path)| self.settle(Method::Post, path)),
+        )
+        .await;
+        let mut held = self.inner.held.lock();
+        for ((queue, seq, _), result) in due.iter().zip(renewed) {
+            match result {
+                Ok(()) => {
+                    if let Some(h) = held.get_mut(queue).and_then(|q| q.get_mut(seq)) {
+                        h.since = Instant::now();
+                    }
+                }
+                Err(e) => tracing::debug!(queue, seq, error = %e, "could not renew a message lock"),
+            }
+        }
     }
 
     /// Creates `queue` with an explicit [`MAX_DELIVERY_COUNT`]; a queue that
@@ -266,62 +362,179 @@ impl ServiceBusNamespace {
         Ok(())
     }
 
+    /// Up to `max` messages in queue order: one long-polling peek-lock (up
+    /// to `wait`) for the first, then rounds of up to
+    /// [`RECEIVE_CONCURRENCY`] peek-locks that do not wait, sorted by
+    /// sequence number. A round with a failed peek-lock is given back whole
+    /// (a message it may have locked could sit between its others), and
+    /// what came before it is returned.
     pub async fn receive(
         &self,
         queue: &str,
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, TransportError> {
-        // A fresh reader's first receive waits out the previous reader's locks.
-        tokio::time::sleep_until(self.inner.ready_at.into()).await;
+        // Old locks (a previous reader's, or one a lost answer took) expire
+        // first: reading past them would reorder.
+        tokio::time::sleep_until(self.ready(queue).into()).await;
         let client = self.queue_client(queue)?;
-        let mut out = Vec::new();
+        let Some(first) = self.peek(&client, queue, wait).await? else {
+            return Ok(Vec::new());
+        };
+        let mut out = vec![first];
         while out.len() < max {
-            let poll = if out.is_empty() { wait } else { Duration::ZERO };
-            let deadline = poll + self.inner.limits.request_deadline;
-            let response = match self
-                .call("receive", deadline, client.peek_lock_message2(Some(poll)))
-                .await
-            {
-                Ok(r) => r,
-                // Keep what is locked already: handing it back later would reorder.
-                Err(_) if !out.is_empty() => break,
-                Err(e) => return Err(e),
-            };
-            match *response.status() {
-                StatusCode::NoContent => break,
-                s if s.is_success() => out.push(delivery(response)?),
-                s if out.is_empty() => return Err(status_error("receive", s)),
-                _ => break,
+            let n = (max - out.len()).min(RECEIVE_CONCURRENCY);
+            let round = join_all((0..n).map(|_| self.peek(&client, queue, Duration::ZERO))).await;
+            let emptied = round.iter().any(|r| matches!(r, Ok(None)));
+            let failed = round.iter().any(Result::is_err);
+            let got: Vec<Delivery> = round.into_iter().filter_map(|r| r.ok().flatten()).collect();
+            if failed {
+                let round: Vec<i64> = got.iter().filter_map(lock_of).map(|l| l.sequence).collect();
+                self.give_back(queue, Some(&round)).await;
+                break;
+            }
+            out.extend(got);
+            if emptied {
+                break;
             }
         }
+        out.sort_by_key(|d| lock_of(d).map_or(i64::MAX, |l| l.sequence));
         Ok(out)
     }
 
-    pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
-        for d in batch {
-            let lock = service_bus_lock(d.handle)?;
-            self.call(
-                "complete",
-                self.inner.limits.request_deadline,
-                lock.delete_message(),
-            )
-            .await?;
+    /// One peek-lock of `queue`, waiting up to `poll` for a message; the
+    /// lock is held from here on. A request whose answer may have been lost
+    /// taints the queue.
+    async fn peek(
+        &self,
+        client: &QueueClient,
+        queue: &str,
+        poll: Duration,
+    ) -> Result<Option<Delivery>, TransportError> {
+        let deadline = poll + self.inner.limits.request_deadline;
+        let response = match self
+            .call("receive", deadline, client.peek_lock_message2(Some(poll)))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unreachable) {
+                    self.taint(queue);
+                }
+                return Err(e);
+            }
+        };
+        match *response.status() {
+            StatusCode::NoContent => Ok(None),
+            s if s.is_success() => match delivery(&self.inner.namespace, queue, response) {
+                Ok(d) => {
+                    if let Some(lock) = lock_of(&d) {
+                        self.inner
+                            .held
+                            .lock()
+                            .entry(queue.to_owned())
+                            .or_default()
+                            .insert(
+                                lock.sequence,
+                                Held {
+                                    path: lock.path.clone(),
+                                    since: Instant::now(),
+                                },
+                            );
+                    }
+                    Ok(Some(d))
+                }
+                Err(e) => {
+                    // Locked, but not to anything this reader can settle.
+                    self.taint(queue);
+                    Err(e)
+                }
+            },
+            s => Err(status_error("receive", s)),
         }
+    }
+
+    /// When `queue` may be read: after the previous reader's locks and any
+    /// lock a lost answer may have taken have expired.
+    fn ready(&self, queue: &str) -> Instant {
+        let tainted = self.inner.tainted_until.lock().get(queue).copied();
+        tainted.map_or(self.inner.ready_at, |t| t.max(self.inner.ready_at))
+    }
+
+    fn taint(&self, queue: &str) {
+        let until = Instant::now() + self.inner.lock_duration;
+        tracing::debug!(
+            queue,
+            "a peek-lock's answer was lost: reading again once its lock has expired"
+        );
+        self.inner
+            .tainted_until
+            .lock()
+            .insert(queue.to_owned(), until);
+    }
+
+    /// Completes every message of `batch`, many at once; the first error,
+    /// if any (a lost lock: that message comes again).
+    pub async fn ack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        let locks: Vec<Lock> = batch
+            .into_iter()
+            .map(|d| match d.handle {
+                Handle::ServiceBus(lock) => Ok(lock),
+                _ => Err(other_namespace()),
+            })
+            .collect::<Result<_, _>>()?;
+        let done = join_all(locks.iter().map(|l| self.settle(Method::Delete, &l.path))).await;
+        let mut held = self.inner.held.lock();
+        for l in &locks {
+            if let Some(q) = held.get_mut(&l.queue) {
+                q.remove(&l.sequence);
+            }
+        }
+        done.into_iter().collect()
+    }
+
+    /// Gives back every message of `queue` this reader holds, `batch` and
+    /// any delivery it dropped, and returns once they are unlocked: the
+    /// next receive starts at the oldest.
+    pub async fn nack(&self, queue: &str, batch: Vec<Delivery>) -> Result<(), TransportError> {
+        drop(batch);
+        self.give_back(queue, None).await;
         Ok(())
     }
 
-    pub async fn nack(&self, batch: Vec<Delivery>) -> Result<(), TransportError> {
-        for d in batch {
-            let lock = service_bus_lock(d.handle)?;
-            self.call(
-                "unlock",
-                self.inner.limits.request_deadline,
-                lock.unlock_message(),
-            )
-            .await?;
+    /// Unlocks the held messages of `queue` with these sequence numbers, or
+    /// all of them. One that cannot be unlocked taints the queue until its
+    /// lock has expired.
+    async fn give_back(&self, queue: &str, only: Option<&[i64]>) {
+        let locks: Vec<Held> = {
+            let mut held = self.inner.held.lock();
+            match (only, held.get_mut(queue)) {
+                (_, None) => Vec::new(),
+                (None, Some(_)) => held
+                    .remove(queue)
+                    .unwrap_or_default()
+                    .into_values()
+                    .collect(),
+                (Some(seqs), Some(q)) => seqs.iter().filter_map(|s| q.remove(s)).collect(),
+            }
+        };
+        let done = join_all(locks.iter().map(|h| self.settle(Method::Put, &h.path))).await;
+        if done.iter().any(Result::is_err) {
+            self.taint(queue);
         }
-        Ok(())
+    }
+
+    /// Completes (DELETE), unlocks (PUT) or renews (POST) the lock at `path`.
+    async fn settle(&self, method: Method, path: &str) -> Result<(), TransportError> {
+        let (status, _) = self.request(method, path, None, false, None).await?;
+        match status {
+            s if s.is_success() => Ok(()),
+            StatusCode::NotFound | StatusCode::Gone => Err(TransportError::new(
+                ErrorKind::Rejected,
+                "the message lock was lost (expired): the message comes again",
+            )),
+            s => Err(status_error("settle", s)),
+        }
     }
 
     /// Active messages: `CountDetails`' `ActiveMessageCount` (the plain
@@ -504,35 +717,69 @@ fn namespace_name(endpoint: &str) -> Option<String> {
     valid.then(|| name.to_owned())
 }
 
-fn service_bus_lock(handle: Handle) -> Result<Box<PeekLockResponse>, TransportError> {
-    match handle {
-        Handle::ServiceBus(lock) => Ok(lock),
-        Handle::Nats(_) | Handle::NatsStored { .. } => Err(TransportError::new(
-            ErrorKind::Rejected,
-            "delivery came from another namespace",
-        )),
+/// The lock of a Service Bus delivery.
+fn lock_of(d: &Delivery) -> Option<&Lock> {
+    match &d.handle {
+        Handle::ServiceBus(lock) => Some(lock),
+        Handle::Nats(_) | Handle::NatsStored { .. } => None,
     }
 }
 
-/// The broker properties this adapter reads, with 64-bit sequence numbers.
+fn other_namespace() -> TransportError {
+    TransportError::new(ErrorKind::Rejected, "delivery came from another namespace")
+}
+
+/// What this adapter reads of a peek-locked message's headers: its broker
+/// properties (with 64-bit sequence numbers) and where its lock is.
+#[derive(Debug)]
+struct Peeked {
+    props: BrokerProperties,
+    location: String,
+}
+
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct BrokerProperties {
     message_id: Option<String>,
+    sequence_number: i64,
 }
 
-impl TryFrom<Headers> for BrokerProperties {
+impl TryFrom<Headers> for Peeked {
     type Error = azure_core::Error;
     fn try_from(headers: Headers) -> Result<Self, Self::Error> {
         let raw = headers.get_str(&ORIGINAL_BROKER_PROPERTIES)?;
-        azure_core::from_json(raw.as_bytes())
+        Ok(Self {
+            props: azure_core::from_json(raw.as_bytes())?,
+            location: headers.get_str(&azure_core::headers::LOCATION)?.to_owned(),
+        })
     }
 }
 
-fn delivery(response: PeekLockResponse) -> Result<Delivery, TransportError> {
-    let props: BrokerProperties = response
+/// The delivery of a peek-locked message of `queue` in `namespace`.
+fn delivery(
+    namespace: &str,
+    queue: &str,
+    response: PeekLockResponse,
+) -> Result<Delivery, TransportError> {
+    let peeked: Peeked = response
         .custom_properties()
         .map_err(|e| classify("broker properties", &e))?;
+    let prefix = format!("https://{namespace}.servicebus.windows.net/");
+    let path = peeked
+        .location
+        .split('?')
+        .next()
+        .and_then(|l| l.strip_prefix(&prefix))
+        .ok_or_else(|| {
+            TransportError::new(
+                ErrorKind::Rejected,
+                format!(
+                    "lock location {:?} is not in the namespace",
+                    peeked.location
+                ),
+            )
+        })?
+        .to_owned();
     let body = response.body();
     // A body that is not our base64 is handed over as it came: the caller
     // dead-letters it as undecodable instead of blocking the queue.
@@ -541,10 +788,14 @@ fn delivery(response: PeekLockResponse) -> Result<Delivery, TransportError> {
         .map(Bytes::from)
         .unwrap_or_else(|_| Bytes::from(body.into_bytes()));
     Ok(Delivery {
-        id: props.message_id,
+        id: peeked.props.message_id,
         payload,
         unreadable: None,
-        handle: Handle::ServiceBus(Box::new(response)),
+        handle: Handle::ServiceBus(Lock {
+            queue: queue.to_owned(),
+            sequence: peeked.props.sequence_number,
+            path,
+        }),
     })
 }
 
@@ -646,6 +897,10 @@ fn xml_number(text: &str, name: &str) -> Option<u64> {
     let rest = &text[start..];
     rest[..rest.find('<')?].trim().parse().ok()
 }
+
+/// Peek-locks a receive sends at once after its first message: a round
+/// trip for up to this many messages instead of one each.
+pub const RECEIVE_CONCURRENCY: usize = 32;
 
 /// Room kept in a message's size for what the service counts besides the
 /// body (broker properties, content type).

@@ -302,6 +302,29 @@ async fn unacked_are_redelivered_in_order<F: Fixture>() {
     assert_eq!(ids(&receive_n(&fresh, 10).await), expected(4..=10));
 }
 
+/// What a reader dropped without acking or nacking (a batch whose store
+/// failed, a batch read ahead, a later epoch's messages) comes first again
+/// once the queue is given back with an empty nack: nothing of it is left
+/// locked to nobody while newer messages are read past it.
+async fn dropped_deliveries_come_first_after_a_nack<F: Fixture>() {
+    let f = F::start().await;
+    let ns = f.connect().await;
+    ns.ensure_queue(Q).await.unwrap();
+    publish_range(&ns, 1..=9).await;
+    let first = receive_n(&ns, 3).await;
+    let ahead = receive_n(&ns, 3).await;
+    assert_eq!(ids(&first), expected(1..=3));
+    assert_eq!(ids(&ahead), expected(4..=6));
+    ns.ack(first).await.unwrap();
+    drop(ahead);
+    ns.nack(Q, Vec::new()).await.unwrap();
+    assert_eq!(
+        ids(&receive_n(&ns, 10).await),
+        expected(4..=9),
+        "the dropped messages first, in order"
+    );
+}
+
 async fn publish_to_a_killed_server_fails_within_the_deadline<F: Fixture>() {
     let mut f = F::start().await;
     let ns = f.connect().await;
@@ -434,6 +457,10 @@ macro_rules! conformance_suite {
             #[tokio::test]
             async fn round_trip() {
                 super::round_trip::<$fixture>().await
+            }
+            #[tokio::test]
+            async fn dropped_deliveries_come_first_after_a_nack() {
+                super::dropped_deliveries_come_first_after_a_nack::<$fixture>().await
             }
             #[tokio::test]
             async fn receive_returns_without_waiting_for_a_full_batch() {

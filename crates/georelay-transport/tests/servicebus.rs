@@ -272,3 +272,62 @@ async fn a_full_queue_is_full_not_refused_credentials() {
     assert_eq!((at, err.kind()), (0, georelay_transport::ErrorKind::Full));
     assert_eq!(double.auth_failures(), 0);
 }
+
+/// A batch held longer than the lock duration (a slow database) keeps its
+/// locks: they are renewed, so the complete after the commit succeeds and
+/// nothing comes again.
+#[tokio::test]
+async fn locks_are_renewed_while_a_batch_takes_long() {
+    let double = ServiceBusDouble::start("georelay-renew", POLICY, KEY).unwrap();
+    let ns = adapter(&double);
+    ns.ensure_queue("q").await.unwrap();
+    for n in 0..3 {
+        ns.publish("q", &format!("dev/{n}/x"), Bytes::from_static(b"r"))
+            .await
+            .unwrap();
+    }
+    let got = ns.receive("q", 10, Duration::from_secs(6)).await.unwrap();
+    assert_eq!(got.len(), 3);
+    // Two lock durations (5 s each) pass while the batch is "stored".
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    ns.ack(got).await.unwrap();
+    assert_eq!(ns.depth("q").await.unwrap(), 0);
+}
+
+/// A peek-lock whose answer is lost (the namespace hung past the request
+/// deadline, then took the request after all) leaves a message locked to
+/// nobody. Reading on would return the message behind it first; the
+/// adapter waits out that lock instead, and order holds.
+#[tokio::test]
+async fn a_lost_receive_answer_never_reorders() {
+    let double = ServiceBusDouble::start("georelay-lost", POLICY, KEY).unwrap();
+    let mut config = ServiceBusConfig::new(&double.endpoint(), POLICY, KEY.to_owned().into());
+    config.rewrite_to = Some(double.base_url().unwrap());
+    config.lock_duration = Duration::from_secs(5);
+    let limits = Limits {
+        request_deadline: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let ns = Namespace::ServiceBus(ServiceBusNamespace::new(config, limits).unwrap());
+    ns.ensure_queue("q").await.unwrap();
+    for n in 1..=3 {
+        ns.publish("q", &format!("dev/{n}/x"), Bytes::from_static(b"r"))
+            .await
+            .unwrap();
+    }
+    // Past the fresh reader's wait, then hang the namespace under a receive.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    double.pause();
+    let lost = ns.receive("q", 1, Duration::ZERO).await;
+    assert!(lost.is_err(), "{lost:?}");
+    // The hung request is served now: message 1 is locked to nobody.
+    double.resume();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let got = ns.receive("q", 10, Duration::from_secs(1)).await.unwrap();
+        ids.extend(got.iter().map(|d| d.id.clone().unwrap()));
+        ns.ack(got).await.unwrap();
+    }
+    assert_eq!(ids, ["dev/1/x", "dev/2/x", "dev/3/x"]);
+}
