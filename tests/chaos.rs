@@ -7,25 +7,27 @@
 //! `GEORELAY_CHAOS_DURATION=120s` makes a longer soak (default 10 s of
 //! sending per scenario). Scenarios run one at a time: they share 2 cores.
 
+use georelay_core::TransportKind;
 use georelay_testkit::chaos::{drill, DrillConfig, Scenario};
 use georelay_testkit::Georelay;
 use std::time::Duration;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn run(scenario: Scenario) {
+async fn run(transport: TransportKind, scenario: Scenario) {
     let _turn = ONE_AT_A_TIME.lock().await;
     let seed = std::env::var("GEORELAY_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand_seed);
-    println!("scenario {} seed {seed}", scenario.name());
+    println!("scenario {} on {transport} seed {seed}", scenario.name());
     let duration = std::env::var("GEORELAY_CHAOS_DURATION")
         .ok()
         .and_then(|s| s.trim_end_matches('s').parse().ok())
         .map_or(Duration::from_secs(10), Duration::from_secs);
     let report = drill(&DrillConfig {
         scenario,
+        transport,
         seed,
         duration,
         devices: 6,
@@ -49,51 +51,64 @@ fn rand_seed() -> u64 {
         .map_or(1, |d| d.as_nanos() as u64)
 }
 
-#[tokio::test]
-async fn kill_primary() {
-    run(Scenario::KillPrimary).await
+/// Every scenario on each broker: `chaos::nats::kill_primary`,
+/// `chaos::servicebus::kill_primary`, …
+macro_rules! scenarios {
+    ($module:ident, $transport:expr) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test]
+            async fn kill_primary() {
+                run($transport, Scenario::KillPrimary).await
+            }
+            #[tokio::test]
+            async fn hang_primary() {
+                run($transport, Scenario::HangPrimary).await
+            }
+            #[tokio::test]
+            async fn slow_primary() {
+                run($transport, Scenario::SlowPrimary).await
+            }
+            #[tokio::test]
+            async fn blackhole_primary() {
+                run($transport, Scenario::BlackholePrimary).await
+            }
+            #[tokio::test]
+            async fn flap_primary() {
+                run($transport, Scenario::FlapPrimary).await
+            }
+            #[tokio::test]
+            async fn kill_two() {
+                run($transport, Scenario::KillTwo).await
+            }
+            #[tokio::test]
+            async fn all_down() {
+                run($transport, Scenario::AllDown).await
+            }
+            #[tokio::test]
+            async fn kill_ingest() {
+                run($transport, Scenario::KillIngest).await
+            }
+            #[tokio::test]
+            async fn kill_worker() {
+                run($transport, Scenario::KillWorker).await
+            }
+            #[tokio::test]
+            async fn database_outage() {
+                run($transport, Scenario::DatabaseOutage).await
+            }
+            #[tokio::test]
+            async fn database_hang() {
+                run($transport, Scenario::DatabaseHang).await
+            }
+            #[tokio::test]
+            async fn planned_failover() {
+                run($transport, Scenario::PlannedFailover).await
+            }
+        }
+    };
 }
-#[tokio::test]
-async fn hang_primary() {
-    run(Scenario::HangPrimary).await
-}
-#[tokio::test]
-async fn slow_primary() {
-    run(Scenario::SlowPrimary).await
-}
-#[tokio::test]
-async fn blackhole_primary() {
-    run(Scenario::BlackholePrimary).await
-}
-#[tokio::test]
-async fn flap_primary() {
-    run(Scenario::FlapPrimary).await
-}
-#[tokio::test]
-async fn kill_two() {
-    run(Scenario::KillTwo).await
-}
-#[tokio::test]
-async fn all_down() {
-    run(Scenario::AllDown).await
-}
-#[tokio::test]
-async fn kill_ingest() {
-    run(Scenario::KillIngest).await
-}
-#[tokio::test]
-async fn kill_worker() {
-    run(Scenario::KillWorker).await
-}
-#[tokio::test]
-async fn database_outage() {
-    run(Scenario::DatabaseOutage).await
-}
-#[tokio::test]
-async fn database_hang() {
-    run(Scenario::DatabaseHang).await
-}
-#[tokio::test]
-async fn planned_failover() {
-    run(Scenario::PlannedFailover).await
-}
+
+scenarios!(nats, TransportKind::Nats);
+scenarios!(servicebus, TransportKind::ServiceBus);

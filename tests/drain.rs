@@ -8,10 +8,12 @@ use georelay_testkit::{wait_until, Service, Stack, TestDevice, QUEUE};
 use georelay_transport::{Limits, Namespace, Triplet};
 use std::time::Duration;
 
-/// Short grace so epochs seal quickly when no ingest instance is running.
 /// The Service Bus group's queue (the stack's group has [`QUEUE`]).
 const SB_QUEUE: &str = "sb-telemetry";
 
+/// Short grace so epochs seal quickly when no ingest instance is running;
+/// the shortest Service Bus lock the service allows, so a fresh reader
+/// waits 5 s, not 30.
 const DRAIN_ARGS: &[&str] = &[
     "--publish-deadline",
     "200ms",
@@ -19,6 +21,8 @@ const DRAIN_ARGS: &[&str] = &[
     "300ms",
     "--lease",
     "2s",
+    "--servicebus-lock-duration",
+    "5s",
 ];
 
 async fn connect(url: &str) -> Namespace {
@@ -742,8 +746,8 @@ async fn a_rotated_service_bus_key_reaches_a_running_worker() {
 
     publish_with(OLD_KEY, 1..=5).await;
     let _drain = stack.drain(DRAIN_ARGS).unwrap();
-    // A fresh Service Bus reader waits out one lock duration (30 s) first.
-    wait_stored(&stack, 5, Duration::from_secs(60)).await;
+    // A fresh Service Bus reader waits out one lock duration first.
+    wait_stored(&stack, 5, Duration::from_secs(30)).await;
 
     // The key is regenerated: the worker's connection is refused from now on.
     double.rotate_key(NEW_KEY);
@@ -765,7 +769,7 @@ async fn a_rotated_service_bus_key_reaches_a_running_worker() {
         .unwrap();
     assert!(set_key.wait().unwrap().success());
     // The new connection waits out one lock duration again, then reads.
-    wait_stored(&stack, 10, Duration::from_secs(60)).await;
+    wait_stored(&stack, 10, Duration::from_secs(30)).await;
     assert_in_order(&stack, 10).await;
 }
 
@@ -968,4 +972,66 @@ async fn rows_written_by_hand_do_not_hold_the_drain_back() {
         .await
         .unwrap();
     assert_eq!(token, 6, "taken over, with the next fencing token");
+}
+
+/// A record the broker itself dead-lettered (here: a queue made before
+/// georelay, with the service's default MaxDeliveryCount of 10, whose
+/// message was delivered ten times before the worker ever ran) is moved to
+/// `dead_letters` as `broker_dead_lettered`, naming the broker's reason,
+/// and the sub-queue is emptied: never lost there unseen.
+#[tokio::test]
+async fn what_the_broker_dead_lettered_ends_in_dead_letters() {
+    use georelay_core::TransportKind;
+    use georelay_testkit::Region;
+
+    let stack = Stack::start_on(TransportKind::ServiceBus, &["sb-eu"], |r| Ok(r.url()))
+        .await
+        .unwrap();
+    let Region::ServiceBus(double) = &stack.regions[0] else {
+        unreachable!("a Service Bus stack")
+    };
+    double.create_queue_with_defaults(QUEUE);
+    let device = stack.device("plug-dlq").await.unwrap();
+    let limits = Limits {
+        servicebus_lock_duration: Duration::from_secs(5),
+        ..Limits::default()
+    };
+    let ns = Namespace::connect(&stack.regions[0].triplet(), limits)
+        .await
+        .unwrap();
+    ns.publish(
+        QUEUE,
+        &device.id.record_id(1),
+        device.envelope(1, 1).encode(),
+    )
+    .await
+    .unwrap();
+    // Ten deliveries given back; at the eleventh the service dead-letters it.
+    let mut deliveries = 0;
+    loop {
+        let got = ns.receive(QUEUE, 1, Duration::from_secs(6)).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        deliveries += 1;
+        ns.nack(QUEUE, got).await.unwrap();
+    }
+    assert_eq!(deliveries, 10);
+    assert_eq!(double.dead_lettered(QUEUE), 1);
+
+    let _drain = stack.drain(DRAIN_ARGS).unwrap();
+    let moved = wait_until(Duration::from_secs(40), || async {
+        double.dead_lettered(QUEUE) == 0
+    })
+    .await;
+    assert!(moved, "the dead-letter sub-queue was never drained");
+    let (reason, device_id, seq, detail): (String, Option<String>, Option<i64>, String) =
+        sqlx::query_as("SELECT reason, device_id, seq, detail FROM dead_letters")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(reason, "broker_dead_lettered");
+    assert_eq!(device_id.as_deref(), Some("plug-dlq"));
+    assert_eq!(seq, Some(1));
+    assert!(detail.contains("MaxDeliveryCountExceeded"), "{detail}");
 }

@@ -61,6 +61,9 @@ pub struct Settings {
     pub declare_trouble_after: Duration,
     /// `--failover-cooldown`.
     pub failover_cooldown: Duration,
+    /// `--servicebus-lock-duration`: the peek-lock duration of Service Bus
+    /// queues; a fresh reader waits this long before it reads.
+    pub servicebus_lock_duration: Duration,
     /// `--nats-ca-file`: the CA of `tls://` NATS servers.
     pub nats_ca_file: Option<std::path::PathBuf>,
 }
@@ -74,6 +77,7 @@ impl Default for Settings {
             ingest_lease: Duration::from_secs(5),
             declare_trouble_after: Duration::from_secs(10),
             failover_cooldown: Duration::from_secs(10),
+            servicebus_lock_duration: georelay_transport::SERVICEBUS_LOCK_DURATION,
             nats_ca_file: None,
         }
     }
@@ -110,6 +114,9 @@ pub struct Config {
     limits: Limits,
     /// How often the group list and namespaces are reloaded.
     poll_interval: Duration,
+    /// Bound on one drain step: far above a slow but working one, plus the
+    /// Service Bus lock duration a receive may first wait out.
+    step_limit: Duration,
 }
 
 impl Config {
@@ -132,6 +139,14 @@ impl Config {
             Duration::ZERO,
             hour,
         )?;
+        // The service's own range.
+        let (lo, hi) = (Duration::from_secs(5), Duration::from_secs(300));
+        check_range(
+            "servicebus-lock-duration",
+            s.servicebus_lock_duration,
+            lo,
+            hi,
+        )?;
         let defaults = Limits::default();
         Ok(Self {
             batch_size: s.batch_size,
@@ -147,10 +162,12 @@ impl Config {
             limits: Limits {
                 publish_deadline: s.ingest_publish_deadline.min(s.lease / 2),
                 request_deadline: (s.lease / 2).min(defaults.request_deadline),
+                servicebus_lock_duration: s.servicebus_lock_duration,
                 nats_ca_file: s.nats_ca_file.clone(),
                 ..Limits::default()
             },
             poll_interval: Duration::from_secs(2),
+            step_limit: Duration::from_secs(30) + s.servicebus_lock_duration,
         })
     }
 }
@@ -196,6 +213,11 @@ impl Shared {
             .get(&id)
             .cloned()
             .unwrap_or_else(|| format!("#{id}"))
+    }
+
+    /// Every namespace the control plane describes.
+    fn namespace_ids(&self) -> Vec<i64> {
+        self.names.read().keys().copied().collect()
     }
 
     fn group_name(&self, id: i64) -> Option<String> {

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub blocked_seconds: GaugeVec,
     pub backlog: IntGaugeVec,
     pub lease_held: IntGaugeVec,
+    /// What a broker's own dead-letter sub-queue held at the last sweep.
+    pub broker_dead_lettered: IntGaugeVec,
     /// Control plane problems the watchdog found at its last run.
     pub control_plane_problems: IntGauge,
 }
@@ -79,6 +81,14 @@ impl Metrics {
             ),
             &["group"],
         )?;
+        let broker_dead_lettered = IntGaugeVec::new(
+            Opts::new(
+                "georelay_drain_broker_dead_lettered",
+                "Messages the broker itself dead-lettered (Service Bus $DeadLetterQueue) at the last sweep; the worker moves them to dead_letters as broker_dead_lettered",
+            ),
+            &["group", "namespace"],
+        )?;
+        registry.register(Box::new(broker_dead_lettered.clone()))?;
         registry.register(Box::new(rows_stored.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
@@ -104,6 +114,7 @@ impl Metrics {
             blocked_seconds,
             backlog,
             lease_held,
+            broker_dead_lettered,
             control_plane_problems,
         })
     }

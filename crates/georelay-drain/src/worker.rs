@@ -27,9 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
-/// The longest one drain step may take before it counts as hung.
-const STEP_LIMIT: Duration = Duration::from_secs(30);
-
 /// Why a step did not go on.
 #[derive(Debug, thiserror::Error)]
 enum StepError {
@@ -73,6 +70,12 @@ pub struct GroupWorker {
     db_failing: bool,
     /// Set when the lease was (re)taken: reads restart at the oldest unacked.
     fresh_lease: bool,
+    /// `(namespace id, epoch)` of an old epoch whose queue reached a later
+    /// epoch's message (A → B → A): nothing of it is left before that, so
+    /// while it waits for its seal it is not read again (each read would
+    /// only take and give back the later epoch's messages: on Service Bus,
+    /// a delivery each).
+    boundary: Option<(i64, i64)>,
 }
 
 impl GroupWorker {
@@ -88,6 +91,7 @@ impl GroupWorker {
             last_depth: Instant::now(),
             db_failing: false,
             fresh_lease: false,
+            boundary: None,
         }
     }
 
@@ -143,13 +147,14 @@ impl GroupWorker {
         // Bounded: a database or broker that hangs (rather than refuses)
         // must not freeze the worker; what was in flight is read again. Far
         // above a slow but working step (every call in it has its own bound).
-        let result = match tokio::time::timeout(STEP_LIMIT, self.step(&lease, &position)).await {
+        let step_limit = config.step_limit;
+        let result = match tokio::time::timeout(step_limit, self.step(&lease, &position)).await {
             Ok(result) => result,
             Err(_) => {
                 self.shared.forget_consumers(&position.queue).await;
                 Err(StepError::Store(StoreError::TimedOut {
                     what: "a drain step",
-                    limit: STEP_LIMIT,
+                    limit: step_limit,
                 }))
             }
         };
@@ -303,25 +308,33 @@ impl GroupWorker {
         } else {
             config.receive_wait
         };
-        let (first, later) = match read(&shared, ns, pos, wait).await {
-            Ok(read) => read,
-            Err(e) => {
-                reset(ns, &pos.queue).await?;
-                return Err(e);
-            }
-        };
-        let reached_later_epoch = if first.batch.is_empty() {
-            if !later.is_empty() {
-                reset(ns, &pos.queue).await?;
-            }
-            !later.is_empty()
-        } else {
-            let run = self.store_run(lease, pos, ns, first, later).await?;
-            if !run.reached_later_epoch {
-                return Ok(Step::Stored);
-            }
+        let here = (pos.drain_namespace_id, pos.drain_epoch);
+        let reached_later_epoch = if old_epoch && self.boundary == Some(here) {
             true
+        } else {
+            let (first, later) = match read(&shared, ns, pos, wait).await {
+                Ok(read) => read,
+                Err(e) => {
+                    reset(ns, &pos.queue).await?;
+                    return Err(e);
+                }
+            };
+            if first.batch.is_empty() {
+                if !later.is_empty() {
+                    reset(ns, &pos.queue).await?;
+                }
+                !later.is_empty()
+            } else {
+                let run = self.store_run(lease, pos, ns, first, later).await?;
+                if !run.reached_later_epoch {
+                    return Ok(Step::Stored);
+                }
+                true
+            }
         };
+        if old_epoch && reached_later_epoch {
+            self.boundary = Some(here);
+        }
         if !old_epoch {
             return Ok(Step::Idle);
         }
@@ -612,6 +625,50 @@ impl GroupWorker {
                 Err(e) => tracing::debug!(error = %e, "leftover sweep failed; will try again"),
             }
         }
+        self.sweep_broker_dead_letters(lease, pos).await;
+    }
+
+    /// Moves what brokers set aside in the group queue's dead-letter
+    /// sub-queue (Service Bus) to `dead_letters`, in every namespace, so an
+    /// accepted record never ends there unseen.
+    async fn sweep_broker_dead_letters(&mut self, lease: &LeaseToken, pos: &Position) {
+        for namespace_id in self.shared.namespace_ids() {
+            let Ok(conn) = self.shared.namespace(namespace_id).await else {
+                continue;
+            };
+            let ns = conn.namespace();
+            let Some(queue) = ns.dead_letter_queue(&pos.queue) else {
+                continue;
+            };
+            let Ok(count) = ns.dead_lettered(&pos.queue).await else {
+                continue;
+            };
+            let name = self.shared.namespace_name(namespace_id);
+            self.shared
+                .metrics
+                .broker_dead_lettered
+                .with_label_values(&[&pos.group, &name])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+            if count == 0 {
+                continue;
+            }
+            let dead = Position {
+                drain_namespace_id: namespace_id,
+                queue,
+                ..pos.clone()
+            };
+            let result = match read(&self.shared, ns, &dead, Duration::from_millis(50)).await {
+                Ok((opened, later)) if !opened.batch.is_empty() => {
+                    self.store_run(lease, &dead, ns, opened, later).await
+                }
+                Ok(_) => continue,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                drop(reset(ns, &dead.queue).await);
+                tracing::warn!(group = %pos.group, namespace = %name, error = %e, "cannot move the broker's dead-lettered messages yet; will try again");
+            }
+        }
     }
 }
 
@@ -662,6 +719,17 @@ async fn read(
     for (i, d) in batch.iter().enumerate() {
         // Decoded once: for the placing and for opening.
         let envelope = Envelope::decode(&d.payload);
+        if let Some(why) = &d.dead_lettered {
+            let claimed = envelope.as_ref().ok();
+            dead.push(letter(
+                d,
+                DeadLetterReason::BrokerDeadLettered,
+                format!("the broker dead-lettered it ({why}); `georelay admin dead-letters replay` stores it once its order no longer matters"),
+                claimed.map(|e| e.device.to_string()),
+                claimed.and_then(|e| i64::try_from(e.record.seq).ok()),
+            ));
+            continue;
+        }
         if let Some(why) = &d.unreadable {
             let claimed = envelope.as_ref().ok();
             dead.push(letter(
@@ -758,6 +826,10 @@ impl Shared {
                 DeadLetterReason::KeyUnopenable => {
                     tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,
                     "record dead-lettered: the device's row in devices was altered or comes from another installation; restore its key_sealed from this installation's backup, or register the device again with a new key")
+                }
+                DeadLetterReason::BrokerDeadLettered => {
+                    tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,
+                    "the broker dead-lettered a record behind georelay's back: kept in dead_letters as broker_dead_lettered (the queue was made with a low MaxDeliveryCount, or something else reads it); see `georelay admin dead-letters list --reason broker_dead_lettered`")
                 }
                 DeadLetterReason::WrongEpoch | DeadLetterReason::Unreadable => {
                     tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,

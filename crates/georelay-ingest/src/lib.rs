@@ -71,6 +71,8 @@ pub struct Settings {
     pub max_bytes_in_flight: usize,
     /// The largest message the Service Bus namespaces take, in bytes.
     pub servicebus_max_message: usize,
+    /// The peek-lock duration of the Service Bus queues it creates.
+    pub servicebus_lock_duration: Duration,
     /// The CA of `tls://` NATS servers, if the system does not trust it.
     pub nats_ca_file: Option<std::path::PathBuf>,
 }
@@ -87,6 +89,7 @@ impl Default for Settings {
             max_concurrent_requests: 2048,
             max_bytes_in_flight: 256 * 1024 * 1024,
             servicebus_max_message: georelay_transport::SERVICEBUS_STANDARD_MAX_MESSAGE,
+            servicebus_lock_duration: georelay_transport::SERVICEBUS_LOCK_DURATION,
             nats_ca_file: None,
         }
     }
@@ -102,6 +105,7 @@ pub struct Config {
     /// Bound on broker management calls and probes.
     pub(crate) broker_request_deadline: Duration,
     pub(crate) servicebus_max_message: usize,
+    pub(crate) servicebus_lock_duration: Duration,
     pub(crate) nats_ca_file: Option<std::path::PathBuf>,
     /// Bound on a whole records request, failovers included: longer than
     /// the publish deadline, so a publish can finish within it.
@@ -169,10 +173,19 @@ impl Config {
             64 * 1024,
             100 * 1024 * 1024,
         )?;
+        // The service's own range.
+        let (lo, hi) = (Duration::from_secs(5), Duration::from_secs(300));
+        check_range(
+            "servicebus-lock-duration",
+            s.servicebus_lock_duration,
+            lo,
+            hi,
+        )?;
         Ok(Self {
             publish_deadline: s.publish_deadline,
             broker_request_deadline: Duration::from_secs(5),
             servicebus_max_message: s.servicebus_max_message,
+            servicebus_lock_duration: s.servicebus_lock_duration,
             nats_ca_file: s.nats_ca_file.clone(),
             request_deadline: s.request_deadline,
             breaker: BreakerConfig {
@@ -257,6 +270,7 @@ pub async fn run(
                 publish_deadline: config.publish_deadline,
                 request_deadline: config.broker_request_deadline,
                 servicebus_max_message: config.servicebus_max_message,
+                servicebus_lock_duration: config.servicebus_lock_duration,
                 nats_ca_file: config.nats_ca_file.clone(),
             },
             breaker: config.breaker.clone(),

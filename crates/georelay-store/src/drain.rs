@@ -237,10 +237,13 @@ pub enum DeadLetterReason {
     /// The broker message itself could not be read as usual (NATS headers
     /// the client cannot parse).
     Unreadable,
+    /// Read from the broker's own dead-letter sub-queue (Service Bus); the
+    /// detail names the broker's reason.
+    BrokerDeadLettered,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Undecodable,
         Self::UnknownDevice,
         Self::BadTag,
@@ -250,6 +253,7 @@ impl DeadLetterReason {
         Self::KeyUnopenable,
         Self::RefusedByDatabase,
         Self::Unreadable,
+        Self::BrokerDeadLettered,
     ];
 
     /// The reason stored as `s`, if there is one.
@@ -269,6 +273,7 @@ impl DeadLetterReason {
             Self::KeyUnopenable => "key_unopenable",
             Self::RefusedByDatabase => "refused_by_database",
             Self::Unreadable => "unreadable",
+            Self::BrokerDeadLettered => "broker_dead_lettered",
         }
     }
 }

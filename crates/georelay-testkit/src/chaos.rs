@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::checker::{self, Report};
 use crate::{
-    Fault, FaultProxy, Georelay, NatsRegion, Service, Stack, DRAIN_TEST_ARGS, INGEST_TEST_ARGS,
-    QUEUE,
+    Fault, FaultProxy, Georelay, Region, Service, Stack, DRAIN_TEST_ARGS, INGEST_TEST_ARGS, QUEUE,
 };
+use georelay_core::TransportKind;
 
 /// A drill's fault. Its kebab-case name (`kill-primary`) is what
 /// `georelay chaos drill --scenario` takes and the report prints.
@@ -74,6 +74,8 @@ impl Scenario {
 #[derive(Debug, Clone)]
 pub struct DrillConfig {
     pub scenario: Scenario,
+    /// The broker every region runs: NATS, or Service Bus (the double).
+    pub transport: TransportKind,
     pub seed: u64,
     /// How long the fleet sends; the fault falls inside it.
     pub duration: Duration,
@@ -94,6 +96,8 @@ pub struct Event {
 #[derive(Debug, Clone, Serialize)]
 pub struct DrillReport {
     pub scenario: Scenario,
+    /// `nats` or `servicebus`.
+    pub transport: String,
     pub seed: u64,
     pub timeline: Vec<Event>,
     pub produced: u64,
@@ -110,8 +114,9 @@ impl DrillReport {
     pub fn render(&self) -> String {
         let c = &self.checker;
         let mut out = format!(
-            "drill {} (seed {})\n\ntimeline\n",
+            "drill {} on {} (seed {})\n\ntimeline\n",
             self.scenario.name(),
+            self.transport,
             self.seed
         );
         for e in &self.timeline {
@@ -191,9 +196,10 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
     // Namespaces point at proxies in front of the regions.
     let mut proxies = Vec::new();
-    let stack = Stack::start_with(&["eu-west", "eu-north", "us-east"], |region| {
+    let regions = ["eu-west", "eu-north", "us-east"];
+    let stack = Stack::start_on(config.transport, &regions, |region| {
         let proxy = FaultProxy::start(([127, 0, 0, 1], region.port()).into())?;
-        let endpoint = format!("nats://{}", proxy.addr());
+        let endpoint = region.url_via(proxy.addr());
         proxies.push(proxy);
         Ok(endpoint)
     })
@@ -324,6 +330,7 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
     let _ = std::fs::remove_dir_all(&keys);
     Ok(DrillReport {
         scenario: config.scenario,
+        transport: config.transport.to_string(),
         seed: config.seed,
         timeline: sys.timeline,
         produced,
@@ -526,11 +533,17 @@ async fn active_worker(sys: &System) -> usize {
     0
 }
 
-async fn depths(regions: &[NatsRegion]) -> Vec<(String, u64)> {
+/// What each region's queue still holds, and (Service Bus) what the broker
+/// itself dead-lettered: both count as stranded.
+async fn depths(regions: &[Region]) -> Vec<(String, u64)> {
     let mut out = Vec::new();
     for r in regions {
+        let dead = r.dead_lettered(QUEUE);
+        if dead > 0 {
+            out.push((format!("{} $DeadLetterQueue", r.name()), dead as u64));
+        }
         let ns = georelay_transport::Namespace::connect(
-            &georelay_transport::Triplet::nats(r.url()),
+            &r.triplet(),
             georelay_transport::Limits::default(),
         )
         .await;
@@ -538,7 +551,7 @@ async fn depths(regions: &[NatsRegion]) -> Vec<(String, u64)> {
             Ok(ns) if ns.wait_connected(Duration::from_secs(2)).await => {
                 match ns.depth(QUEUE).await {
                     Ok(d) => d,
-                    // No such stream: the region never got the queue.
+                    // No such queue: the region never got it.
                     Err(e) if e.kind() == georelay_transport::ErrorKind::Rejected => 0,
                     Err(_) => {
                         out.push((format!("{} (unreadable)", r.name()), 1));

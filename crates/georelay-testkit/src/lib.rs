@@ -2,7 +2,8 @@
 //!
 //! - [`TestDb`]: a fresh, migrated PostgreSQL database per test, dropped
 //!   (with its connections) when the guard goes out of scope.
-//! - [`NatsRegion`]: a real `nats-server` region to kill, freeze and restart.
+//! - [`NatsRegion`]: a real `nats-server` region to kill, freeze and restart;
+//!   [`Region`]: that or a Service Bus double, behind the same faults.
 //! - [`ServiceBusDouble`]: a local HTTP double of the Service Bus REST API
 //!   that checks SAS signatures as the service does.
 //! - [`Stack`]: a database, regions registered as namespaces, a group,
@@ -31,7 +32,7 @@ mod stack;
 
 pub use db::TestDb;
 pub use proxy::{Fault, FaultProxy};
-pub use region::NatsRegion;
+pub use region::{NatsRegion, Region, SERVICEBUS_KEY, SERVICEBUS_POLICY};
 pub use servicebus_double::ServiceBusDouble;
 pub use stack::{
     master_key, master_key_b64, InProcessIngest, Service, Stack, TestDevice, DRAIN_TEST_ARGS,

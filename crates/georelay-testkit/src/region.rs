@@ -1,9 +1,12 @@
 //! A region: one real `nats-server` child process with JetStream, its own
 //! port and store directory. Tests kill it (`kill -9`), freeze it (SIGSTOP),
 //! thaw it (SIGCONT) and restart it on the same port and store. Dropping the
-//! guard kills the process and removes the store.
+//! guard kills the process and removes the store. [`Region`] is either
+//! broker behind the same faults: a test system runs on NATS or on Service
+//! Bus (the contract double).
 
 use anyhow::{bail, Context as _};
+use georelay_core::{TransportKind, Triplet};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::net::{TcpListener, TcpStream};
@@ -144,5 +147,144 @@ impl Drop for NatsRegion {
         let _ = self.resume();
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The SAS policy of every Service Bus region a test system starts.
+pub const SERVICEBUS_POLICY: &str = "RootManageSharedAccessKey";
+/// Its key (tests only).
+pub const SERVICEBUS_KEY: &str = "dGVzdC1vbmx5LXNhcy1rZXktZm9yLWdlb3JlbGF5LXJlZ2lvbnM=";
+
+/// A region of a test system: a real `nats-server`, or a Service Bus
+/// namespace served by the contract double. Both are killed, frozen, thawed
+/// and restarted the same way, keeping what their queues hold.
+#[derive(Debug)]
+pub enum Region {
+    Nats(NatsRegion),
+    ServiceBus(crate::ServiceBusDouble),
+}
+
+impl Region {
+    /// Starts a region named `name` (also the Service Bus namespace name).
+    pub fn start(transport: TransportKind, name: &str) -> anyhow::Result<Self> {
+        Ok(match transport {
+            TransportKind::Nats => Self::Nats(NatsRegion::start(name)?),
+            TransportKind::ServiceBus => Self::ServiceBus(crate::ServiceBusDouble::start(
+                name,
+                SERVICEBUS_POLICY,
+                SERVICEBUS_KEY,
+            )?),
+        })
+    }
+
+    pub fn transport(&self) -> TransportKind {
+        match self {
+            Self::Nats(_) => TransportKind::Nats,
+            Self::ServiceBus(_) => TransportKind::ServiceBus,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Nats(r) => r.name(),
+            Self::ServiceBus(d) => d.name(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::Nats(r) => r.port(),
+            Self::ServiceBus(d) => d.port(),
+        }
+    }
+
+    /// The endpoint a namespace row holds to reach it directly.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Nats(r) => r.url(),
+            Self::ServiceBus(d) => d.local_endpoint(),
+        }
+    }
+
+    /// The endpoint that reaches it through `addr` (a fault proxy in front
+    /// of its port).
+    pub fn url_via(&self, addr: std::net::SocketAddr) -> String {
+        match self {
+            Self::Nats(_) => format!("nats://{addr}"),
+            Self::ServiceBus(d) => format!("http://{addr}/{}", d.name()),
+        }
+    }
+
+    /// The key name and key its namespace row holds (none for NATS).
+    pub fn credentials(&self) -> (Option<&'static str>, Option<&'static str>) {
+        match self {
+            Self::Nats(_) => (None, None),
+            Self::ServiceBus(_) => (Some(SERVICEBUS_POLICY), Some(SERVICEBUS_KEY)),
+        }
+    }
+
+    /// How a client reaches it directly.
+    pub fn triplet(&self) -> Triplet {
+        let (key_name, key) = self.credentials();
+        Triplet {
+            transport: self.transport(),
+            endpoint: self.url(),
+            key_name: key_name.map(str::to_owned),
+            key: key.map(|k| zeroize::Zeroizing::new(k.to_owned())),
+        }
+    }
+
+    /// The `nats-server` process id, while it runs (NATS only).
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Nats(r) => r.pid(),
+            Self::ServiceBus(_) => None,
+        }
+    }
+
+    /// Down: the server and its connections are gone; its queues stay.
+    pub fn kill(&mut self) {
+        match self {
+            Self::Nats(r) => r.kill(),
+            Self::ServiceBus(d) => d.kill(),
+        }
+    }
+
+    /// Hung: connections stay open, nothing answers.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Nats(r) => r.pause(),
+            Self::ServiceBus(d) => {
+                d.pause();
+                Ok(())
+            }
+        }
+    }
+
+    pub fn resume(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Nats(r) => r.resume(),
+            Self::ServiceBus(d) => {
+                d.resume();
+                Ok(())
+            }
+        }
+    }
+
+    /// Up again on the same port with the same queues (after a kill).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Nats(r) => r.restart(),
+            Self::ServiceBus(d) => d.restart(),
+        }
+    }
+
+    /// Messages the broker itself set aside in `queue`'s dead-letter
+    /// sub-queue (Service Bus; NATS has none).
+    pub fn dead_lettered(&self, queue: &str) -> usize {
+        match self {
+            Self::Nats(_) => 0,
+            Self::ServiceBus(d) => d.dead_lettered(queue),
+        }
     }
 }

@@ -1,6 +1,6 @@
-//! A whole local system for end-to-end tests: a fresh database, real
-//! `nats-server` regions registered as namespaces, a group, devices with
-//! their keys, and real `georelay` service processes.
+//! A whole local system for end-to-end tests: a fresh database, regions
+//! (real `nats-server`s, or Service Bus doubles) registered as namespaces, a
+//! group, devices with their keys, and real `georelay` service processes.
 
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::{Georelay, NatsRegion, TestDb};
+use crate::{Georelay, Region, TestDb};
 
 /// The master key every test stack uses (tests only).
 pub const TEST_MASTER_KEY: [u8; 32] = [7; 32];
@@ -31,7 +31,7 @@ pub fn master_key() -> anyhow::Result<MasterKey> {
 #[derive(Debug)]
 pub struct Stack {
     pub db: TestDb,
-    pub regions: Vec<NatsRegion>,
+    pub regions: Vec<Region>,
     /// namespace ids, in region order
     pub namespace_ids: Vec<i64>,
     pub group_id: i64,
@@ -49,6 +49,8 @@ pub const INGEST_TEST_ARGS: &[&str] = &[
     "2s",
     "--poll-interval",
     "500ms",
+    "--servicebus-lock-duration",
+    "5s",
 ];
 
 /// `georelay drain` flags matching [`INGEST_TEST_ARGS`].
@@ -63,42 +65,47 @@ pub const DRAIN_TEST_ARGS: &[&str] = &[
     "5s",
     "--failover-cooldown",
     "2s",
+    "--servicebus-lock-duration",
+    "5s",
 ];
 
 pub const GROUP: &str = "g";
 pub const QUEUE: &str = "telemetry";
 
 impl Stack {
+    /// NATS regions named `regions`.
     pub async fn start(regions: &[&str]) -> anyhow::Result<Self> {
-        Self::start_with(regions, |region| Ok(region.url())).await
+        Self::start_on(TransportKind::Nats, regions, |region| Ok(region.url())).await
     }
 
-    /// [`start`](Self::start), each namespace's endpoint made by `endpoint`
-    /// from its region (a fault proxy in front of it). Endpoints are set
-    /// before the group exists: the database refuses to change the endpoint
-    /// of a namespace that holds undrained epochs.
-    pub async fn start_with(
+    /// Regions of `transport` named `regions`, each namespace's endpoint
+    /// made by `endpoint` from its region (a fault proxy in front of it).
+    /// Endpoints are set before the group exists: the database refuses to
+    /// change the endpoint of a namespace that holds undrained epochs.
+    pub async fn start_on(
+        transport: TransportKind,
         regions: &[&str],
-        mut endpoint: impl FnMut(&NatsRegion) -> anyhow::Result<String>,
+        mut endpoint: impl FnMut(&Region) -> anyhow::Result<String>,
     ) -> anyhow::Result<Self> {
         let db = TestDb::migrated().await?;
         let master = master_key()?;
         let mut started = Vec::new();
         let mut namespace_ids = Vec::new();
         for (i, name) in regions.iter().enumerate() {
-            let region = NatsRegion::start(name)?;
+            let region = Region::start(transport, name)?;
             let priority = i32::try_from(10 * (i + 1))?;
+            let (key_name, key) = region.credentials();
             let id = control::add_namespace(
                 db.pool(),
                 &master,
                 &NewNamespace {
                     name,
                     region: name,
-                    transport: TransportKind::Nats,
+                    transport,
                     endpoint: &endpoint(&region)?,
                     priority,
-                    key_name: None,
-                    key: None,
+                    key_name,
+                    key: key.map(str::as_bytes),
                 },
             )
             .await?;

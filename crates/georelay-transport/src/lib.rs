@@ -133,11 +133,19 @@ pub struct Limits {
     /// The largest message a Service Bus namespace takes, in bytes: 256 KiB
     /// on the standard tier, up to 100 MiB on premium. (NATS says its own.)
     pub servicebus_max_message: usize,
+    /// The peek-lock duration of the Service Bus queues georelay creates
+    /// (5 s to 5 min): how long a message a crashed reader held stays
+    /// invisible, and so how long a fresh reader waits before its first
+    /// receive.
+    pub servicebus_lock_duration: Duration,
     /// PEM file of the CA that signs `tls://` NATS servers' certificates, if
     /// not one the system trusts (not a limit, but fixed for every
     /// connection the same way).
     pub nats_ca_file: Option<std::path::PathBuf>,
 }
+
+/// The default [`Limits::servicebus_lock_duration`].
+pub const SERVICEBUS_LOCK_DURATION: Duration = Duration::from_secs(30);
 
 /// Service Bus standard tier's largest message.
 pub const SERVICEBUS_STANDARD_MAX_MESSAGE: usize = 256 * 1024;
@@ -148,6 +156,7 @@ impl Default for Limits {
             publish_deadline: Duration::from_secs(2),
             request_deadline: Duration::from_secs(5),
             servicebus_max_message: SERVICEBUS_STANDARD_MAX_MESSAGE,
+            servicebus_lock_duration: SERVICEBUS_LOCK_DURATION,
             nats_ca_file: None,
         }
     }
@@ -166,6 +175,9 @@ pub struct Delivery {
     /// headers the client cannot parse): the caller dead-letters it as
     /// `unreadable` and acks it like any other.
     pub unreadable: Option<String>,
+    /// Read from a dead-letter sub-queue (Service Bus): why the broker put
+    /// it there (its `DeadLetterReason`, e.g. `MaxDeliveryCountExceeded`).
+    pub dead_lettered: Option<String>,
     handle: Handle,
 }
 
@@ -222,8 +234,9 @@ impl Namespace {
                 Ok(ns)
             }
             (TransportKind::ServiceBus, Some(key_name), Some(key)) => {
-                let config =
+                let mut config =
                     servicebus::ServiceBusConfig::new(&triplet.endpoint, key_name, key.clone());
+                config.lock_duration = limits.servicebus_lock_duration;
                 Ok(Self::ServiceBus(servicebus::ServiceBusNamespace::new(
                     config, limits,
                 )?))
@@ -307,7 +320,9 @@ impl Namespace {
     }
 
     /// Up to `max` messages in queue order, waiting up to `wait` for the
-    /// first. An empty batch means the queue had nothing for `wait`.
+    /// first. An empty batch means nothing could be read for `wait`: the
+    /// queue had nothing, or (Service Bus) a fresh reader is still waiting
+    /// out locks an earlier reader may hold ([`Namespace::depth`] tells).
     pub async fn receive(
         &self,
         queue: &str,
@@ -344,6 +359,24 @@ impl Namespace {
         match self {
             Self::Nats(n) => n.depth(queue).await,
             Self::ServiceBus(s) => s.depth(queue).await,
+        }
+    }
+
+    /// Where the broker itself sets aside `queue`'s messages it gave up on
+    /// (Service Bus: `{queue}/$DeadLetterQueue`, read with
+    /// [`receive`](Self::receive)); NATS has no such place.
+    pub fn dead_letter_queue(&self, queue: &str) -> Option<String> {
+        match self {
+            Self::Nats(_) => None,
+            Self::ServiceBus(_) => Some(servicebus::dead_letter_queue(queue)),
+        }
+    }
+
+    /// Messages in [`dead_letter_queue`](Self::dead_letter_queue) (0 on NATS).
+    pub async fn dead_lettered(&self, queue: &str) -> Result<u64, TransportError> {
+        match self {
+            Self::Nats(_) => Ok(0),
+            Self::ServiceBus(s) => s.dead_lettered(queue).await,
         }
     }
 

@@ -487,6 +487,7 @@ impl NatsNamespace {
             id,
             payload,
             unreadable,
+            dead_lettered: None,
             handle: Handle::NatsStored {
                 queue: queue.clone(),
                 seq,
@@ -732,6 +733,7 @@ fn delivery(message: jetstream::Message) -> Delivery {
         id,
         payload: message.payload.clone(),
         unreadable: None,
+        dead_lettered: None,
         handle: Handle::Nats(Box::new(message)),
     }
 }

@@ -35,7 +35,8 @@
 //!   crashed worker) locked come back only when their lock expires; reading
 //!   newer ones first would reorder. So a fresh [`ServiceBusNamespace`]
 //!   receives nothing until one lock duration after it was created (a
-//!   receive meanwhile waits for that first).
+//!   receive meanwhile returns nothing after its `wait`, as if the queue
+//!   were empty, so a worker keeps renewing its lease).
 //! - Management calls the crate lacks (create queue, depth, probe) are signed
 //!   here the same way the crate signs (SAS over the URL-encoded resource).
 
@@ -60,6 +61,8 @@ use zeroize::Zeroizing;
 use crate::{Delivery, ErrorKind, Handle, Limits, TransportError};
 
 const BROKER_PROPERTIES: HeaderName = HeaderName::from_static("brokerproperties");
+/// The custom property the service gives a dead-lettered message.
+const DEAD_LETTER_REASON: HeaderName = HeaderName::from_static("deadletterreason");
 /// The broker's original `BrokerProperties` header, kept by [`SbHttp`].
 pub const ORIGINAL_BROKER_PROPERTIES: HeaderName =
     HeaderName::from_static("x-georelay-brokerproperties");
@@ -106,7 +109,7 @@ impl ServiceBusConfig {
             endpoint,
             key_name: key_name.to_owned(),
             key,
-            lock_duration: Duration::from_secs(30),
+            lock_duration: crate::SERVICEBUS_LOCK_DURATION,
             max_in_flight: 256,
             rewrite_to,
         }
@@ -375,8 +378,16 @@ impl ServiceBusNamespace {
         wait: Duration,
     ) -> Result<Vec<Delivery>, TransportError> {
         // Old locks (a previous reader's, or one a lost answer took) expire
-        // first: reading past them would reorder.
-        tokio::time::sleep_until(self.ready(queue).into()).await;
+        // first: reading past them would reorder. Meanwhile nothing can be
+        // read, and the caller gets its time back after `wait` (a worker
+        // must renew its lease).
+        let ready = self.ready(queue);
+        if ready > Instant::now() {
+            tokio::time::sleep_until(ready.min(Instant::now() + wait).into()).await;
+            if ready > Instant::now() {
+                return Ok(Vec::new());
+            }
+        }
         let client = self.queue_client(queue)?;
         let Some(first) = self.peek(&client, queue, wait).await? else {
             return Ok(Vec::new());
@@ -541,15 +552,26 @@ impl ServiceBusNamespace {
     /// `MessageCount` counts the dead-letter sub-queue too, so an epoch with
     /// anything dead-lettered there would never count as empty).
     pub async fn depth(&self, queue: &str) -> Result<u64, TransportError> {
+        self.count(queue, "ActiveMessageCount").await
+    }
+
+    /// Messages in `queue`'s dead-letter sub-queue: `CountDetails`'
+    /// `DeadLetterMessageCount`.
+    pub async fn dead_lettered(&self, queue: &str) -> Result<u64, TransportError> {
+        self.count(queue, "DeadLetterMessageCount").await
+    }
+
+    /// One of the queue description's `CountDetails`.
+    async fn count(&self, queue: &str, what: &str) -> Result<u64, TransportError> {
         let (status, body) = self.request(Method::Get, queue, None, false, None).await?;
         if !status.is_success() {
             return Err(status_error("queue description", status));
         }
         let text = String::from_utf8_lossy(&body);
-        xml_number(&text, "ActiveMessageCount").ok_or_else(|| {
+        xml_number(&text, what).ok_or_else(|| {
             TransportError::new(
                 ErrorKind::Rejected,
-                "queue description has no CountDetails/ActiveMessageCount",
+                format!("queue description has no CountDetails/{what}"),
             )
         })
     }
@@ -735,6 +757,7 @@ fn other_namespace() -> TransportError {
 struct Peeked {
     props: BrokerProperties,
     location: String,
+    dead_letter_reason: Option<String>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -751,9 +774,17 @@ impl TryFrom<Headers> for Peeked {
         Ok(Self {
             props: azure_core::from_json(raw.as_bytes())?,
             location: headers.get_str(&azure_core::headers::LOCATION)?.to_owned(),
+            dead_letter_reason: headers.get_optional_string(&DEAD_LETTER_REASON),
         })
     }
 }
+
+/// The dead-letter sub-queue of `queue`, as the REST API names it.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}/{DEAD_LETTER_SUFFIX}")
+}
+
+const DEAD_LETTER_SUFFIX: &str = "$DeadLetterQueue";
 
 /// The delivery of a peek-locked message of `queue` in `namespace`.
 fn delivery(
@@ -780,6 +811,15 @@ fn delivery(
             )
         })?
         .to_owned();
+    // Read from a dead-letter sub-queue: the service's reason, a custom
+    // property (a header holding a JSON string).
+    let dead_lettered = queue.ends_with(DEAD_LETTER_SUFFIX).then(|| {
+        peeked
+            .dead_letter_reason
+            .as_deref()
+            .map_or("no DeadLetterReason given", |r| r.trim_matches('"'))
+            .to_owned()
+    });
     let body = response.body();
     // A body that is not our base64 is handed over as it came: the caller
     // dead-letters it as undecodable instead of blocking the queue.
@@ -791,6 +831,7 @@ fn delivery(
         id: peeked.props.message_id,
         payload,
         unreadable: None,
+        dead_lettered,
         handle: Handle::ServiceBus(Lock {
             queue: queue.to_owned(),
             sequence: peeked.props.sequence_number,

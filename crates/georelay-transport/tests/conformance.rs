@@ -87,8 +87,13 @@ impl Fixture for ServiceBus {
             double: ServiceBusDouble::start("georelay-conformance", SB_POLICY, SB_KEY).unwrap(),
         }
     }
+    /// Ready to read: a fresh reader reads nothing until an earlier
+    /// reader's locks have expired (one lock duration).
     async fn connect(&self) -> Namespace {
-        Namespace::ServiceBus(ServiceBusNamespace::new(self.config(SB_KEY), limits()).unwrap())
+        let ns =
+            Namespace::ServiceBus(ServiceBusNamespace::new(self.config(SB_KEY), limits()).unwrap());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        ns
     }
     fn kill(&mut self) {
         self.double.kill();

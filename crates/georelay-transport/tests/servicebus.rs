@@ -64,9 +64,9 @@ async fn sequence_numbers_beyond_i32_break_the_crate_but_not_the_adapter() {
         "{err}"
     );
 
-    // The crate's failed read left the message locked; the adapter's first
-    // receive waits out one lock duration, then gets it.
-    let got = ns.receive("q", 10, Duration::from_secs(1)).await.unwrap();
+    // The crate's failed read left the message locked; the adapter reads
+    // nothing until one lock duration has passed, then gets it.
+    let got = ns.receive("q", 10, Duration::from_secs(6)).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].id.as_deref(), Some("dev/1"));
     assert_eq!(got[0].payload, Bytes::from_static(b"reading"));

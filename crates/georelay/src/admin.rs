@@ -4,13 +4,12 @@
 use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
 use georelay_core::DeviceId;
-use georelay_store::control::{self, Actor, NewNamespace, TransportKind};
+use georelay_store::control::{self, Actor, NewNamespace};
 use std::io::Read as _;
 use zeroize::Zeroizing;
 
 use crate::cli::{
     Admin, DeadLettersCmd, DeviceCmd, GroupCmd, NamespaceCmd, OnOff, TrailAbandon, TrailCmd,
-    TransportArg,
 };
 use crate::config;
 use crate::table::Table;
@@ -26,10 +25,7 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
                 Some(k) => Some(Zeroizing::new(k.to_owned())),
                 None => None,
             };
-            let transport = match a.transport {
-                TransportArg::Nats => TransportKind::Nats,
-                TransportArg::Servicebus => TransportKind::ServiceBus,
-            };
+            let transport = a.transport.kind();
             control::add_namespace(
                 &pool,
                 &master,

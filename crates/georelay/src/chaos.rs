@@ -29,13 +29,15 @@ pub async fn drill(args: DrillArgs) -> anyhow::Result<()> {
     });
     if !args.json {
         eprintln!(
-            "drill {} seed {seed}: starting (about {:?} of traffic, then the drain)",
+            "drill {} on {} seed {seed}: starting (about {:?} of traffic, then the drain)",
             scenario.name(),
+            args.transport.kind(),
             args.duration
         );
     }
     let report = run_drill(&DrillConfig {
         scenario,
+        transport: args.transport.kind(),
         seed,
         duration: args.duration,
         devices: args.devices,

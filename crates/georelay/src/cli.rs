@@ -53,6 +53,9 @@ pub struct DrillArgs {
     /// The fault to inject
     #[arg(long, value_enum)]
     pub scenario: georelay_testkit::chaos::Scenario,
+    /// The broker every region runs (servicebus: the local contract double)
+    #[arg(long, value_enum, default_value = "nats")]
+    pub transport: TransportArg,
     /// Reproduces the fault schedule (default: from the clock, printed)
     #[arg(long)]
     pub seed: Option<u64>,
@@ -194,6 +197,10 @@ pub struct DrainArgs {
     /// Least time between two automatic moves of one group (flapping guard)
     #[arg(long, env = "GEORELAY_FAILOVER_COOLDOWN", default_value = "10s", value_parser = duration)]
     pub failover_cooldown: Duration,
+    /// Peek-lock duration of the Service Bus queues georelay creates (5s to
+    /// 5m): how long a message a crashed reader held stays invisible
+    #[arg(long, env = "GEORELAY_SERVICEBUS_LOCK_DURATION", default_value = "30s", value_parser = duration)]
+    pub servicebus_lock_duration: Duration,
     /// PEM file of the CA that signs tls:// NATS servers' certificates (when
     /// the system does not trust it)
     #[arg(long, env = "GEORELAY_NATS_CA_FILE")]
@@ -247,6 +254,10 @@ pub struct IngestArgs {
         default_value_t = 262_144
     )]
     pub servicebus_max_message: usize,
+    /// Peek-lock duration of the Service Bus queues georelay creates (5s to
+    /// 5m): how long a message a crashed reader held stays invisible
+    #[arg(long, env = "GEORELAY_SERVICEBUS_LOCK_DURATION", default_value = "30s", value_parser = duration)]
+    pub servicebus_lock_duration: Duration,
     /// PEM file of the CA that signs tls:// NATS servers' certificates (when
     /// the system does not trust it)
     #[arg(long, env = "GEORELAY_NATS_CA_FILE")]
@@ -381,6 +392,15 @@ pub struct TrailAbandon {
 pub enum TransportArg {
     Nats,
     Servicebus,
+}
+
+impl TransportArg {
+    pub fn kind(self) -> georelay_core::TransportKind {
+        match self {
+            Self::Nats => georelay_core::TransportKind::Nats,
+            Self::Servicebus => georelay_core::TransportKind::ServiceBus,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,6 +19,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         max_concurrent_requests: args.max_concurrent_requests,
         max_bytes_in_flight: args.max_bytes_in_flight,
         servicebus_max_message: args.servicebus_max_message,
+        servicebus_lock_duration: args.servicebus_lock_duration,
         nats_ca_file: args.nats_ca_file,
     })?;
     let master = config::master_key()?;
@@ -48,6 +49,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         ingest_lease: args.ingest_lease,
         declare_trouble_after: args.declare_trouble_after,
         failover_cooldown: args.failover_cooldown,
+        servicebus_lock_duration: args.servicebus_lock_duration,
         nats_ca_file: args.nats_ca_file,
     })?;
     let master = config::master_key()?;
