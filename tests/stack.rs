@@ -3,6 +3,7 @@
 //! accepted record is stored once, in per-device order, and the worker
 //! follows the senders A → B → A.
 
+use georelay_core::TransportKind;
 use georelay_testkit::{wait_until, Stack, TestDevice, DRAIN_TEST_ARGS, INGEST_TEST_ARGS};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,21 @@ async fn send(device: TestDevice, base: String, seqs: std::ops::RangeInclusive<u
 #[tokio::test]
 async fn planned_failover_and_failback_by_raw_sql_under_load_drain_in_order() {
     let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    failover_and_failback_under_load(stack).await;
+}
+
+/// The same across brokers: Service Bus primary, NATS secondary, and back.
+#[tokio::test]
+async fn a_trail_from_service_bus_to_nats_and_back_drains_in_order() {
+    let regions = [
+        (TransportKind::ServiceBus, "sb-west"),
+        (TransportKind::Nats, "eu-north"),
+    ];
+    let stack = Stack::start_mixed(&regions, |r| Ok(r.url())).await.unwrap();
+    failover_and_failback_under_load(stack).await;
+}
+
+async fn failover_and_failback_under_load(stack: Stack) {
     let ingest = stack.ingest(INGEST_TEST_ARGS).unwrap();
     let _drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
     let mut devices = Vec::new();

@@ -85,13 +85,23 @@ impl Stack {
     pub async fn start_on(
         transport: TransportKind,
         regions: &[&str],
+        endpoint: impl FnMut(&Region) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Self> {
+        let regions: Vec<(TransportKind, &str)> = regions.iter().map(|r| (transport, *r)).collect();
+        Self::start_mixed(&regions, endpoint).await
+    }
+
+    /// [`start_on`](Self::start_on) with a broker per region: a trail can
+    /// cross from Service Bus to NATS and back.
+    pub async fn start_mixed(
+        regions: &[(TransportKind, &str)],
         mut endpoint: impl FnMut(&Region) -> anyhow::Result<String>,
     ) -> anyhow::Result<Self> {
         let db = TestDb::migrated().await?;
         let master = master_key()?;
         let mut started = Vec::new();
         let mut namespace_ids = Vec::new();
-        for (i, name) in regions.iter().enumerate() {
+        for (i, &(transport, name)) in regions.iter().enumerate() {
             let region = Region::start(transport, name)?;
             let priority = i32::try_from(10 * (i + 1))?;
             let (key_name, key) = region.credentials();
@@ -116,7 +126,8 @@ impl Stack {
             actor: "test".to_owned(),
             reason: None,
         };
-        let group_id = control::add_group(db.pool(), GROUP, QUEUE, regions[0], &actor).await?;
+        let first = regions.first().context("a stack needs a region")?.1;
+        let group_id = control::add_group(db.pool(), GROUP, QUEUE, first, &actor).await?;
         Ok(Self {
             db,
             regions: started,
