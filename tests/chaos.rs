@@ -4,7 +4,7 @@
 //! invariants: 0 lost, 0 duplicated, 0 reordered, nothing stranded.
 //!
 //! Each prints its seed first; `GEORELAY_CHAOS_SEED=N` reproduces a run.
-//! `GEORELAY_CHAOS_DURATION=120s` makes a longer soak (default 10 s of
+//! `GEORELAY_CHAOS_DURATION=120s` makes a longer soak (default 7 s of
 //! sending per scenario). Scenarios run one at a time: they share 2 cores.
 
 use georelay_core::TransportKind;
@@ -24,7 +24,7 @@ async fn run(transport: TransportKind, scenario: Scenario) {
     let duration = std::env::var("GEORELAY_CHAOS_DURATION")
         .ok()
         .and_then(|s| s.trim_end_matches('s').parse().ok())
-        .map_or(Duration::from_secs(10), Duration::from_secs);
+        .map_or(Duration::from_secs(7), Duration::from_secs);
     let report = drill(&DrillConfig {
         scenario,
         transport,
