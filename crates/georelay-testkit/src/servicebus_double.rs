@@ -204,6 +204,12 @@ impl ServiceBusDouble {
         );
     }
 
+    /// Sets `queue`'s `LockDuration`, as an operator would in the portal;
+    /// locks already taken keep their expiry.
+    pub fn set_lock_duration(&self, queue: &str, lock: Duration) {
+        with_queue(&self.state, queue, |q| q.lock_duration = lock);
+    }
+
     /// Caps what `queue` holds at `bytes` (the service's
     /// `MaxSizeInMegabytes`, whose smallest is 1 GiB, scaled for a test).
     pub fn set_max_size(&self, queue: &str, bytes: usize) {

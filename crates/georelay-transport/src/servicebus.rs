@@ -131,7 +131,13 @@ struct Inner {
     lock_duration: Duration,
     permits: Semaphore,
     queues: Mutex<HashMap<String, QueueClient>>,
-    ready_at: Instant,
+    /// When this reader was made: it reads a queue only one lock duration
+    /// later.
+    created: Instant,
+    /// The `LockDuration` of queues that existed before this reader ensured
+    /// them, as their description said (it may differ from ours: a queue
+    /// made by hand, or by a process with another setting).
+    described_locks: Mutex<HashMap<String, Duration>>,
     /// Per queue: the messages this reader holds locked and has neither
     /// completed nor unlocked, by sequence number.
     held: Mutex<HashMap<String, BTreeMap<i64, Held>>>,
@@ -182,7 +188,7 @@ impl ServiceBusNamespace {
         });
         let lock_duration = config
             .lock_duration
-            .clamp(Duration::from_secs(5), Duration::from_secs(300));
+            .clamp(MIN_LOCK_DURATION, MAX_LOCK_DURATION);
         let ns = Self {
             inner: Arc::new(Inner {
                 http,
@@ -193,7 +199,8 @@ impl ServiceBusNamespace {
                 lock_duration,
                 permits: Semaphore::new(config.max_in_flight.max(1)),
                 queues: Mutex::new(HashMap::new()),
-                ready_at: Instant::now() + lock_duration,
+                created: Instant::now(),
+                described_locks: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashMap::new()),
                 tainted_until: Mutex::new(HashMap::new()),
             }),
@@ -202,14 +209,15 @@ impl ServiceBusNamespace {
         Ok(ns)
     }
 
-    /// Renews held locks at a third of the lock duration, for as long as
-    /// this namespace is in use (the task ends when the last clone is gone).
+    /// Renews held locks at a third of the shortest lock duration the
+    /// service allows, for as long as this namespace is in use (the task
+    /// ends when the last clone is gone).
     fn renew_in_background(&self) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let inner = Arc::downgrade(&self.inner);
-        let every = self.inner.lock_duration / 3;
+        let every = MIN_LOCK_DURATION / 3;
         runtime.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -221,21 +229,30 @@ impl ServiceBusNamespace {
         });
     }
 
-    /// Renews every held lock taken or renewed half a lock duration ago. A
-    /// lock that cannot be renewed is left as it is: if it is lost, the
-    /// message's complete fails and it comes again (the database's key
-    /// drops it if it was stored).
+    /// Renews every held lock taken or renewed half its queue's lock
+    /// duration ago. A lock that cannot be renewed is left as it is: if it
+    /// is lost, the message's complete fails and it comes again (the
+    /// database's key drops it if it was stored).
     async fn renew_held(&self) {
-        let half = self.inner.lock_duration / 2;
-        let due: Vec<(String, i64, String)> = self
+        let held: Vec<(String, Vec<(i64, Held)>)> = self
             .inner
             .held
             .lock()
             .iter()
+            .map(|(queue, held)| {
+                (
+                    queue.clone(),
+                    held.iter().map(|(s, h)| (*s, h.clone())).collect(),
+                )
+            })
+            .collect();
+        let due: Vec<(String, i64, String)> = held
+            .into_iter()
             .flat_map(|(queue, held)| {
-                held.iter()
-                    .filter(|(_, h)| h.since.elapsed() >= half)
-                    .map(|(seq, h)| (queue.clone(), *seq, h.path.clone()))
+                let half = self.shortest_lock(&queue) / 2;
+                held.into_iter()
+                    .filter(move |(_, h)| h.since.elapsed() >= half)
+                    .map(move |(seq, h)| (queue.clone(), seq, h.path))
             })
             .collect();
         let renewed = join_all(
@@ -277,7 +294,14 @@ impl ServiceBusNamespace {
         if !status.is_success() {
             return Err(status_error("queue description", status));
         }
-        let current = xml_number(&String::from_utf8_lossy(&description), "MaxDeliveryCount");
+        let description = String::from_utf8_lossy(&description);
+        if let Some(lock) = xml_text(&description, "LockDuration").and_then(iso_duration) {
+            self.inner
+                .described_locks
+                .lock()
+                .insert(queue.to_owned(), lock);
+        }
+        let current = xml_number(&description, "MaxDeliveryCount");
         if current.is_some_and(|n| n >= u64::from(MAX_DELIVERY_COUNT)) {
             return Ok(());
         }
@@ -468,12 +492,30 @@ impl ServiceBusNamespace {
     /// When `queue` may be read: after the previous reader's locks and any
     /// lock a lost answer may have taken have expired.
     fn ready(&self, queue: &str) -> Instant {
+        let fresh = self.inner.created + self.longest_lock(queue);
         let tainted = self.inner.tainted_until.lock().get(queue).copied();
-        tainted.map_or(self.inner.ready_at, |t| t.max(self.inner.ready_at))
+        tainted.map_or(fresh, |t| t.max(fresh))
+    }
+
+    /// The longest a lock on `queue` may last: ours, or what its
+    /// description said before we ensured it, whichever is longer.
+    fn longest_lock(&self, queue: &str) -> Duration {
+        let described = self.inner.described_locks.lock().get(queue).copied();
+        described.map_or(self.inner.lock_duration, |d| {
+            d.max(self.inner.lock_duration)
+        })
+    }
+
+    /// The shortest a lock on `queue` may last, for renewing it in time.
+    fn shortest_lock(&self, queue: &str) -> Duration {
+        let described = self.inner.described_locks.lock().get(queue).copied();
+        described.map_or(self.inner.lock_duration, |d| {
+            d.min(self.inner.lock_duration)
+        })
     }
 
     fn taint(&self, queue: &str) {
-        let until = Instant::now() + self.inner.lock_duration;
+        let until = Instant::now() + self.longest_lock(queue);
         tracing::debug!(
             queue,
             "a peek-lock's answer was lost: reading again once its lock has expired"
@@ -934,10 +976,33 @@ pub const MAX_DELIVERY_COUNT: u32 = i32::MAX as u32;
 /// The number in the first `<...name>N</...name>` element of an XML text
 /// (with or without a namespace prefix).
 fn xml_number(text: &str, name: &str) -> Option<u64> {
+    xml_text(text, name)?.parse().ok()
+}
+
+/// The text of the first `<...name>…</...name>` element of an XML text.
+fn xml_text<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     let start = text.find(&format!("{name}>"))? + name.len() + 1;
     let rest = &text[start..];
-    rest[..rest.find('<')?].trim().parse().ok()
+    Some(rest[..rest.find('<')?].trim())
 }
+
+/// An ISO 8601 duration of hours, minutes and seconds, as the service
+/// writes a `LockDuration` (`PT30S`, `PT1M`, `PT1M30.5S`).
+fn iso_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.strip_prefix("PT")?;
+    let mut total = 0.0;
+    for (unit, seconds) in [('H', 3600.0), ('M', 60.0), ('S', 1.0)] {
+        if let Some((n, tail)) = rest.split_once(unit) {
+            total += n.parse::<f64>().ok()? * seconds;
+            rest = tail;
+        }
+    }
+    (rest.is_empty() && total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
+}
+
+/// The service's range of `LockDuration`.
+const MIN_LOCK_DURATION: Duration = Duration::from_secs(5);
+const MAX_LOCK_DURATION: Duration = Duration::from_secs(300);
 
 /// Peek-locks a receive sends at once after its first message: a round
 /// trip for up to this many messages instead of one each.
@@ -990,6 +1055,20 @@ mod tests {
         );
         // a non-local http endpoint is not a name either
         assert_eq!(namespace_name("http://10.0.0.8:4545/sb-eu"), None);
+    }
+
+    #[test]
+    fn lock_durations_as_the_service_writes_them() {
+        assert_eq!(iso_duration("PT30S"), Some(Duration::from_secs(30)));
+        assert_eq!(iso_duration("PT1M"), Some(Duration::from_secs(60)));
+        assert_eq!(
+            iso_duration("PT1M30.5S"),
+            Some(Duration::from_millis(90_500))
+        );
+        assert_eq!(iso_duration("PT1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(iso_duration("P1D"), None);
+        assert_eq!(iso_duration("PT30X"), None);
+        assert_eq!(iso_duration("30"), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use azure_core::{HttpClient, Request, Response, Url};
 use azure_messaging_servicebus::service_bus::QueueClient;
 use bytes::Bytes;
 use georelay_testkit::ServiceBusDouble;
-use georelay_transport::servicebus::{ServiceBusConfig, ServiceBusNamespace};
+use georelay_transport::servicebus::{sas_token, ServiceBusConfig, ServiceBusNamespace};
 use georelay_transport::{Limits, Namespace};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -76,8 +76,11 @@ async fn sequence_numbers_beyond_i32_break_the_crate_but_not_the_adapter() {
 
 /// Against a real namespace, when `GEORELAY_SERVICEBUS_CONNECTION_STRING`
 /// (`Endpoint=sb://NAME.servicebus.windows.net/;SharedAccessKeyName=K;SharedAccessKey=V`)
-/// is set: `./dev test` then runs it. It uses (and creates) the queue
-/// `georelay-e2e`.
+/// is set: `./dev test` then runs it. It uses (and creates) the queues
+/// `georelay-e2e` (single and batch send, ordered concurrent receive,
+/// duplicate detection) and `georelay-e2e-dlq` (made with
+/// `MaxDeliveryCount` 1, so the service dead-letters at the second
+/// delivery: the sub-queue is counted and read with the broker's reason).
 #[tokio::test]
 #[ignore = "needs GEORELAY_SERVICEBUS_CONNECTION_STRING (a real Service Bus namespace)"]
 async fn real_namespace_round_trip() {
@@ -89,15 +92,19 @@ async fn real_namespace_round_trip() {
             .unwrap_or_else(|| panic!("connection string lacks {name}"))
             .to_owned()
     };
-    let config = ServiceBusConfig::new(
-        &field("Endpoint"),
-        &field("SharedAccessKeyName"),
-        field("SharedAccessKey").into(),
+    let (endpoint, key_name, key) = (
+        field("Endpoint"),
+        field("SharedAccessKeyName"),
+        field("SharedAccessKey"),
     );
+    let mut config = ServiceBusConfig::new(&endpoint, &key_name, key.clone().into());
+    config.lock_duration = Duration::from_secs(5);
     let ns = Namespace::ServiceBus(ServiceBusNamespace::new(config, Limits::default()).unwrap());
     let queue = "georelay-e2e";
     ns.ensure_queue(queue).await.unwrap();
     ns.probe().await.unwrap();
+    // Whatever an earlier run left, once its locks have expired.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     loop {
         let old = ns
             .receive(queue, 100, Duration::from_secs(1))
@@ -112,18 +119,23 @@ async fn real_namespace_round_trip() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let ids: Vec<String> = (1..=3).map(|n| format!("e2e-{run}/{n}")).collect();
-    for id in &ids {
+    let ids: Vec<String> = (1..=40).map(|n| format!("e2e-{run}/{n}")).collect();
+    for id in &ids[..3] {
         ns.publish(queue, id, Bytes::from(id.clone()))
             .await
             .unwrap();
     }
+    let batch: Vec<(String, Bytes)> = ids[3..]
+        .iter()
+        .map(|id| (id.clone(), Bytes::from(id.clone())))
+        .collect();
+    ns.publish_batch(queue, &batch).await.unwrap();
     ns.publish(queue, &ids[0], Bytes::from(ids[0].clone()))
         .await
         .unwrap();
     let mut got = Vec::new();
-    while got.len() < 3 {
-        let batch = ns.receive(queue, 3, Duration::from_secs(5)).await.unwrap();
+    while got.len() < ids.len() {
+        let batch = ns.receive(queue, 50, Duration::from_secs(5)).await.unwrap();
         assert!(!batch.is_empty(), "messages arrive");
         got.extend(batch);
     }
@@ -136,6 +148,58 @@ async fn real_namespace_round_trip() {
     ns.ack(got).await.unwrap();
     let extra = ns.receive(queue, 1, Duration::from_secs(2)).await.unwrap();
     assert!(extra.is_empty(), "the duplicate publish was suppressed");
+
+    // A queue that dead-letters at the second delivery, made by hand.
+    let dlq = "georelay-e2e-dlq";
+    let name = endpoint
+        .trim_start_matches("sb://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_owned();
+    let resource = format!("https://{name}/{dlq}");
+    let made = reqwest::Client::new()
+        .put(format!("{resource}?api-version=2017-04"))
+        .header("Authorization", sas_token(&resource, &key_name, key.as_bytes(), Duration::from_secs(600)))
+        .header("Content-Type", "application/atom+xml;type=entry;charset=utf-8")
+        .body(r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml"><QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"><LockDuration>PT5S</LockDuration><MaxDeliveryCount>1</MaxDeliveryCount></QueueDescription></content></entry>"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        made.status().is_success() || made.status() == 409,
+        "{}",
+        made.status()
+    );
+    let before = ns.dead_lettered(dlq).await.unwrap();
+    let id = format!("e2e-{run}/dlq");
+    ns.publish(dlq, &id, Bytes::from(id.clone())).await.unwrap();
+    let once = ns.receive(dlq, 1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(once.len(), 1);
+    ns.nack(dlq, once).await.unwrap();
+    assert!(ns
+        .receive(dlq, 1, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(ns.dead_lettered(dlq).await.unwrap(), before + 1);
+    let sub_queue = ns.dead_letter_queue(dlq).unwrap();
+    let mut found = None;
+    while found.is_none() {
+        let got = ns
+            .receive(&sub_queue, 10, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            !got.is_empty(),
+            "the dead-lettered message is in {sub_queue}"
+        );
+        found = got
+            .iter()
+            .find(|d| d.id.as_deref() == Some(id.as_str()))
+            .map(|d| d.dead_lettered.clone());
+        ns.ack(got).await.unwrap();
+    }
+    assert_eq!(found.flatten().as_deref(), Some("MaxDeliveryCountExceeded"));
 }
 
 /// georelay's message ids run to 182 characters (a 128-character device id,
@@ -328,6 +392,43 @@ async fn a_lost_receive_answer_never_reorders() {
         let got = ns.receive("q", 10, Duration::from_secs(1)).await.unwrap();
         ids.extend(got.iter().map(|d| d.id.clone().unwrap()));
         ns.ack(got).await.unwrap();
+    }
+    assert_eq!(ids, ["dev/1/x", "dev/2/x", "dev/3/x"]);
+}
+
+/// A queue made elsewhere with a longer lock than this reader's: a reader
+/// that crashed holding a message leaves it locked for the queue's lock
+/// duration, so a fresh reader waits out that one (read from the queue's
+/// description), not its own, before it reads anything newer.
+#[tokio::test]
+async fn a_fresh_reader_waits_out_the_queues_own_lock_duration() {
+    let double = ServiceBusDouble::start("georelay-longlock", POLICY, KEY).unwrap();
+    double.create_queue_with_defaults("q");
+    double.set_lock_duration("q", Duration::from_secs(12));
+    let crashed = adapter(&double);
+    for n in 1..=3 {
+        crashed
+            .publish("q", &format!("dev/{n}/x"), Bytes::from_static(b"r"))
+            .await
+            .unwrap();
+    }
+    let held = crashed
+        .receive("q", 1, Duration::from_secs(6))
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    drop((held, crashed));
+
+    let fresh = adapter(&double);
+    fresh.ensure_queue("q").await.unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let got = fresh
+            .receive("q", 10, Duration::from_secs(1))
+            .await
+            .unwrap();
+        ids.extend(got.iter().map(|d| d.id.clone().unwrap()));
+        fresh.ack(got).await.unwrap();
     }
     assert_eq!(ids, ["dev/1/x", "dev/2/x", "dev/3/x"]);
 }
