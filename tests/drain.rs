@@ -1034,4 +1034,79 @@ async fn what_the_broker_dead_lettered_ends_in_dead_letters() {
     assert_eq!(device_id.as_deref(), Some("plug-dlq"));
     assert_eq!(seq, Some(1));
     assert!(detail.contains("MaxDeliveryCountExceeded"), "{detail}");
+    let status = String::from_utf8(admin(&stack, &["status"]).stdout).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.trim_start().starts_with("broker_dead_lettered"));
+    assert!(
+        line.is_some_and(|l| l.split_whitespace().nth(1) == Some("1")),
+        "admin status counts it:\n{status}"
+    );
+}
+
+/// A replay checks that nothing later of the device is stored, then stores:
+/// a worker committing a later record between the two would put the
+/// replayed one after it. The replay takes the lock the worker stores under
+/// (the group's lease row): here a "worker" holds it, commits seq 6, and
+/// the replay of seq 5, waiting meanwhile, then keeps it instead.
+#[tokio::test]
+async fn a_replay_never_slips_in_behind_a_record_the_worker_is_storing() {
+    use georelay_store::dead_letters::{self, Filter, Replayed};
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let pool = stack.db.pool();
+    let device = stack.device("plug-race").await.unwrap();
+    sqlx::query(
+        "INSERT INTO dead_letters (group_id, namespace_id, epoch, device_id, seq, reason, detail, raw)
+         VALUES ($1, $2, 1, 'plug-race', 5, 'unknown_device', 'test', $3)",
+    )
+    .bind(stack.group_id)
+    .bind(stack.namespace_ids[0])
+    .bind(device.envelope(5, 1).encode().to_vec())
+    .execute(pool)
+    .await
+    .unwrap();
+    georelay_store::drain::acquire_lease(
+        pool,
+        stack.group_id,
+        uuid::Uuid::new_v4(),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut worker = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM drain_leases WHERE group_id = $1 FOR UPDATE")
+        .bind(stack.group_id)
+        .execute(&mut *worker)
+        .await
+        .unwrap();
+    let letter = dead_letters::list(
+        pool,
+        &Filter {
+            limit: 1,
+            ..Filter::default()
+        },
+    )
+    .await
+    .unwrap()
+    .remove(0);
+    let replay = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let master = georelay_testkit::master_key().unwrap();
+            dead_letters::replay(&pool, &master, &letter).await.unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query(
+        "INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
+         VALUES ('plug-race', 6, '{}', now(), $1, 1)",
+    )
+    .bind(stack.namespace_ids[0])
+    .execute(&mut *worker)
+    .await
+    .unwrap();
+    worker.commit().await.unwrap();
+    let replayed = replay.await.unwrap();
+    assert!(matches!(replayed, Replayed::Kept { .. }), "{replayed:?}");
 }

@@ -59,6 +59,27 @@ pub async fn list(pool: &PgPool, filter: &Filter<'_>) -> Result<Vec<Letter>, Sto
     .await?)
 }
 
+/// Dead letters of one reason: how many, how many in the last day, the newest.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ByReason {
+    pub reason: String,
+    pub total: i64,
+    pub last_day: i64,
+    pub newest: DateTime<Utc>,
+}
+
+/// Dead letters counted by reason, the most recent reason first.
+pub async fn by_reason(pool: &PgPool) -> Result<Vec<ByReason>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT reason, count(*) AS total,
+                count(*) FILTER (WHERE at > now() - interval '1 day') AS last_day,
+                max(at) AS newest
+         FROM dead_letters GROUP BY reason ORDER BY max(at) DESC",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
 /// What replaying one dead letter did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Replayed {
@@ -73,8 +94,9 @@ pub enum Replayed {
 
 /// Replays one dead letter: re-verified under the device's key as it is now
 /// (an `unknown_device` record once the device is registered). Stored only
-/// if nothing later of that device is stored yet (in order); otherwise, or
-/// if it still does not open, kept with the reason it has now.
+/// if nothing later of that device is stored yet (in order), checked and
+/// stored under the lock the drain worker stores the group's records under;
+/// otherwise, or if it still does not open, kept with the reason it has now.
 pub async fn replay(
     pool: &PgPool,
     master: &MasterKey,
@@ -123,6 +145,17 @@ pub async fn replay(
     let received_at =
         DateTime::from_timestamp_micros(envelope.received_at_micros).unwrap_or_else(Utc::now);
     let mut tx = pool.begin().await?;
+    // The worker stores a group's records only while it holds this row
+    // locked: with it locked here, no later record of the device can be
+    // committed between the check below and the insert (which would put
+    // the replayed record after it).
+    sqlx::query(
+        "SELECT 1 FROM drain_leases
+         WHERE group_id = (SELECT group_id FROM devices WHERE id = $1) FOR UPDATE",
+    )
+    .bind(&device)
+    .fetch_optional(&mut *tx)
+    .await?;
     let later: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM telemetry WHERE device_id = $1 AND seq > $2)",
     )

@@ -429,6 +429,23 @@ async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
     }
     out.push_str("\nNAMESPACES\n");
     out.push_str(&namespaces_table(&namespaces));
+    out.push_str("\nDEAD LETTERS\n");
+    let dead = georelay_store::dead_letters::by_reason(pool).await?;
+    if dead.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let mut t = Table::new(&["REASON", "TOTAL", "LAST 24 H", "NEWEST"]);
+        for d in &dead {
+            t.row(vec![
+                d.reason.clone(),
+                d.total.to_string(),
+                d.last_day.to_string(),
+                time(d.newest),
+            ]);
+        }
+        out.push_str(&t.render(2));
+        out.push_str("  (georelay admin dead-letters list --reason R)\n");
+    }
     out.push_str("\nPROCESSES\n");
     let processes = control::list_processes(pool).await?;
     if processes.is_empty() {
