@@ -231,3 +231,64 @@ async fn careless_sql_on_a_live_stack_is_refused_and_records_keep_flowing() {
         "in order"
     );
 }
+
+/// Senders moved by raw SQL to a namespace whose endpoint was mistyped, and
+/// straight back: nothing was ever published to that epoch, so once it is
+/// sealed the worker follows past it without reading it (it cannot reach
+/// it) and the records sent afterwards are stored. It used to wait on that
+/// unreachable queue forever.
+#[tokio::test]
+async fn senders_moved_to_a_mistyped_endpoint_and_straight_back_do_not_stall_the_drain() {
+    use georelay_store::control::{self, NewNamespace};
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let pool = stack.db.pool();
+    let typo = control::add_namespace(
+        pool,
+        &georelay_testkit::master_key().unwrap(),
+        &NewNamespace {
+            name: "eu-typo",
+            region: "eu-typo",
+            transport: TransportKind::Nats,
+            // nothing listens there
+            endpoint: "nats://127.0.0.1:1",
+            priority: 20,
+            key_name: None,
+            key: None,
+        },
+    )
+    .await
+    .unwrap();
+    let ingest = stack.ingest(INGEST_TEST_ARGS).unwrap();
+    let _drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
+    let device = stack.device("plug-typo").await.unwrap();
+    assert_eq!(send(device.clone(), ingest.url(), 1..=5).await, vec![1; 5]);
+    for to in [typo, stack.namespace_ids[0]] {
+        sqlx::query("UPDATE routing_groups SET sender_namespace_id = $1 WHERE id = $2")
+            .bind(to)
+            .bind(stack.group_id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    // Sent at once: ingest may still be on the mistyped namespace's epoch
+    // for the first of them (its publish fails without reaching a broker).
+    assert_eq!(send(device, ingest.url(), 6..=10).await, vec![3; 5]);
+    let stored = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM telemetry")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || async { stored().await == 10 }).await,
+        "stored {} of 10: the worker waits on the epoch nobody published to",
+        stored().await
+    );
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM failover_events WHERE kind = 'drain_followed' AND epoch = 3",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(reason.contains("drained unread"), "{reason}");
+}

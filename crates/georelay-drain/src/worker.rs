@@ -279,6 +279,12 @@ impl GroupWorker {
     async fn step(&mut self, lease: &LeaseToken, pos: &Position) -> Result<Step, StepError> {
         let shared = self.shared.clone();
         let config = &shared.config;
+        let old_epoch = pos.drain_epoch < pos.epoch;
+        if old_epoch {
+            if let Some(step) = self.skip_if_never_published(lease, pos).await? {
+                return Ok(step);
+            }
+        }
         let conn = self
             .shared
             .namespace(pos.drain_namespace_id)
@@ -288,7 +294,6 @@ impl GroupWorker {
             .await
             .map_err(StepError::Broker)?;
         let ns = conn.namespace();
-        let old_epoch = pos.drain_epoch < pos.epoch;
         if self.last_depth.elapsed() >= Duration::from_secs(2) {
             self.last_depth = Instant::now();
             if let Ok(depth) = ns.depth(&pos.queue).await {
@@ -372,9 +377,57 @@ impl GroupWorker {
         ns.nack(&pos.queue, Vec::new())
             .await
             .map_err(StepError::Broker)?;
+        self.follow(lease, pos, format!("epoch {} drained", pos.drain_epoch))
+            .await
+    }
+
+    /// An old epoch that no ingest instance ever published to, once sealed:
+    /// followed past without reading its queue (which may not even be
+    /// reachable: senders moved to a mistyped endpoint and straight back).
+    /// `None`: it was published to, read it as usual.
+    async fn skip_if_never_published(
+        &mut self,
+        lease: &LeaseToken,
+        pos: &Position,
+    ) -> Result<Option<Step>, StepError> {
+        let pool = &self.shared.pool;
+        if !drain::never_published(pool, self.group_id, pos.drain_epoch).await? {
+            return Ok(None);
+        }
+        let config = &self.shared.config;
+        let sealed = drain::seal_if_ready(
+            pool,
+            self.group_id,
+            pos.drain_epoch,
+            config.seal_grace,
+            config.publish_deadline,
+        )
+        .await?;
+        if !sealed {
+            return Ok(Some(Step::WaitingForSeal));
+        }
+        let name = self.shared.namespace_name(pos.drain_namespace_id);
+        let reason = format!(
+            "epoch {} on {name} drained unread: no ingest instance ever published to it",
+            pos.drain_epoch
+        );
+        tracing::info!(group = %pos.group, epoch = pos.drain_epoch, namespace = %name,
+            "no ingest instance ever published to this epoch: following the trail without reading it");
+        self.follow(lease, pos, reason).await.map(Some)
+    }
+
+    /// Marks the drained epoch done and moves to the next (`reason` goes in
+    /// the `drain_followed` event).
+    async fn follow(
+        &mut self,
+        lease: &LeaseToken,
+        pos: &Position,
+        reason: String,
+    ) -> Result<Step, StepError> {
+        let config = &self.shared.config;
         let actor = Actor {
             actor: self.shared.actor.clone(),
-            reason: Some(format!("epoch {} drained", pos.drain_epoch)),
+            reason: Some(reason),
         };
         match drain::follow_trail(
             &self.shared.pool,

@@ -204,7 +204,9 @@ impl From<RouteError> for ApiError {
             RouteError::FailoverDisabled => (ErrorCode::FailoverDisabled, Duration::from_secs(5)),
             RouteError::CoolingDown { retry_after } => (ErrorCode::CoolingDown, *retry_after),
             RouteError::NoRegion => (ErrorCode::NoRegion, Duration::from_secs(5)),
-            RouteError::ControlPlaneUnavailable => (ErrorCode::ControlPlaneUnavailable, second),
+            RouteError::ControlPlaneUnavailable | RouteError::EpochUnrecorded => {
+                (ErrorCode::ControlPlaneUnavailable, second)
+            }
         };
         Self::unavailable(code, format!("{e}; retry later"), retry_after)
     }

@@ -279,7 +279,7 @@ pub async fn run(
         },
         pool.clone(),
         master.clone(),
-        format!("ingest:{instance}"),
+        instance,
         metrics.clone(),
     ));
     senders.reload().await?;

@@ -196,6 +196,29 @@ pub async fn seal_if_ready(
     Ok(sealed)
 }
 
+/// Whether `epoch` of the group is known never to have been published to:
+/// its publishes are recorded (it opened after they were), no ingest
+/// instance recorded one, and no ingest process that does not record them
+/// (an older version) held a lease since it opened. Such an epoch, once
+/// sealed, is drained without reading its queue (which may be unreachable:
+/// a mistyped endpoint).
+pub async fn never_published(pool: &PgPool, group_id: i64, epoch: i64) -> Result<bool, StoreError> {
+    let never: Option<bool> = sqlx::query_scalar(
+        "SELECT t.publishes_recorded
+                AND NOT EXISTS (SELECT 1 FROM epoch_publishes p
+                                WHERE p.group_id = t.group_id AND p.epoch = t.epoch)
+                AND NOT EXISTS (SELECT 1 FROM instances i
+                                WHERE i.role = 'ingest' AND NOT i.records_publishes
+                                  AND i.lease_until >= t.opened_at)
+         FROM routing_trail t WHERE t.group_id = $1 AND t.epoch = $2",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .fetch_optional(pool)
+    .await?;
+    Ok(never.unwrap_or(false))
+}
+
 /// One decrypted record to store.
 #[derive(Debug, Clone)]
 pub struct Row {

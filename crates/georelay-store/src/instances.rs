@@ -39,9 +39,10 @@ pub async fn heartbeat(
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO instances (id, role, hostname, pid, heartbeat_at, lease_until)
-         VALUES ($1, $2, $3, $4, now(), now() + make_interval(secs => $5))
-         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), lease_until = EXCLUDED.lease_until",
+        "INSERT INTO instances (id, role, hostname, pid, heartbeat_at, lease_until, records_publishes)
+         VALUES ($1, $2, $3, $4, now(), now() + make_interval(secs => $5), true)
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), lease_until = EXCLUDED.lease_until,
+                                        records_publishes = true",
     )
     .bind(id)
     .bind(role.as_str())

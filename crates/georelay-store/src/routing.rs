@@ -371,3 +371,25 @@ pub async fn set_health(
         .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// Records that ingest instance `instance` is about to publish to `epoch` of
+/// group `group_id` (once per instance, group and epoch: before its first
+/// publish there). An epoch nobody recorded is known to hold nothing: see
+/// [`crate::drain::never_published`].
+pub async fn record_publishing(
+    pool: &PgPool,
+    group_id: i64,
+    epoch: i64,
+    instance: uuid::Uuid,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO epoch_publishes (group_id, epoch, instance_id) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .bind(instance)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

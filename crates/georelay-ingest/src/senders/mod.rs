@@ -77,6 +77,12 @@ pub enum RouteError {
     NoRegion,
     #[error("the region is unavailable and failover cannot reach the control plane")]
     ControlPlaneUnavailable,
+    /// This instance's first publish to the group's epoch must be recorded
+    /// first (see [`Senders::deliver`]), and the control plane did not answer.
+    #[error(
+        "the first record of a new epoch cannot be recorded: the control plane does not answer"
+    )]
+    EpochUnrecorded,
 }
 
 /// Where a record went.
@@ -87,9 +93,19 @@ pub struct Placement {
     pub epoch: i64,
 }
 
+/// Where one publish goes.
+struct Target<'a> {
+    group_id: i64,
+    epoch: i64,
+    queue: &'a str,
+}
+
 enum Failure {
     /// The breaker is open: fail over.
     Tripped(Trouble),
+    /// The first publish to the epoch could not be recorded (the control
+    /// plane did not answer): nothing was sent.
+    Unrecorded,
     /// `items[index]` is over the namespace's limit; nothing was sent.
     TooLarge { index: usize, limit: usize },
     /// This publish failed, the namespace is not (yet) judged troubled.
@@ -107,6 +123,10 @@ pub struct Senders {
     flights: Flights,
     metrics: Metrics,
     pub lease: Lease,
+    /// This process's instance id.
+    instance: uuid::Uuid,
+    /// `(group id, epoch)`s this instance has recorded publishing to.
+    recorded: parking_lot::Mutex<std::collections::HashSet<(i64, i64)>>,
     /// Ask the reload task for a fresh snapshot.
     pub reload_wanted: Notify,
     /// Namespaces left out of the routing (their key does not open), as
@@ -119,10 +139,13 @@ impl Senders {
         config: SendersConfig,
         pool: PgPool,
         master: Arc<MasterKey>,
-        actor: String,
+        instance: uuid::Uuid,
         metrics: Metrics,
     ) -> Self {
         Self {
+            actor: format!("ingest:{instance}"),
+            instance,
+            recorded: parking_lot::Mutex::default(),
             lease: Lease::new(config.lease),
             namespaces: Namespaces::new(
                 NamespacePool::new(config.limits.clone()),
@@ -132,7 +155,6 @@ impl Senders {
             config,
             pool,
             master,
-            actor,
             flights: Flights::default(),
             metrics,
             reload_wanted: Notify::new(),
@@ -243,7 +265,12 @@ impl Senders {
                     (r.message_id(device), envelope)
                 })
                 .collect();
-            match self.publish(&entry, &ticket.route.queue, &items).await {
+            let target = Target {
+                group_id,
+                epoch: ticket.route.epoch,
+                queue: &ticket.route.queue,
+            };
+            match self.publish(&entry, &target, &items).await {
                 Ok(()) => {
                     return Ok(Placement {
                         namespace: entry.info.name.clone(),
@@ -251,6 +278,7 @@ impl Senders {
                         epoch: ticket.route.epoch,
                     })
                 }
+                Err(Failure::Unrecorded) => return Err(RouteError::EpochUnrecorded),
                 Err(Failure::Transient(e)) => {
                     tracing::debug!(namespace = %entry.info.name, error = %e, "publish failed");
                     return Err(RouteError::RegionUnavailable);
@@ -272,12 +300,46 @@ impl Senders {
         Err(RouteError::NoRegion)
     }
 
+    /// Records, once per group and epoch, that this instance publishes to
+    /// `epoch` — before its first publish there that could reach the
+    /// broker (the queue was ensured on this connection: a namespace never
+    /// reached gets none), and while its flight ticket keeps the epoch from
+    /// being sealed. The worker follows past an old epoch nobody recorded
+    /// without reading it (senders moved to a mistyped endpoint and
+    /// straight back). Without the control plane the first record of a new
+    /// epoch is refused (503), never published unrecorded.
+    async fn record_publishing(&self, group_id: i64, epoch: i64) -> Result<(), Failure> {
+        if self.recorded.lock().contains(&(group_id, epoch)) {
+            return Ok(());
+        }
+        let record =
+            georelay_store::routing::record_publishing(&self.pool, group_id, epoch, self.instance);
+        match tokio::time::timeout(self.config.limits.request_deadline, record).await {
+            Ok(Ok(())) => {
+                let mut recorded = self.recorded.lock();
+                // Only the newest epoch of each group is worth remembering.
+                recorded.retain(|&(g, e)| g != group_id || e > epoch);
+                recorded.insert((group_id, epoch));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(group_id, epoch, error = %e, "cannot record the first publish to a new epoch: refusing records until the control plane answers");
+                Err(Failure::Unrecorded)
+            }
+            Err(_) => {
+                tracing::warn!(group_id, epoch, "the control plane did not answer in time to record the first publish to a new epoch: refusing records until it does");
+                Err(Failure::Unrecorded)
+            }
+        }
+    }
+
     async fn publish(
         &self,
         entry: &NsEntry,
-        queue: &str,
+        target: &Target<'_>,
         items: &[(String, Bytes)],
     ) -> Result<(), Failure> {
+        let queue = target.queue;
         let rt = &entry.rt;
         if let Some(trouble) = rt.breaker_open() {
             return Err(Failure::Tripped(trouble));
@@ -290,6 +352,8 @@ impl Senders {
             if let Err(e) = conn.ensure_queue(queue).await {
                 return Err(self.failed(entry, e));
             }
+            self.record_publishing(target.group_id, target.epoch)
+                .await?;
             let started = Instant::now();
             let result = conn.namespace().publish_batch(queue, items).await;
             let elapsed = started.elapsed();
