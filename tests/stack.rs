@@ -206,6 +206,10 @@ async fn careless_sql_on_a_live_stack_is_refused_and_records_keep_flowing() {
         "UPDATE namespaces SET endpoint = 'nats://127.0.0.1:1' WHERE name = 'eu-west'",
         "DELETE FROM routing_groups",
         "TRUNCATE failover_events",
+        // ingest recorded its first publish to epoch 1 by now
+        "DELETE FROM epoch_publishes",
+        "TRUNCATE epoch_publishes",
+        "UPDATE routing_trail SET publishes_recorded = NOT publishes_recorded",
     ];
     let mut sent = 0;
     for sql in statements {
