@@ -203,6 +203,8 @@ pub struct Shared {
     /// One connection per namespace, replaced when its triplet changes.
     conns: NamespacePool,
     names: RwLock<HashMap<i64, String>>,
+    /// Namespaces whose broker keeps a dead-letter sub-queue (Service Bus).
+    with_dead_letter_queue: RwLock<Vec<i64>>,
     groups: RwLock<HashMap<i64, String>>,
 }
 
@@ -215,9 +217,15 @@ impl Shared {
             .unwrap_or_else(|| format!("#{id}"))
     }
 
-    /// Every namespace the control plane describes.
-    fn namespace_ids(&self) -> Vec<i64> {
-        self.names.read().keys().copied().collect()
+    /// `(id, whether its broker keeps a dead-letter sub-queue)` of every
+    /// namespace the control plane describes.
+    fn namespaces_with_dead_letter_queues(&self) -> Vec<(i64, bool)> {
+        let with = self.with_dead_letter_queue.read();
+        self.names
+            .read()
+            .keys()
+            .map(|id| (*id, with.contains(id)))
+            .collect()
     }
 
     fn group_name(&self, id: i64) -> Option<String> {
@@ -281,6 +289,24 @@ impl Shared {
             .iter()
             .map(|n| (n.id, n.name.clone()))
             .collect();
+        *self.with_dead_letter_queue.write() = routing
+            .namespaces
+            .iter()
+            .filter(|n| n.triplet.transport == georelay_transport::TransportKind::ServiceBus)
+            .map(|n| n.id)
+            .collect();
+        // A NATS stream has no dead-letter sub-queue: 0 from the start (a
+        // Service Bus one gets its count at the worker's next sweep).
+        for n in &routing.namespaces {
+            if n.triplet.transport == georelay_transport::TransportKind::Nats {
+                for g in &routing.groups {
+                    self.metrics
+                        .broker_dead_lettered
+                        .with_label_values(&[&g.name, &n.name])
+                        .set(0);
+                }
+            }
+        }
         *self.groups.write() = routing
             .groups
             .iter()
@@ -308,6 +334,7 @@ pub async fn run(
         instance,
         conns: NamespacePool::new(config.limits.clone()),
         names: RwLock::new(HashMap::new()),
+        with_dead_letter_queue: RwLock::new(Vec::new()),
         groups: RwLock::new(HashMap::new()),
         config,
         pool,

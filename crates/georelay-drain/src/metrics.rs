@@ -1,6 +1,7 @@
 //! The worker's Prometheus metrics, declared once; labels are group and
 //! namespace names from the control plane and a fixed set of reasons.
 
+use georelay_store::drain::DeadLetterReason;
 use prometheus::{
     Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -18,6 +19,9 @@ pub struct Metrics {
     pub blocked_seconds: GaugeVec,
     pub backlog: IntGaugeVec,
     pub lease_held: IntGaugeVec,
+    /// Ingest instances that alone keep an old epoch from sealing, past the
+    /// seal grace.
+    pub seal_held_by_ingest: IntGaugeVec,
     /// What a broker's own dead-letter sub-queue held at the last sweep.
     pub broker_dead_lettered: IntGaugeVec,
     /// Control plane problems the watchdog found at its last run.
@@ -89,6 +93,18 @@ impl Metrics {
             &["group", "namespace"],
         )?;
         registry.register(Box::new(broker_dead_lettered.clone()))?;
+        let seal_held_by_ingest = IntGaugeVec::new(
+            Opts::new(
+                "georelay_drain_seal_held_by_ingest",
+                "Ingest instances still acknowledging the old epoch being drained past the seal grace (0 when none): they alone hold the seal",
+            ),
+            &["group"],
+        )?;
+        registry.register(Box::new(seal_held_by_ingest.clone()))?;
+        // Every reason from the start, so a rate sees the first one.
+        for reason in DeadLetterReason::ALL {
+            dead_letters.with_label_values(&[reason.as_str()]);
+        }
         registry.register(Box::new(rows_stored.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
@@ -115,6 +131,7 @@ impl Metrics {
             backlog,
             lease_held,
             broker_dead_lettered,
+            seal_held_by_ingest,
             control_plane_problems,
         })
     }

@@ -66,7 +66,8 @@ pub struct GroupWorker {
     blocked: Option<Blocked>,
     backoff: Duration,
     last_sweep: Instant,
-    last_depth: Instant,
+    /// When the undrained depth was last measured (none yet: at once).
+    last_depth: Option<Instant>,
     db_failing: bool,
     /// Set when the lease was (re)taken: reads restart at the oldest unacked.
     fresh_lease: bool,
@@ -88,7 +89,7 @@ impl GroupWorker {
             blocked: None,
             backoff: Duration::from_millis(100),
             last_sweep: Instant::now(),
-            last_depth: Instant::now(),
+            last_depth: None,
             db_failing: false,
             fresh_lease: false,
             boundary: None,
@@ -139,11 +140,22 @@ impl GroupWorker {
             self.shared.forget_consumers(&position.queue).await;
             self.fresh_lease = false;
         }
-        self.shared
-            .metrics
+        let metrics = &self.shared.metrics;
+        metrics
             .drain_epoch
             .with_label_values(&[&position.group])
             .set(position.drain_epoch);
+        if position.drain_epoch == position.epoch {
+            // Nothing old to seal: no instance can hold it.
+            metrics
+                .seal_held_by_ingest
+                .with_label_values(&[&position.group])
+                .set(0);
+        }
+        // Present from the start, so an alert sees 0 before it sees more.
+        metrics
+            .blocked_seconds
+            .with_label_values(&[&position.group]);
         // Bounded: a database or broker that hangs (rather than refuses)
         // must not freeze the worker; what was in flight is read again. Far
         // above a slow but working step (every call in it has its own bound).
@@ -294,8 +306,11 @@ impl GroupWorker {
             .await
             .map_err(StepError::Broker)?;
         let ns = conn.namespace();
-        if self.last_depth.elapsed() >= Duration::from_secs(2) {
-            self.last_depth = Instant::now();
+        if self
+            .last_depth
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(2))
+        {
+            self.last_depth = Some(Instant::now());
             if let Ok(depth) = ns.depth(&pos.queue).await {
                 self.shared
                     .metrics
@@ -345,15 +360,7 @@ impl GroupWorker {
         }
         // An old epoch: once sealed (no sender can still write to it) and
         // empty, follow the trail.
-        let sealed = drain::seal_if_ready(
-            &self.shared.pool,
-            self.group_id,
-            pos.drain_epoch,
-            config.seal_grace,
-            config.publish_deadline,
-        )
-        .await?;
-        if !sealed {
+        if !self.sealed(pos).await? {
             return Ok(Step::WaitingForSeal);
         }
         if !reached_later_epoch {
@@ -394,16 +401,7 @@ impl GroupWorker {
         if !drain::never_published(pool, self.group_id, pos.drain_epoch).await? {
             return Ok(None);
         }
-        let config = &self.shared.config;
-        let sealed = drain::seal_if_ready(
-            pool,
-            self.group_id,
-            pos.drain_epoch,
-            config.seal_grace,
-            config.publish_deadline,
-        )
-        .await?;
-        if !sealed {
+        if !self.sealed(pos).await? {
             return Ok(Some(Step::WaitingForSeal));
         }
         let name = self.shared.namespace_name(pos.drain_namespace_id);
@@ -414,6 +412,27 @@ impl GroupWorker {
         tracing::info!(group = %pos.group, epoch = pos.drain_epoch, namespace = %name,
             "no ingest instance ever published to this epoch: following the trail without reading it");
         self.follow(lease, pos, reason).await.map(Some)
+    }
+
+    /// Whether the old epoch being drained is sealed; sets
+    /// `georelay_drain_seal_held_by_ingest` to the ingest instances that
+    /// alone keep it from sealing past the grace.
+    async fn sealed(&self, pos: &Position) -> Result<bool, StepError> {
+        let config = &self.shared.config;
+        let seal = drain::seal_if_ready(
+            &self.shared.pool,
+            self.group_id,
+            pos.drain_epoch,
+            config.seal_grace,
+            config.publish_deadline,
+        )
+        .await?;
+        self.shared
+            .metrics
+            .seal_held_by_ingest
+            .with_label_values(&[&pos.group])
+            .set(seal.held_by_ingest);
+        Ok(seal.sealed)
     }
 
     /// Marks the drained epoch done and moves to the next (`reason` goes in
@@ -685,7 +704,17 @@ impl GroupWorker {
     /// sub-queue (Service Bus) to `dead_letters`, in every namespace, so an
     /// accepted record never ends there unseen.
     async fn sweep_broker_dead_letters(&mut self, lease: &LeaseToken, pos: &Position) {
-        for namespace_id in self.shared.namespace_ids() {
+        for (namespace_id, has_one) in self.shared.namespaces_with_dead_letter_queues() {
+            let name = self.shared.namespace_name(namespace_id);
+            let gauge = self
+                .shared
+                .metrics
+                .broker_dead_lettered
+                .with_label_values(&[&pos.group, &name]);
+            // NATS has no such sub-queue (its gauge stays 0): no connection needed.
+            if !has_one {
+                continue;
+            }
             let Ok(conn) = self.shared.namespace(namespace_id).await else {
                 continue;
             };
@@ -696,12 +725,7 @@ impl GroupWorker {
             let Ok(count) = ns.dead_lettered(&pos.queue).await else {
                 continue;
             };
-            let name = self.shared.namespace_name(namespace_id);
-            self.shared
-                .metrics
-                .broker_dead_lettered
-                .with_label_values(&[&pos.group, &name])
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
+            gauge.set(i64::try_from(count).unwrap_or(i64::MAX));
             if count == 0 {
                 continue;
             }

@@ -467,10 +467,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// Ready when accepting, the lease is valid (the database answered a
 /// heartbeat lately) and some region is writable.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let accepting = state.accepting.load(Ordering::Relaxed);
-    let lease = state.senders.lease.is_valid();
-    let region = state.senders.some_region_writable();
-    let ready = accepting && lease && region;
+    let (ready, accepting, lease, region) = readiness(&state);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -483,7 +480,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// `(ready, accepting, lease valid, some region writable)`.
+fn readiness(state: &AppState) -> (bool, bool, bool, bool) {
+    let accepting = state.accepting.load(Ordering::Relaxed);
+    let lease = state.senders.lease.is_valid();
+    let region = state.senders.some_region_writable();
+    (accepting && lease && region, accepting, lease, region)
+}
+
 async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.ready.set(i64::from(readiness(&state).0));
     let budget = state.config.max_bytes_in_flight / 1024;
     let reserved = budget.saturating_sub(state.body_kib.available_permits());
     state

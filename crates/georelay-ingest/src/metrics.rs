@@ -21,6 +21,8 @@ pub struct Metrics {
     pub body_bytes_in_flight: IntGauge,
     /// Control plane problems the watchdog found at its last run.
     pub control_plane_problems: IntGauge,
+    /// 1 while `/readyz` would answer 200 (set when rendered).
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -84,6 +86,11 @@ impl Metrics {
             "Control plane problems found by the watchdog (georelay admin doctor lists them)",
         )?;
         registry.register(Box::new(control_plane_problems.clone()))?;
+        let ready = IntGauge::new(
+            "georelay_ingest_ready",
+            "1 while /readyz answers 200: accepting, lease valid, some region writable",
+        )?;
+        registry.register(Box::new(ready.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -94,6 +101,7 @@ impl Metrics {
             group_epoch,
             body_bytes_in_flight,
             control_plane_problems,
+            ready,
         })
     }
 

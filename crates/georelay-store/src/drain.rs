@@ -160,20 +160,19 @@ pub async fn seal_if_ready(
     epoch: i64,
     grace: Duration,
     publish_deadline: Duration,
-) -> Result<bool, StoreError> {
-    let sealed: Option<bool> = sqlx::query_scalar(
-        "SELECT g.epoch > $2
-                AND now() >= (SELECT opened_at FROM routing_trail WHERE group_id = $1 AND epoch = $2 + 1)
-                              + make_interval(secs => $3)
-                AND NOT EXISTS (
-                    SELECT 1 FROM instances i
-                    LEFT JOIN instance_epochs e ON e.instance_id = i.id AND e.group_id = $1
-                    WHERE i.role = 'ingest'
-                      AND i.lease_until + make_interval(secs => $4) > now()
-                      -- no ingest process holds a lease over an hour (--lease
-                      -- is at most 1h): a row that does was written by hand
-                      AND i.lease_until <= i.heartbeat_at + interval '1 hour 1 minute'
-                      AND coalesce(e.epoch, 0) <= $2)
+) -> Result<Seal, StoreError> {
+    let state: Option<(bool, bool, i64)> = sqlx::query_as(
+        "SELECT g.epoch > $2,
+                now() >= (SELECT opened_at FROM routing_trail WHERE group_id = $1 AND epoch = $2 + 1)
+                         + make_interval(secs => $3),
+                (SELECT count(*) FROM instances i
+                 LEFT JOIN instance_epochs e ON e.instance_id = i.id AND e.group_id = $1
+                 WHERE i.role = 'ingest'
+                   AND i.lease_until + make_interval(secs => $4) > now()
+                   -- no ingest process holds a lease over an hour (--lease
+                   -- is at most 1h): a row that does was written by hand
+                   AND i.lease_until <= i.heartbeat_at + interval '1 hour 1 minute'
+                   AND coalesce(e.epoch, 0) <= $2)
          FROM routing_groups g WHERE g.id = $1",
     )
     .bind(group_id)
@@ -182,8 +181,12 @@ pub async fn seal_if_ready(
     .bind(publish_deadline.as_secs_f64())
     .fetch_optional(pool)
     .await?;
-    let sealed = sealed.unwrap_or(false);
-    if sealed {
+    let (moved_on, past_grace, holders) = state.unwrap_or((false, false, 0));
+    let seal = Seal {
+        sealed: moved_on && past_grace && holders == 0,
+        held_by_ingest: if moved_on && past_grace { holders } else { 0 },
+    };
+    if seal.sealed {
         sqlx::query(
             "UPDATE routing_trail SET sealed_at = now()
              WHERE group_id = $1 AND epoch = $2 AND sealed_at IS NULL",
@@ -193,7 +196,17 @@ pub async fn seal_if_ready(
         .execute(pool)
         .await?;
     }
-    Ok(sealed)
+    Ok(seal)
+}
+
+/// What [`seal_if_ready`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal {
+    pub sealed: bool,
+    /// Ingest instances still acknowledging the epoch (or older) after the
+    /// grace has passed: they alone hold the seal (a stuck instance, or one
+    /// whose database connection fails).
+    pub held_by_ingest: i64,
 }
 
 /// Whether `epoch` of the group is known never to have been published to:

@@ -10,6 +10,11 @@ use super::flights::GroupFlight;
 use super::snapshot::NsEntry;
 use super::{RouteError, Senders};
 
+/// The `outcome` label of `georelay_ingest_failovers_total`: moved,
+/// adopted, disabled, cooling_down, exhausted.
+pub(crate) const OUTCOMES: [&str; 5] =
+    ["moved", "adopted", "disabled", "cooling_down", "exhausted"];
+
 impl Senders {
     /// Moves group `flight` off `troubled` (or adopts a move already made).
     /// `Ok` means publishes now go to a later epoch.
@@ -64,7 +69,7 @@ impl Senders {
                 flight.advance(epoch, namespace_id);
                 let to = self.namespaces.name(namespace_id);
                 tracing::warn!(group = %flight.name, from = %troubled.info.name, to = %to, epoch, reason = what, "senders failed over");
-                ("moved", Ok(()))
+                (OUTCOMES[0], Ok(()))
             }
             Failover::Adopted {
                 namespace_id,
@@ -72,17 +77,17 @@ impl Senders {
             } => {
                 flight.advance(epoch, namespace_id);
                 tracing::info!(group = %flight.name, epoch, "adopted another instance's failover");
-                ("adopted", Ok(()))
+                (OUTCOMES[1], Ok(()))
             }
-            Failover::Disabled => ("disabled", Err(RouteError::FailoverDisabled)),
+            Failover::Disabled => (OUTCOMES[2], Err(RouteError::FailoverDisabled)),
             Failover::CoolingDown { retry_after } => {
-                ("cooling_down", Err(RouteError::CoolingDown { retry_after }))
+                (OUTCOMES[3], Err(RouteError::CoolingDown { retry_after }))
             }
             Failover::Exhausted { first } => {
                 if first {
                     tracing::error!(group = %flight.name, troubled = %troubled.info.name, "no namespace can take the group's senders: records are refused (503) until a region recovers or an operator acts");
                 }
-                ("exhausted", Err(RouteError::NoRegion))
+                (OUTCOMES[4], Err(RouteError::NoRegion))
             }
         };
         self.metrics

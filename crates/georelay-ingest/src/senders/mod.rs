@@ -177,8 +177,18 @@ impl Senders {
                 known.clone_from(&routing.unopenable);
             }
         }
+        // Every series an alert reads exists from the start at 0, so a rate
+        // or increase sees the first event.
+        for n in &routing.namespaces {
+            self.metrics.breaker_open.with_label_values(&[&n.name]);
+        }
         self.namespaces.load(routing.namespaces).await;
         for g in &routing.groups {
+            for outcome in failover::OUTCOMES {
+                self.metrics
+                    .failovers
+                    .with_label_values(&[&g.name, outcome]);
+            }
             let route = Route {
                 epoch: g.epoch,
                 namespace_id: g.sender_namespace_id,
