@@ -1,0 +1,182 @@
+//! The alert rules (`deploy/prometheus/alerts.yml`) through a real
+//! Prometheus against a live stack: every metric the rules name exists in
+//! the services' `/metrics`, and the drain-blocked alert fires when the old
+//! region dies during a failover and resolves when it returns. The rules run
+//! as they are, with every `for:` shortened to 1 s; Prometheus scrapes and
+//! evaluates every second. Needs `prometheus` (Debian's package; `./dev
+//! test` installs it).
+
+use georelay_testkit::{wait_until, Stack, TestDevice, DRAIN_TEST_ARGS, INGEST_TEST_ARGS};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const RULES: &str = include_str!("../deploy/prometheus/alerts.yml");
+
+/// A Prometheus process, killed on drop.
+struct Prometheus {
+    child: Child,
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_prometheus(ingest: &str, drain: &str) -> Prometheus {
+    let dir = std::env::temp_dir().join(format!(
+        "georelay-prometheus-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules: String = RULES
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("for: ") {
+            Some(_) => format!("{}for: 1s", &l[..l.len() - l.trim_start().len()]),
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.join("alerts.yml"), rules).unwrap();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             rule_files: [alerts.yml]\n\
+             scrape_configs:\n\
+             - {{job_name: georelay-ingest, static_configs: [{{targets: ['{ingest}']}}]}}\n\
+             - {{job_name: georelay-drain, static_configs: [{{targets: ['{drain}']}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start prometheus (Debian's package; ./dev test installs it)");
+    Prometheus {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        dir,
+    }
+}
+
+/// The states of alert `name` Prometheus reports (`pending`, `firing`).
+async fn alert_states(prometheus: &Prometheus, name: &str) -> Vec<String> {
+    let Ok(response) = reqwest::get(format!("{}/api/v1/alerts", prometheus.url)).await else {
+        return Vec::new();
+    };
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    body["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["labels"]["alertname"] == name)
+        .filter_map(|a| a["state"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Every `georelay_*` metric a rule names.
+fn metrics_in_rules() -> Vec<String> {
+    let mut names: Vec<String> = RULES
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+        .flat_map(|l| {
+            l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("georelay_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+async fn send(device: &TestDevice, base: &str, seqs: std::ops::RangeInclusive<u64>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for seq in seqs {
+        for _ in 0..100 {
+            if matches!(device.post(&http, base, seq).await, Ok((202, _))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_drain_blocked_alert_fires_through_prometheus_and_resolves() {
+    let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let ingest = stack.ingest(INGEST_TEST_ARGS).unwrap();
+    let drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
+    let prometheus = start_prometheus(&ingest.addr().to_string(), &drain.addr().to_string());
+    let device = stack.device("plug-alert").await.unwrap();
+    send(&device, &ingest.url(), 1..=5).await;
+
+    // The old region dies with the senders on it: they fail over, and the
+    // worker cannot read epoch 1 there.
+    stack.regions[0].kill();
+    send(&device, &ingest.url(), 6..=10).await;
+    let fired = wait_until(Duration::from_secs(60), || async {
+        alert_states(&prometheus, "GeorelayDrainBlocked")
+            .await
+            .contains(&"firing".to_owned())
+    })
+    .await;
+    assert!(fired, "GeorelayDrainBlocked never fired");
+
+    // Every metric a rule reads is there to read.
+    let mut exposed = String::new();
+    for service in [&ingest, &drain] {
+        exposed += &reqwest::get(format!("{}/metrics", service.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    }
+    for name in metrics_in_rules() {
+        assert!(
+            exposed
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "{name} is named in alerts.yml but not in /metrics"
+        );
+    }
+
+    stack.regions[0].restart().unwrap();
+    let resolved = wait_until(Duration::from_secs(60), || async {
+        alert_states(&prometheus, "GeorelayDrainBlocked")
+            .await
+            .is_empty()
+    })
+    .await;
+    assert!(
+        resolved,
+        "GeorelayDrainBlocked still {:?}",
+        alert_states(&prometheus, "GeorelayDrainBlocked").await
+    );
+}
