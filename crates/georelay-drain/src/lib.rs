@@ -139,14 +139,7 @@ impl Config {
             Duration::ZERO,
             hour,
         )?;
-        // The service's own range.
-        let (lo, hi) = (Duration::from_secs(5), Duration::from_secs(300));
-        check_range(
-            "servicebus-lock-duration",
-            s.servicebus_lock_duration,
-            lo,
-            hi,
-        )?;
+        georelay_transport::check_servicebus_lock_duration(s.servicebus_lock_duration)?;
         let defaults = Limits::default();
         Ok(Self {
             batch_size: s.batch_size,

@@ -796,23 +796,25 @@ async fn read(
     for (i, d) in batch.iter().enumerate() {
         // Decoded once: for the placing and for opening.
         let envelope = Envelope::decode(&d.payload);
-        if let Some(why) = &d.dead_lettered {
-            let claimed = envelope.as_ref().ok();
-            dead.push(letter(
-                d,
+        // Set aside whatever it holds: the broker gave up on it, or the
+        // message itself cannot be read as usual.
+        let aside = match (&d.dead_lettered, &d.unreadable) {
+            (Some(why), _) => Some((
                 DeadLetterReason::BrokerDeadLettered,
                 format!("the broker dead-lettered it ({why}); `georelay admin dead-letters replay` stores it once its order no longer matters"),
-                claimed.map(|e| e.device.to_string()),
-                claimed.and_then(|e| i64::try_from(e.record.seq).ok()),
-            ));
-            continue;
-        }
-        if let Some(why) = &d.unreadable {
+            )),
+            (None, Some(why)) => Some((
+                DeadLetterReason::Unreadable,
+                format!("the queue message cannot be read as usual: {why}"),
+            )),
+            (None, None) => None,
+        };
+        if let Some((reason, detail)) = aside {
             let claimed = envelope.as_ref().ok();
             dead.push(letter(
                 d,
-                DeadLetterReason::Unreadable,
-                format!("the queue message cannot be read as usual: {why}"),
+                reason,
+                detail,
                 claimed.map(|e| e.device.to_string()),
                 claimed.and_then(|e| i64::try_from(e.record.seq).ok()),
             ));

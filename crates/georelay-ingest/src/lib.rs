@@ -173,14 +173,7 @@ impl Config {
             64 * 1024,
             100 * 1024 * 1024,
         )?;
-        // The service's own range.
-        let (lo, hi) = (Duration::from_secs(5), Duration::from_secs(300));
-        check_range(
-            "servicebus-lock-duration",
-            s.servicebus_lock_duration,
-            lo,
-            hi,
-        )?;
+        georelay_transport::check_servicebus_lock_duration(s.servicebus_lock_duration)?;
         Ok(Self {
             publish_deadline: s.publish_deadline,
             broker_request_deadline: Duration::from_secs(5),

@@ -147,6 +147,18 @@ pub struct Limits {
 /// The default [`Limits::servicebus_lock_duration`].
 pub const SERVICEBUS_LOCK_DURATION: Duration = Duration::from_secs(30);
 
+/// Checks a `--servicebus-lock-duration` against the service's range.
+pub fn check_servicebus_lock_duration(
+    lock: Duration,
+) -> Result<Duration, georelay_core::ConfigError> {
+    georelay_core::check_range(
+        "servicebus-lock-duration",
+        lock,
+        servicebus::MIN_LOCK_DURATION,
+        servicebus::MAX_LOCK_DURATION,
+    )
+}
+
 /// Service Bus standard tier's largest message.
 pub const SERVICEBUS_STANDARD_MAX_MESSAGE: usize = 256 * 1024;
 

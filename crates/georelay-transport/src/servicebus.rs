@@ -1001,8 +1001,8 @@ fn iso_duration(text: &str) -> Option<Duration> {
 }
 
 /// The service's range of `LockDuration`.
-const MIN_LOCK_DURATION: Duration = Duration::from_secs(5);
-const MAX_LOCK_DURATION: Duration = Duration::from_secs(300);
+pub const MIN_LOCK_DURATION: Duration = Duration::from_secs(5);
+pub const MAX_LOCK_DURATION: Duration = Duration::from_secs(300);
 
 /// Peek-locks a receive sends at once after its first message: a round
 /// trip for up to this many messages instead of one each.
