@@ -34,15 +34,29 @@ async fn connect(url: &str) -> Namespace {
     ns
 }
 
-/// Publishes `seqs` of each device to a region's queue under `epoch`, in seq
-/// order per device, devices interleaved.
+/// The instance id tests publish under, as ingest would.
+const INGEST: uuid::Uuid = uuid::Uuid::from_u128(0x1a6e57);
+
+/// Records, as ingest does before its first publish to an epoch, that
+/// `epoch` was published to: the worker follows past an epoch nobody
+/// published to without reading it.
+async fn as_ingest(stack: &Stack, epoch: i64) {
+    georelay_store::routing::record_publishing(stack.db.pool(), stack.group_id, epoch, INGEST)
+        .await
+        .unwrap();
+}
+
+/// Publishes `seqs` of each device to region `region`'s queue under
+/// `epoch`, in seq order per device, devices interleaved, as ingest would.
 async fn publish(
-    url: &str,
+    stack: &Stack,
+    region: usize,
     devices: &[TestDevice],
     seqs: std::ops::RangeInclusive<u64>,
     epoch: u64,
 ) {
-    let ns = connect(url).await;
+    as_ingest(stack, epoch as i64).await;
+    let ns = connect(&stack.regions[region].url()).await;
     let mut items: Vec<(String, Bytes)> = Vec::new();
     for seq in seqs {
         for d in devices {
@@ -142,9 +156,9 @@ async fn metric(service: &Service, name: &str) -> f64 {
 async fn a_backlog_in_a_is_stored_before_anything_from_b_in_per_device_order() {
     let stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
     let devices = devices(&stack, 20).await;
-    publish(&stack.regions[0].url(), &devices, 1..=150, 1).await;
+    publish(&stack, 0, &devices, 1..=150, 1).await;
     stack.move_senders(1).await.unwrap();
-    publish(&stack.regions[1].url(), &devices, 151..=200, 2).await;
+    publish(&stack, 1, &devices, 151..=200, 2).await;
     let worker = stack.drain(DRAIN_ARGS).unwrap();
     wait_stored(&stack, 4000, Duration::from_secs(60)).await;
     assert_in_order(&stack, 200).await;
@@ -202,9 +216,9 @@ async fn a_backlog_in_a_is_stored_before_anything_from_b_in_per_device_order() {
 async fn a_dead_old_region_blocks_the_drain_until_it_returns() {
     let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
     let devices = devices(&stack, 5).await;
-    publish(&stack.regions[0].url(), &devices, 1..=100, 1).await;
+    publish(&stack, 0, &devices, 1..=100, 1).await;
     stack.move_senders(1).await.unwrap();
-    publish(&stack.regions[1].url(), &devices, 101..=120, 2).await;
+    publish(&stack, 1, &devices, 101..=120, 2).await;
     stack.regions[0].kill();
     let worker = stack.drain(DRAIN_ARGS).unwrap();
     assert!(
@@ -231,7 +245,7 @@ async fn a_dead_old_region_blocks_the_drain_until_it_returns() {
 async fn kill_9_mid_batch_then_restart_loses_nothing_and_duplicates_nothing() {
     let stack = Stack::start(&["eu-west"]).await.unwrap();
     let devices = devices(&stack, 10).await;
-    publish(&stack.regions[0].url(), &devices, 1..=2000, 1).await;
+    publish(&stack, 0, &devices, 1..=2000, 1).await;
     let mut worker = stack
         .drain(&[DRAIN_ARGS, &["--batch-size", "200"]].concat())
         .unwrap();
@@ -255,7 +269,7 @@ async fn a_standby_takes_over_when_the_active_worker_dies() {
     let devices = devices(&stack, 10).await;
     let mut first = stack.drain(DRAIN_ARGS).unwrap();
     let mut second = stack.drain(DRAIN_ARGS).unwrap();
-    publish(&stack.regions[0].url(), &devices, 1..=50, 1).await;
+    publish(&stack, 0, &devices, 1..=50, 1).await;
     wait_stored(&stack, 500, Duration::from_secs(30)).await;
     let holders = metric(&first, "georelay_drain_lease_held").await
         + metric(&second, "georelay_drain_lease_held").await;
@@ -266,7 +280,7 @@ async fn a_standby_takes_over_when_the_active_worker_dies() {
         (&mut second, &first)
     };
     active.kill();
-    publish(&stack.regions[0].url(), &devices, 51..=100, 1).await;
+    publish(&stack, 0, &devices, 51..=100, 1).await;
     wait_stored(&stack, 1000, Duration::from_secs(30)).await;
     assert_eq!(metric(standby, "georelay_drain_lease_held").await, 1.0);
     assert_in_order(&stack, 100).await;
@@ -470,6 +484,9 @@ async fn a_message_of_a_later_epoch_that_does_not_belong_here_does_not_end_the_e
     stack.move_senders(1).await.unwrap();
     stack.move_senders(0).await.unwrap();
     assert_eq!(undrained(&stack).await, vec![1, 2, 3]);
+    for epoch in 1..=3 {
+        as_ingest(&stack, epoch).await;
+    }
     let mut forged = device.envelope(99, 3);
     forged.record.ciphertext[0] ^= 1;
     let a = connect(&stack.regions[0].url()).await;
@@ -602,9 +619,9 @@ async fn the_seal_barrier_holds_while_an_ingest_instance_still_acknowledges_the_
         .execute(pool)
         .await
         .unwrap();
-    publish(&stack.regions[0].url(), &devices, 1..=10, 1).await;
+    publish(&stack, 0, &devices, 1..=10, 1).await;
     stack.move_senders(1).await.unwrap();
-    publish(&stack.regions[1].url(), &devices, 11..=20, 2).await;
+    publish(&stack, 1, &devices, 11..=20, 2).await;
     let _worker = stack.drain(DRAIN_ARGS).unwrap();
     wait_stored(&stack, 20, Duration::from_secs(30)).await;
     // A's queue is empty, but epoch 1 is not sealed: B waits. A negative
@@ -733,9 +750,13 @@ async fn a_rotated_service_bus_key_reaches_a_running_worker() {
         };
         let device = &device;
         async move {
-            let ns = Namespace::connect(&triplet, Limits::default())
-                .await
-                .unwrap();
+            // The queue gets the 5 s lock the worker is started with (a
+            // fresh reader waits out the queue's own lock duration).
+            let limits = Limits {
+                servicebus_lock_duration: Duration::from_secs(5),
+                ..Limits::default()
+            };
+            let ns = Namespace::connect(&triplet, limits).await.unwrap();
             ns.ensure_queue(SB_QUEUE).await.unwrap();
             let items: Vec<(String, Bytes)> = seqs
                 .map(|seq| (device.id.record_id(seq), device.envelope(seq, 1).encode()))
@@ -799,9 +820,9 @@ async fn the_watchdog_counts_a_hand_inserted_instance_holding_back_the_barrier()
 async fn abandoning_a_lost_region_lets_the_worker_go_on_and_is_recorded() {
     let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
     let devices = devices(&stack, 1).await;
-    publish(&stack.regions[0].url(), &devices, 1..=5, 1).await;
+    publish(&stack, 0, &devices, 1..=5, 1).await;
     stack.move_senders(1).await.unwrap();
-    publish(&stack.regions[1].url(), &devices, 6..=8, 2).await;
+    publish(&stack, 1, &devices, 6..=8, 2).await;
     stack.regions[0].kill();
     let _worker = stack.drain(DRAIN_ARGS).unwrap();
     let cli = |args: &[&str]| admin(&stack, args);
@@ -961,9 +982,9 @@ async fn rows_written_by_hand_do_not_hold_the_drain_back() {
         .execute(pool)
         .await
         .unwrap();
-    publish(&stack.regions[0].url(), &devices, 1..=5, 1).await;
+    publish(&stack, 0, &devices, 1..=5, 1).await;
     stack.move_senders(1).await.unwrap();
-    publish(&stack.regions[1].url(), &devices, 6..=10, 2).await;
+    publish(&stack, 1, &devices, 6..=10, 2).await;
     let _worker = stack.drain(DRAIN_ARGS).unwrap();
     wait_stored(&stack, 10, Duration::from_secs(30)).await;
     assert_in_order(&stack, 10).await;
