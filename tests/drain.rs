@@ -1131,3 +1131,46 @@ async fn a_replay_never_slips_in_behind_a_record_the_worker_is_storing() {
     let replayed = replay.await.unwrap();
     assert!(matches!(replayed, Replayed::Kept { .. }), "{replayed:?}");
 }
+
+/// Device liveness: each stored batch sets its devices' `last_seen_at`
+/// (without notifying ingest, whose key cache only the key, group and
+/// enabled columns concern); a device that sent and then went quiet for
+/// `--silent-after` counts in `georelay_drain_silent_devices` and is listed
+/// by `admin device list --silent-for`; one that never sent is not silent.
+#[tokio::test]
+async fn a_device_that_went_quiet_is_counted_and_listed_as_silent() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let pool = stack.db.pool();
+    let talker = devices(&stack, 1).await;
+    stack.device("plug-never").await.unwrap();
+    let mut notified = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .unwrap();
+    notified.listen("georelay").await.unwrap();
+    publish(&stack, 0, &talker, 1..=3, 1).await;
+    let drain = stack
+        .drain(&[DRAIN_ARGS, &["--silent-after", "10s"]].concat())
+        .unwrap();
+    wait_stored(&stack, 3, Duration::from_secs(30)).await;
+    let seen: Option<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>> =
+        sqlx::query_scalar("SELECT last_seen_at FROM devices WHERE id = 'plug-000'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert!(seen.is_some(), "the stored batch set last_seen_at");
+    let quiet = tokio::time::timeout(Duration::from_millis(500), notified.recv()).await;
+    assert!(quiet.is_err(), "storing notified ingest: {quiet:?}");
+
+    let silent = wait_until(Duration::from_secs(30), || async {
+        metric(&drain, "georelay_drain_silent_devices").await == 1.0
+    })
+    .await;
+    assert!(silent, "the quiet device is never counted as silent");
+    let listed =
+        String::from_utf8(admin(&stack, &["device", "list", "--silent-for", "5s"]).stdout).unwrap();
+    assert!(listed.contains("plug-000"), "{listed}");
+    assert!(
+        !listed.contains("plug-never"),
+        "never sent, so not silent: {listed}"
+    );
+}

@@ -27,6 +27,7 @@ mod worker;
 use axum::extract::State;
 use axum::routing::get;
 use georelay_core::{check_range, ConfigError, MasterKey};
+use georelay_store::drain;
 use georelay_store::instances::{self, Role};
 use georelay_store::keys::Devices;
 use georelay_store::routing::load_routing;
@@ -35,7 +36,7 @@ use georelay_transport::{Limits, NamespacePool, Pooled, TransportError};
 use parking_lot::RwLock;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,6 +44,9 @@ use uuid::Uuid;
 
 use crate::metrics::Metrics;
 use crate::worker::GroupWorker;
+
+/// How often silent devices are counted (a query over the groups' devices).
+const SILENT_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What an operator sets (`georelay drain` flags). Everything else in
 /// [`Config`] is derived from it by [`Config::new`].
@@ -64,6 +68,9 @@ pub struct Settings {
     /// `--servicebus-lock-duration`: the peek-lock duration of Service Bus
     /// queues; a fresh reader waits this long before it reads.
     pub servicebus_lock_duration: Duration,
+    /// `--silent-after`: a device that sent before and nothing stored for
+    /// this long counts as silent (`georelay_drain_silent_devices`).
+    pub silent_after: Duration,
     /// `--nats-ca-file`: the CA of `tls://` NATS servers.
     pub nats_ca_file: Option<std::path::PathBuf>,
 }
@@ -78,6 +85,7 @@ impl Default for Settings {
             declare_trouble_after: Duration::from_secs(10),
             failover_cooldown: Duration::from_secs(10),
             servicebus_lock_duration: georelay_transport::SERVICEBUS_LOCK_DURATION,
+            silent_after: Duration::from_secs(600),
             nats_ca_file: None,
         }
     }
@@ -117,6 +125,7 @@ pub struct Config {
     /// Bound on one drain step: far above a slow but working one, plus the
     /// Service Bus lock duration a receive may first wait out.
     step_limit: Duration,
+    silent_after: Duration,
 }
 
 impl Config {
@@ -140,6 +149,12 @@ impl Config {
             hour,
         )?;
         georelay_transport::check_servicebus_lock_duration(s.servicebus_lock_duration)?;
+        check_range(
+            "silent-after",
+            s.silent_after,
+            Duration::from_secs(10),
+            7 * 24 * hour,
+        )?;
         let defaults = Limits::default();
         Ok(Self {
             batch_size: s.batch_size,
@@ -161,6 +176,7 @@ impl Config {
             },
             poll_interval: Duration::from_secs(2),
             step_limit: Duration::from_secs(30) + s.servicebus_lock_duration,
+            silent_after: s.silent_after,
         })
     }
 }
@@ -208,6 +224,22 @@ impl Shared {
             .get(&id)
             .cloned()
             .unwrap_or_else(|| format!("#{id}"))
+    }
+
+    /// Sets `georelay_drain_silent_devices{group}`: enabled devices seen
+    /// before but not within `--silent-after`.
+    async fn count_silent_devices(&self) {
+        match drain::silent_devices(&self.pool, self.config.silent_after).await {
+            Ok(groups) => {
+                for (group, silent) in groups {
+                    self.metrics
+                        .silent_devices
+                        .with_label_values(&[&group])
+                        .set(silent);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot count silent devices; next time"),
+        }
     }
 
     /// `(id, whether its broker keeps a dead-letter sub-queue)` of every
@@ -370,7 +402,14 @@ pub async fn run(
 
     let workers = TaskTracker::new();
     let mut running = HashSet::new();
+    let mut silent_counted: Option<Instant> = None;
     loop {
+        // Every 30 s, or a quarter of --silent-after when that is shorter.
+        let every = SILENT_COUNT_INTERVAL.min(shared.config.silent_after / 4);
+        if silent_counted.is_none_or(|at| at.elapsed() >= every) {
+            silent_counted = Some(Instant::now());
+            shared.count_silent_devices().await;
+        }
         match shared.refresh().await {
             Ok(groups) => {
                 for id in groups {

@@ -22,6 +22,9 @@ pub struct Metrics {
     /// Ingest instances that alone keep an old epoch from sealing, past the
     /// seal grace.
     pub seal_held_by_ingest: IntGaugeVec,
+    /// Enabled devices that sent before and nothing stored within
+    /// `--silent-after`.
+    pub silent_devices: IntGaugeVec,
     /// What a broker's own dead-letter sub-queue held at the last sweep.
     pub broker_dead_lettered: IntGaugeVec,
     /// Control plane problems the watchdog found at its last run.
@@ -101,6 +104,14 @@ impl Metrics {
             &["group"],
         )?;
         registry.register(Box::new(seal_held_by_ingest.clone()))?;
+        let silent_devices = IntGaugeVec::new(
+            Opts::new(
+                "georelay_drain_silent_devices",
+                "Enabled devices that sent before but have nothing stored within --silent-after",
+            ),
+            &["group"],
+        )?;
+        registry.register(Box::new(silent_devices.clone()))?;
         // Every reason from the start, so a rate sees the first one.
         for reason in DeadLetterReason::ALL {
             dead_letters.with_label_values(&[reason.as_str()]);
@@ -132,6 +143,7 @@ impl Metrics {
             lease_held,
             broker_dead_lettered,
             seal_held_by_ingest,
+            silent_devices,
             control_plane_problems,
         })
     }

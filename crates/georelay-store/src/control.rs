@@ -415,6 +415,8 @@ pub struct Device {
     pub group: String,
     pub enabled: bool,
     pub created_at: DateTime<Utc>,
+    /// When its newest stored record was received (none yet: never).
+    pub last_seen_at: Option<DateTime<Utc>>,
 }
 
 /// Registers a device with a fresh random key, stored sealed. The key is
@@ -445,14 +447,23 @@ pub async fn add_device(
     Ok(key)
 }
 
-pub async fn list_devices(pool: &PgPool, group: Option<&str>) -> Result<Vec<Device>, StoreError> {
+/// Devices by id, of one group or all; with `silent_for`, only enabled
+/// devices seen before but not within it.
+pub async fn list_devices(
+    pool: &PgPool,
+    group: Option<&str>,
+    silent_for: Option<std::time::Duration>,
+) -> Result<Vec<Device>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT d.id, g.name AS \"group\", d.enabled, d.created_at
+        "SELECT d.id, g.name AS \"group\", d.enabled, d.created_at, d.last_seen_at
          FROM devices d JOIN routing_groups g ON g.id = d.group_id
-         WHERE $1::text IS NULL OR g.name = $1
+         WHERE ($1::text IS NULL OR g.name = $1)
+           AND ($2::float8 IS NULL
+                OR (d.enabled AND d.last_seen_at < now() - make_interval(secs => $2)))
          ORDER BY d.id",
     )
     .bind(group)
+    .bind(silent_for.map(|d| d.as_secs_f64()))
     .fetch_all(pool)
     .await?)
 }

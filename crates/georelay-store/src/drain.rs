@@ -209,6 +209,23 @@ pub struct Seal {
     pub held_by_ingest: i64,
 }
 
+/// Per group: enabled devices that were seen (a record of theirs stored)
+/// but not within `silent_after`. Every group is listed, with 0 if none.
+pub async fn silent_devices(
+    pool: &PgPool,
+    silent_after: Duration,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT g.name, count(d.id) FROM routing_groups g
+         LEFT JOIN devices d ON d.group_id = g.id AND d.enabled
+              AND d.last_seen_at < now() - make_interval(secs => $1)
+         GROUP BY g.name ORDER BY g.name",
+    )
+    .bind(silent_after.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Whether `epoch` of the group is known never to have been published to:
 /// its publishes are recorded (it opened after they were), no ingest
 /// instance recorded one, and no ingest process that does not record them
@@ -597,6 +614,13 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
              ORDER BY n
              ON CONFLICT (device_id, seq) DO NOTHING
              RETURNING 1
+         ), seen AS (
+             -- liveness: once per device per batch
+             UPDATE devices SET last_seen_at = u.r
+             FROM (SELECT d, max(r) AS r FROM unnest($1::text[], $4::timestamptz[]) AS v(d, r)
+                   GROUP BY d) u
+             WHERE devices.id = u.d AND EXISTS (SELECT 1 FROM lease)
+               AND (devices.last_seen_at IS NULL OR devices.last_seen_at < u.r)
          )
          SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored)",
     )

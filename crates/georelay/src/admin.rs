@@ -111,9 +111,16 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
             println!("{}", key.to_base64().as_str());
         }
         Admin::Device(DeviceCmd::List(l)) => {
-            let mut t = Table::new(&["DEVICE", "GROUP", "ENABLED", "CREATED"]);
-            for d in control::list_devices(&pool, l.group.as_deref()).await? {
-                t.row(vec![d.id, d.group, yes_no(d.enabled), time(d.created_at)]);
+            let mut t = Table::new(&["DEVICE", "GROUP", "ENABLED", "CREATED", "LAST SEEN"]);
+            for d in control::list_devices(&pool, l.group.as_deref(), l.silent_for).await? {
+                let seen = d.last_seen_at.map_or_else(|| "never".to_owned(), time);
+                t.row(vec![
+                    d.id,
+                    d.group,
+                    yes_no(d.enabled),
+                    time(d.created_at),
+                    seen,
+                ]);
             }
             print!("{}", t.render(0));
         }

@@ -201,6 +201,10 @@ pub struct DrainArgs {
     /// 5m): how long a message a crashed reader held stays invisible
     #[arg(long, env = "GEORELAY_SERVICEBUS_LOCK_DURATION", default_value = "30s", value_parser = duration)]
     pub servicebus_lock_duration: Duration,
+    /// A device that sent before and has nothing stored for this long is
+    /// silent (the gauge georelay_drain_silent_devices; the alert)
+    #[arg(long, env = "GEORELAY_SILENT_AFTER", default_value = "10m", value_parser = duration)]
+    pub silent_after: Duration,
     /// PEM file of the CA that signs tls:// NATS servers' certificates (when
     /// the system does not trust it)
     #[arg(long, env = "GEORELAY_NATS_CA_FILE")]
@@ -525,6 +529,10 @@ pub struct DeviceList {
     /// Only this group's devices
     #[arg(long)]
     pub group: Option<String>,
+    /// Only enabled devices that sent before but nothing stored within
+    /// this long (10m, 1h): silent devices
+    #[arg(long, value_parser = duration)]
+    pub silent_for: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

@@ -50,6 +50,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         declare_trouble_after: args.declare_trouble_after,
         failover_cooldown: args.failover_cooldown,
         servicebus_lock_duration: args.servicebus_lock_duration,
+        silent_after: args.silent_after,
         nats_ca_file: args.nats_ca_file,
     })?;
     let master = config::master_key()?;
