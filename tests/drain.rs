@@ -1012,6 +1012,8 @@ async fn what_the_broker_dead_lettered_ends_in_dead_letters() {
         unreachable!("a Service Bus stack")
     };
     double.create_queue_with_defaults(QUEUE);
+    // The portal's lock is a minute; a fresh reader would wait it out.
+    double.set_lock_duration(QUEUE, Duration::from_secs(5));
     let device = stack.device("plug-dlq").await.unwrap();
     let limits = Limits {
         servicebus_lock_duration: Duration::from_secs(5),

@@ -500,18 +500,28 @@ impl ServiceBusNamespace {
     /// The longest a lock on `queue` may last: ours, or what its
     /// description said before we ensured it, whichever is longer.
     fn longest_lock(&self, queue: &str) -> Duration {
-        let described = self.inner.described_locks.lock().get(queue).copied();
-        described.map_or(self.inner.lock_duration, |d| {
-            d.max(self.inner.lock_duration)
-        })
+        self.described_lock(queue)
+            .map_or(self.inner.lock_duration, |d| {
+                d.max(self.inner.lock_duration)
+            })
     }
 
     /// The shortest a lock on `queue` may last, for renewing it in time.
     fn shortest_lock(&self, queue: &str) -> Duration {
-        let described = self.inner.described_locks.lock().get(queue).copied();
-        described.map_or(self.inner.lock_duration, |d| {
-            d.min(self.inner.lock_duration)
-        })
+        self.described_lock(queue)
+            .map_or(self.inner.lock_duration, |d| {
+                d.min(self.inner.lock_duration)
+            })
+    }
+
+    /// `queue`'s described `LockDuration` (a dead-letter sub-queue has its
+    /// queue's).
+    fn described_lock(&self, queue: &str) -> Option<Duration> {
+        let queue = queue
+            .strip_suffix(DEAD_LETTER_SUFFIX)
+            .and_then(|q| q.strip_suffix('/'))
+            .unwrap_or(queue);
+        self.inner.described_locks.lock().get(queue).copied()
     }
 
     fn taint(&self, queue: &str) {
