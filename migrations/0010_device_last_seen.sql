@@ -1,6 +1,7 @@
 -- Device liveness (docs/operations.md, "GeorelaySilentDevices"): when the
--- newest record of each device that the worker stored was received. Set
--- per device per stored batch (not per record), in the batch's statement.
+-- newest record of each device that the worker stored was received. The
+-- worker notes it per stored batch in memory and writes it every 30 s in
+-- one statement (written in each batch's statement it cost the drain 8-14 %).
 ALTER TABLE devices ADD COLUMN last_seen_at timestamptz;
 
 -- last_seen_at changes with every stored batch: only the columns ingest

@@ -1134,9 +1134,9 @@ async fn a_replay_never_slips_in_behind_a_record_the_worker_is_storing() {
     assert!(matches!(replayed, Replayed::Kept { .. }), "{replayed:?}");
 }
 
-/// Device liveness: each stored batch sets its devices' `last_seen_at`
-/// (without notifying ingest, whose key cache only the key, group and
-/// enabled columns concern); a device that sent and then went quiet for
+/// Device liveness: the worker writes its devices' `last_seen_at` soon after
+/// it stores their records (without notifying ingest, whose key cache only
+/// the key, group and enabled columns concern); a device that sent and then went quiet for
 /// `--silent-after` counts in `georelay_drain_silent_devices` and is listed
 /// by `admin device list --silent-for`; one that never sent is not silent.
 #[tokio::test]
@@ -1154,12 +1154,16 @@ async fn a_device_that_went_quiet_is_counted_and_listed_as_silent() {
         .drain(&[DRAIN_ARGS, &["--silent-after", "10s"]].concat())
         .unwrap();
     wait_stored(&stack, 3, Duration::from_secs(30)).await;
-    let seen: Option<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>> =
-        sqlx::query_scalar("SELECT last_seen_at FROM devices WHERE id = 'plug-000'")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    assert!(seen.is_some(), "the stored batch set last_seen_at");
+    let seen = wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT last_seen_at IS NOT NULL FROM devices WHERE id = 'plug-000'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(seen, "the stored records never set last_seen_at");
     let quiet = tokio::time::timeout(Duration::from_millis(500), notified.recv()).await;
     assert!(quiet.is_err(), "storing notified ingest: {quiet:?}");
 

@@ -45,7 +45,7 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::worker::GroupWorker;
 
-/// How often silent devices are counted (a query over the groups' devices).
+/// How often device liveness is written and silent devices are counted.
 const SILENT_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What an operator sets (`georelay drain` flags). Everything else in
@@ -212,6 +212,10 @@ pub struct Shared {
     /// One connection per namespace, replaced when its triplet changes.
     conns: NamespacePool,
     names: RwLock<HashMap<i64, String>>,
+    /// Devices whose records were stored since the last liveness flush,
+    /// with when the newest was received (written to `devices.last_seen_at`
+    /// every 30 s, not per batch).
+    seen: parking_lot::Mutex<HashMap<String, chrono::DateTime<chrono::Utc>>>,
     /// Namespaces whose broker keeps a dead-letter sub-queue (Service Bus).
     with_dead_letter_queue: RwLock<Vec<i64>>,
     groups: RwLock<HashMap<i64, String>>,
@@ -226,8 +230,26 @@ impl Shared {
             .unwrap_or_else(|| format!("#{id}"))
     }
 
-    /// Sets `georelay_drain_silent_devices{group}`: enabled devices seen
-    /// before but not within `--silent-after`.
+    /// Writes what was seen since the last flush to `devices.last_seen_at`
+    /// (kept for the next flush if the database does not answer), then sets
+    /// `georelay_drain_silent_devices{group}`: enabled devices seen before
+    /// but not within `--silent-after`.
+    async fn liveness(&self) {
+        let seen: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+            std::mem::take(&mut *self.seen.lock()).into_iter().collect();
+        if !seen.is_empty() {
+            if let Err(e) = drain::mark_seen(&self.pool, &seen).await {
+                tracing::debug!(error = %e, "cannot write device liveness; next time");
+                let mut again = self.seen.lock();
+                for (device, at) in seen {
+                    let newest = again.entry(device).or_insert(at);
+                    *newest = (*newest).max(at);
+                }
+            }
+        }
+        self.count_silent_devices().await;
+    }
+
     async fn count_silent_devices(&self) {
         match drain::silent_devices(&self.pool, self.config.silent_after).await {
             Ok(groups) => {
@@ -359,6 +381,7 @@ pub async fn run(
         instance,
         conns: NamespacePool::new(config.limits.clone()),
         names: RwLock::new(HashMap::new()),
+        seen: parking_lot::Mutex::new(HashMap::new()),
         with_dead_letter_queue: RwLock::new(Vec::new()),
         groups: RwLock::new(HashMap::new()),
         config,
@@ -405,10 +428,11 @@ pub async fn run(
     let mut silent_counted: Option<Instant> = None;
     loop {
         // Every 30 s, or a quarter of --silent-after when that is shorter.
+        // (Liveness is at most that much behind.)
         let every = SILENT_COUNT_INTERVAL.min(shared.config.silent_after / 4);
         if silent_counted.is_none_or(|at| at.elapsed() >= every) {
             silent_counted = Some(Instant::now());
-            shared.count_silent_devices().await;
+            shared.liveness().await;
         }
         match shared.refresh().await {
             Ok(groups) => {

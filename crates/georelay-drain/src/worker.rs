@@ -919,6 +919,17 @@ impl Shared {
                 }
             }
         }
+        {
+            let mut seen = self.seen.lock();
+            for row in &opened.rows {
+                match seen.get_mut(&row.device_id) {
+                    Some(newest) => *newest = (*newest).max(row.received_at),
+                    None => {
+                        seen.insert(row.device_id.clone(), row.received_at);
+                    }
+                }
+            }
+        }
         if let Some(last) = opened.rows.last() {
             let lag = (Utc::now() - last.received_at).num_milliseconds() as f64 / 1000.0;
             m.lag_seconds

@@ -209,6 +209,23 @@ pub struct Seal {
     pub held_by_ingest: i64,
 }
 
+/// Sets `devices.last_seen_at` forward to `seen` (device, when its newest
+/// stored record was received), one statement for many devices.
+pub async fn mark_seen(pool: &PgPool, seen: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
+    let (devices, at): (Vec<&str>, Vec<DateTime<Utc>>) =
+        seen.iter().map(|(d, t)| (d.as_str(), *t)).unzip();
+    sqlx::query(
+        "UPDATE devices SET last_seen_at = u.r
+         FROM unnest($1::text[], $2::timestamptz[]) AS u(d, r)
+         WHERE devices.id = u.d AND (devices.last_seen_at IS NULL OR devices.last_seen_at < u.r)",
+    )
+    .bind(&devices)
+    .bind(&at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Per group: enabled devices that were seen (a record of theirs stored)
 /// but not within `silent_after`. Every group is listed, with 0 if none.
 pub async fn silent_devices(
@@ -614,13 +631,6 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
              ORDER BY n
              ON CONFLICT (device_id, seq) DO NOTHING
              RETURNING 1
-         ), seen AS (
-             -- liveness: once per device per batch
-             UPDATE devices SET last_seen_at = u.r
-             FROM (SELECT d, max(r) AS r FROM unnest($1::text[], $4::timestamptz[]) AS v(d, r)
-                   GROUP BY d) u
-             WHERE devices.id = u.d AND EXISTS (SELECT 1 FROM lease)
-               AND (devices.last_seen_at IS NULL OR devices.last_seen_at < u.r)
          )
          SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored)",
     )
