@@ -1,6 +1,7 @@
 //! The alert rules (`deploy/prometheus/alerts.yml`) through a real
-//! Prometheus against a live stack: every metric the rules name exists in
-//! the services' `/metrics`, and the drain-blocked alert fires when the old
+//! Prometheus against a live stack: every metric the rules and the Grafana
+//! dashboard (`deploy/grafana/georelay.json`) name exists in the services'
+//! `/metrics`, and the drain-blocked alert fires when the old
 //! region dies during a failover and resolves when it returns. The rules run
 //! as they are, with every `for:` shortened to 1 s; Prometheus scrapes and
 //! evaluates every second. Needs `prometheus` (Debian's package; `./dev
@@ -12,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const RULES: &str = include_str!("../deploy/prometheus/alerts.yml");
+const DASHBOARD: &str = include_str!("../deploy/grafana/georelay.json");
 
 /// A Prometheus process, killed on drop.
 struct Prometheus {
@@ -95,13 +97,26 @@ async fn alert_states(prometheus: &Prometheus, name: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every `georelay_*` metric a rule names.
-fn metrics_in_rules() -> Vec<String> {
-    let mut names: Vec<String> = RULES
+/// Every `georelay_*` metric the rules and the dashboard's queries name.
+fn metrics_named() -> Vec<String> {
+    let dashboard: serde_json::Value = serde_json::from_str(DASHBOARD).unwrap();
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(queries.len() >= 10, "the dashboard has its queries");
+    let rules = RULES
         .lines()
-        .filter(|l| l.trim_start().starts_with("expr:"))
-        .flat_map(|l| {
-            l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter_map(|l| l.trim_start().strip_prefix("expr:"))
+        .map(str::to_owned);
+    let mut names: Vec<String> = queries
+        .into_iter()
+        .chain(rules)
+        .flat_map(|q| {
+            q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .filter(|w| w.starts_with("georelay_"))
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
@@ -148,7 +163,7 @@ async fn the_drain_blocked_alert_fires_through_prometheus_and_resolves() {
     .await;
     assert!(fired, "GeorelayDrainBlocked never fired");
 
-    // Every metric a rule reads is there to read.
+    // Every metric a rule or the dashboard reads is there to read.
     let mut exposed = String::new();
     for service in [&ingest, &drain] {
         exposed += &reqwest::get(format!("{}/metrics", service.url()))
@@ -158,12 +173,12 @@ async fn the_drain_blocked_alert_fires_through_prometheus_and_resolves() {
             .await
             .unwrap();
     }
-    for name in metrics_in_rules() {
+    for name in metrics_named() {
         assert!(
             exposed
                 .lines()
                 .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
-            "{name} is named in alerts.yml but not in /metrics"
+            "{name} is named in alerts.yml or the dashboard but not in /metrics"
         );
     }
 
