@@ -78,7 +78,7 @@ pub enum RouteError {
     #[error("the region is unavailable and failover cannot reach the control plane")]
     ControlPlaneUnavailable,
     /// This instance's first publish to the group's epoch must be recorded
-    /// first (see [`Senders::deliver`]), and the control plane did not answer.
+    /// first (`epoch_publishes`), and the control plane did not answer.
     #[error(
         "the first record of a new epoch cannot be recorded: the control plane does not answer"
     )]
