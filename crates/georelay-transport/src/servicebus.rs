@@ -24,7 +24,8 @@
 //! - **A lost answer taints the queue.** A peek-lock whose answer was lost
 //!   (timeout, reset) may have locked a message that nobody knows of; what
 //!   came with it is unlocked and the queue is not read again until that
-//!   lock has expired, since reading past it would reorder.
+//!   lock has expired, since reading past it would reorder. A connection
+//!   that was never made sent nothing and taints nothing.
 //! - **Crate bug worked around:** `BrokerProperties.enqueued_sequence_number`
 //!   is an `i32` in the crate; partitioned entities return larger values and
 //!   `peek_lock_message2` would then fail after the message is already locked.
@@ -448,15 +449,16 @@ impl ServiceBusNamespace {
     ) -> Result<Option<Delivery>, TransportError> {
         let deadline = poll + self.inner.limits.request_deadline;
         let response = match self
-            .call("receive", deadline, client.peek_lock_message2(Some(poll)))
+            .try_call("receive", deadline, client.peek_lock_message2(Some(poll)))
             .await
         {
             Ok(r) => r,
-            Err(e) => {
-                if matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unreachable) {
+            Err(Failed { error, maybe_sent }) => {
+                let lost = matches!(error.kind(), ErrorKind::Timeout | ErrorKind::Unreachable);
+                if maybe_sent && lost {
                     self.taint(queue);
                 }
-                return Err(e);
+                return Err(error);
             }
         };
         match *response.status() {
@@ -665,20 +667,41 @@ impl ServiceBusNamespace {
         deadline: Duration,
         f: impl Future<Output = azure_core::Result<T>>,
     ) -> Result<T, TransportError> {
+        self.try_call(what, deadline, f).await.map_err(|f| f.error)
+    }
+
+    /// [`call`](Self::call), telling whether a failed request may have
+    /// reached the broker (it may not have, when it never got a permit or
+    /// never got a connection).
+    async fn try_call<T>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        f: impl Future<Output = azure_core::Result<T>>,
+    ) -> Result<T, Failed> {
         let until = tokio::time::Instant::now() + deadline;
-        let timeout = || TransportError::timeout(what, deadline);
+        let unsent = || Failed {
+            error: TransportError::timeout(what, deadline),
+            maybe_sent: false,
+        };
         let _permit = tokio::time::timeout_at(until, self.inner.permits.acquire())
             .await
-            .map_err(|_| timeout())?;
+            .map_err(|_| unsent())?;
         // A permit that came too late must not start a request: under a hung
         // broker thousands of callers would each start one and drop it at once.
         if tokio::time::Instant::now() >= until {
-            return Err(timeout());
+            return Err(unsent());
         }
         match tokio::time::timeout_at(until, f).await {
-            Err(_) => Err(timeout()),
+            Err(_) => Err(Failed {
+                error: TransportError::timeout(what, deadline),
+                maybe_sent: true,
+            }),
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(classify(what, &e)),
+            Ok(Err(e)) => Err(Failed {
+                error: classify(what, &e),
+                maybe_sent: !never_connected(&e),
+            }),
         }
     }
 
@@ -916,6 +939,27 @@ fn send_error(status: StatusCode, body: &[u8]) -> TransportError {
         );
     }
     status_error("publish", status)
+}
+
+/// A failed broker call.
+struct Failed {
+    error: TransportError,
+    /// Whether the request may have reached the broker (and so taken
+    /// effect there, a lock say, with its answer lost).
+    maybe_sent: bool,
+}
+
+/// Whether `e` is a connection that was never made (refused, no route, a
+/// name that does not resolve): the request never left.
+fn never_connected(e: &azure_core::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<reqwest::Error>() {
+            return r.is_connect();
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn classify(what: &str, e: &azure_core::Error) -> TransportError {

@@ -434,3 +434,34 @@ async fn a_fresh_reader_waits_out_the_queues_own_lock_duration() {
     }
     assert_eq!(ids, ["dev/1/x", "dev/2/x", "dev/3/x"]);
 }
+
+/// A namespace that refuses connections locked nothing. The first failed
+/// read of an outage may have been taken (a pooled connection cut
+/// mid-request), so the reader waits one lock duration after it; the reads
+/// refused after that do not start the wait again, so a namespace down for
+/// longer than a lock duration is read at once when it is back.
+#[tokio::test]
+async fn a_refused_connection_does_not_hold_the_reader_back() {
+    let mut double = ServiceBusDouble::start("georelay-refused", POLICY, KEY).unwrap();
+    let ns = adapter(&double);
+    ns.ensure_queue("q").await.unwrap();
+    ns.publish("q", "dev/1/x", Bytes::from_static(b"r"))
+        .await
+        .unwrap();
+    // Past the fresh reader's wait.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    double.kill();
+    // Down for longer than the lock duration (5 s), read all along.
+    let down = std::time::Instant::now();
+    while down.elapsed() < Duration::from_secs(6) {
+        let read = ns.receive("q", 10, Duration::from_secs(1)).await;
+        assert!(
+            read.map_or(true, |d| d.is_empty()),
+            "nothing read while down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    double.restart().unwrap();
+    let got = ns.receive("q", 10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(got.len(), 1, "read at once once the namespace is back");
+}
