@@ -11,6 +11,7 @@
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 /// Where one group's new publishes go, as the control plane last said.
@@ -35,6 +36,9 @@ pub struct GroupFlight {
     state: Mutex<FlightState>,
     /// One failover transaction per group at a time in this process.
     pub failover: tokio::sync::Mutex<()>,
+    /// The epoch this instance last recorded publishing to
+    /// (`epoch_publishes`; 0: none yet).
+    recorded: AtomicI64,
 }
 
 impl GroupFlight {
@@ -46,7 +50,18 @@ impl GroupFlight {
                 in_flight: BTreeMap::new(),
             }),
             failover: tokio::sync::Mutex::new(()),
+            recorded: AtomicI64::new(0),
         }
+    }
+
+    /// Whether this instance recorded publishing to `epoch` last.
+    pub fn recorded(&self, epoch: i64) -> bool {
+        self.recorded.load(Ordering::Relaxed) == epoch
+    }
+
+    /// Notes that this instance recorded publishing to `epoch`.
+    pub fn set_recorded(&self, epoch: i64) {
+        self.recorded.store(epoch, Ordering::Relaxed);
     }
 
     pub fn epoch(&self) -> i64 {

@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 
 use crate::breaker::BreakerConfig;
 use crate::metrics::Metrics;
-use flights::{Flights, Route};
+use flights::{Flights, GroupFlight, Route};
 pub use lease::Lease;
 use snapshot::{Namespaces, NsEntry};
 
@@ -96,6 +96,7 @@ pub struct Placement {
 /// Where one publish goes.
 struct Target<'a> {
     group_id: i64,
+    flight: &'a GroupFlight,
     epoch: i64,
     queue: &'a str,
 }
@@ -125,8 +126,6 @@ pub struct Senders {
     pub lease: Lease,
     /// This process's instance id.
     instance: uuid::Uuid,
-    /// `(group id, epoch)`s this instance has recorded publishing to.
-    recorded: parking_lot::Mutex<std::collections::HashSet<(i64, i64)>>,
     /// Ask the reload task for a fresh snapshot.
     pub reload_wanted: Notify,
     /// Namespaces left out of the routing (their key does not open), as
@@ -145,7 +144,6 @@ impl Senders {
         Self {
             actor: format!("ingest:{instance}"),
             instance,
-            recorded: parking_lot::Mutex::default(),
             lease: Lease::new(config.lease),
             namespaces: Namespaces::new(
                 NamespacePool::new(config.limits.clone()),
@@ -277,6 +275,7 @@ impl Senders {
                 .collect();
             let target = Target {
                 group_id,
+                flight: ticket.flight(),
                 epoch: ticket.route.epoch,
                 queue: &ticket.route.queue,
             };
@@ -318,18 +317,16 @@ impl Senders {
     /// without reading it (senders moved to a mistyped endpoint and
     /// straight back). Without the control plane the first record of a new
     /// epoch is refused (503), never published unrecorded.
-    async fn record_publishing(&self, group_id: i64, epoch: i64) -> Result<(), Failure> {
-        if self.recorded.lock().contains(&(group_id, epoch)) {
+    async fn record_publishing(&self, target: &Target<'_>) -> Result<(), Failure> {
+        let (group_id, epoch) = (target.group_id, target.epoch);
+        if target.flight.recorded(epoch) {
             return Ok(());
         }
         let record =
             georelay_store::routing::record_publishing(&self.pool, group_id, epoch, self.instance);
         match tokio::time::timeout(self.config.limits.request_deadline, record).await {
             Ok(Ok(())) => {
-                let mut recorded = self.recorded.lock();
-                // Only the newest epoch of each group is worth remembering.
-                recorded.retain(|&(g, e)| g != group_id || e > epoch);
-                recorded.insert((group_id, epoch));
+                target.flight.set_recorded(epoch);
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -362,8 +359,7 @@ impl Senders {
             if let Err(e) = conn.ensure_queue(queue).await {
                 return Err(self.failed(entry, e));
             }
-            self.record_publishing(target.group_id, target.epoch)
-                .await?;
+            self.record_publishing(target).await?;
             let started = Instant::now();
             let result = conn.namespace().publish_batch(queue, items).await;
             let elapsed = started.elapsed();
