@@ -20,7 +20,7 @@ use georelay_store::drain::{
 };
 use georelay_store::routing::{self, Failover, Trouble};
 use georelay_store::StoreError;
-use georelay_transport::{Delivery, ErrorKind, Namespace, TransportError};
+use georelay_transport::{Delivery, ErrorKind, Namespace, Pooled, TransportError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -139,23 +139,20 @@ impl GroupWorker {
             // another worker since: start over at the oldest unacked message.
             self.shared.forget_consumers(&position.queue).await;
             self.fresh_lease = false;
+            // Present from the start, so an alert sees 0 before it sees more.
+            let metrics = &self.shared.metrics;
+            metrics
+                .blocked_seconds
+                .with_label_values(&[&position.group]);
+            metrics
+                .seal_held_by_ingest
+                .with_label_values(&[&position.group]);
         }
-        let metrics = &self.shared.metrics;
-        metrics
+        self.shared
+            .metrics
             .drain_epoch
             .with_label_values(&[&position.group])
             .set(position.drain_epoch);
-        if position.drain_epoch == position.epoch {
-            // Nothing old to seal: no instance can hold it.
-            metrics
-                .seal_held_by_ingest
-                .with_label_values(&[&position.group])
-                .set(0);
-        }
-        // Present from the start, so an alert sees 0 before it sees more.
-        metrics
-            .blocked_seconds
-            .with_label_values(&[&position.group]);
         // Bounded: a database or broker that hangs (rather than refuses)
         // must not freeze the worker; what was in flight is read again. Far
         // above a slow but working step (every call in it has its own bound).
@@ -292,19 +289,18 @@ impl GroupWorker {
         let shared = self.shared.clone();
         let config = &shared.config;
         let old_epoch = pos.drain_epoch < pos.epoch;
-        if old_epoch {
-            if let Some(step) = self.skip_if_never_published(lease, pos).await? {
-                return Ok(step);
+        let conn = match self.reach(pos).await {
+            Ok(conn) => conn,
+            // An old epoch on a namespace that cannot be reached may hold
+            // nothing at all: then it need not be read.
+            Err(e) if old_epoch => {
+                return match self.skip_if_never_published(lease, pos).await? {
+                    Some(step) => Ok(step),
+                    None => Err(StepError::Broker(e)),
+                }
             }
-        }
-        let conn = self
-            .shared
-            .namespace(pos.drain_namespace_id)
-            .await
-            .map_err(StepError::Broker)?;
-        conn.ensure_queue(&pos.queue)
-            .await
-            .map_err(StepError::Broker)?;
+            Err(e) => return Err(StepError::Broker(e)),
+        };
         let ns = conn.namespace();
         if self
             .last_depth
@@ -388,10 +384,17 @@ impl GroupWorker {
             .await
     }
 
-    /// An old epoch that no ingest instance ever published to, once sealed:
-    /// followed past without reading its queue (which may not even be
-    /// reachable: senders moved to a mistyped endpoint and straight back).
-    /// `None`: it was published to, read it as usual.
+    /// The connection to the namespace being drained, its queue ensured.
+    async fn reach(&self, pos: &Position) -> Result<Pooled, TransportError> {
+        let conn = self.shared.namespace(pos.drain_namespace_id).await?;
+        conn.ensure_queue(&pos.queue).await?;
+        Ok(conn)
+    }
+
+    /// An old epoch whose namespace cannot be reached and that no ingest
+    /// instance ever published to, once sealed: followed past without
+    /// reading its queue (senders moved to a mistyped endpoint and straight
+    /// back). `None`: it was published to, it waits for its namespace.
     async fn skip_if_never_published(
         &mut self,
         lease: &LeaseToken,
@@ -459,6 +462,13 @@ impl GroupWorker {
         {
             None => Err(StepError::LeaseLost),
             Some(to) => {
+                // Whoever held that epoch's seal holds nothing now; the
+                // next old epoch, if any, is measured at its seal check.
+                self.shared
+                    .metrics
+                    .seal_held_by_ingest
+                    .with_label_values(&[&pos.group])
+                    .set(0);
                 tracing::info!(
                     group = %pos.group,
                     drained = pos.drain_epoch,
