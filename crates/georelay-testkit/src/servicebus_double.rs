@@ -41,11 +41,12 @@ use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
 use sha2::Sha256;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
@@ -157,7 +158,7 @@ impl ServiceBusDouble {
     /// Adds `latency` to every answer from now on (a round trip to a real
     /// namespace is a few milliseconds).
     pub fn set_latency(&self, latency: Duration) {
-        *lock(&self.state.latency) = latency;
+        *self.state.latency.lock() = latency;
     }
 
     /// Messages in `queue`'s dead-letter sub-queue.
@@ -185,11 +186,7 @@ impl ServiceBusDouble {
     /// Regenerates the policy's key: from now on only tokens signed with
     /// `key` are accepted.
     pub fn rotate_key(&self, key: &str) {
-        *self
-            .state
-            .key
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = key.to_owned();
+        *self.state.key.lock() = key.to_owned();
     }
 
     /// Requests refused for a missing or wrong SAS token so far.
@@ -262,10 +259,6 @@ fn serve(
     Ok(runtime)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Drop for ServiceBusDouble {
     fn drop(&mut self) {
         self.kill();
@@ -302,7 +295,7 @@ async fn serve_request(
     if unpaused.wait_for(|paused| !*paused).await.is_err() {
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
-    let latency = *lock(&state.latency);
+    let latency = *state.latency.lock();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
@@ -368,11 +361,7 @@ fn authorized(state: &Shared, uri: &Uri, headers: &HeaderMap) -> bool {
     let (Some(resource), Some(signature)) = (decode(sr), decode(sig)) else {
         return false;
     };
-    let key = state
-        .key
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let key = state.key.lock().clone();
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key.as_bytes()) else {
         return false;
     };
@@ -393,10 +382,7 @@ fn authorized(state: &Shared, uri: &Uri, headers: &HeaderMap) -> bool {
 }
 
 fn with_queue<R>(state: &Shared, queue: &str, f: impl FnOnce(&mut Queue) -> R) -> Option<R> {
-    let mut queues = state
-        .queues
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut queues = state.queues.lock();
     queues.get_mut(queue).map(f)
 }
 
@@ -419,10 +405,7 @@ fn create_queue(state: &Shared, queue: &str, body: &[u8], update: bool) -> Respo
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|n| (1..=i32::MAX as u32).contains(n))
         .unwrap_or(DEFAULT_MAX_DELIVERY_COUNT);
-    let mut queues = state
-        .queues
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut queues = state.queues.lock();
     if let Some(q) = queues.get_mut(queue) {
         if !update {
             return status(StatusCode::CONFLICT);
@@ -475,10 +458,7 @@ fn describe_queue(state: &Shared, queue: &str) -> Response {
 /// has been delivered `MaxDeliveryCount` times to its dead-letter sub-queue,
 /// as the service does at its next delivery.
 fn dead_letter_exhausted(state: &Shared, queue: &str) {
-    let mut queues = state
-        .queues
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut queues = state.queues.lock();
     let now = Instant::now();
     let Some(q) = queues.get_mut(queue) else {
         return;
