@@ -384,12 +384,7 @@ async fn dropped_files_are_taken_once_even_across_a_restart() {
 
 /// Records requests ingest answered with 401, from its metrics.
 async fn refusals(ingest: &Service) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", ingest.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = ingest.metrics().await.unwrap();
     text.lines()
         .filter(|l| {
             l.starts_with("georelay_ingest_requests_total{") && l.contains("status=\"401\"")

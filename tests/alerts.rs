@@ -166,12 +166,7 @@ async fn the_drain_blocked_alert_fires_through_prometheus_and_resolves() {
     // Every metric a rule or the dashboard reads is there to read.
     let mut exposed = String::new();
     for service in [&ingest, &drain] {
-        exposed += &reqwest::get(format!("{}/metrics", service.url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        exposed += &service.metrics().await.unwrap();
     }
     for name in metrics_named() {
         assert!(

@@ -140,12 +140,7 @@ fn admin(stack: &Stack, args: &[&str]) -> std::process::Output {
 }
 
 async fn metric(service: &Service, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", service.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = service.metrics().await.unwrap();
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
@@ -1120,7 +1115,20 @@ async fn a_replay_never_slips_in_behind_a_record_the_worker_is_storing() {
             dead_letters::replay(&pool, &master, &letter).await.unwrap()
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replay_waits = wait_until(Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                            WHERE datname = current_database() AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(
+        replay_waits,
+        "the replay does not wait for the lock the worker stores under"
+    );
     sqlx::query(
         "INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
          VALUES ('plug-race', 6, '{}', now(), $1, 1)",
@@ -1164,8 +1172,22 @@ async fn a_device_that_went_quiet_is_counted_and_listed_as_silent() {
     })
     .await;
     assert!(seen, "the stored records never set last_seen_at");
-    let quiet = tokio::time::timeout(Duration::from_millis(500), notified.recv()).await;
-    assert!(quiet.is_err(), "storing notified ingest: {quiet:?}");
+    // Notifications come in commit order: had the liveness write notified,
+    // that would come before this one.
+    sqlx::query("UPDATE devices SET enabled = false WHERE id = 'plug-never'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let first = notified.recv().await.unwrap();
+    assert!(
+        first.payload().contains("plug-never"),
+        "the liveness write notified ingest: {}",
+        first.payload()
+    );
+    sqlx::query("UPDATE devices SET enabled = true WHERE id = 'plug-never'")
+        .execute(pool)
+        .await
+        .unwrap();
 
     let silent = wait_until(Duration::from_secs(30), || async {
         metric(&drain, "georelay_drain_silent_devices").await == 1.0

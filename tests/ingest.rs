@@ -307,14 +307,7 @@ async fn every_contract_error_and_a_valid_record_queued_sealed() {
     assert_eq!(health.status().as_u16(), 200);
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = georelay_testkit::metrics_text(&base).await.unwrap();
     for needle in [
         "georelay_ingest_records_accepted_total 5",
         "georelay_ingest_requests_total{route=\"telemetry\",status=\"401\"}",
@@ -984,14 +977,7 @@ async fn request_bodies_are_held_within_the_bytes_in_flight_budget() {
     let held = trickle(&base, hog.id.as_str(), None).await;
     let http = http();
     let reserved = || async {
-        let text = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = georelay_testkit::metrics_text(&base).await.unwrap();
         text.contains("georelay_ingest_body_bytes_in_flight 8388608")
     };
     assert!(

@@ -274,8 +274,14 @@ async fn senders_moved_to_a_mistyped_endpoint_and_straight_back_do_not_stall_the
             .await
             .unwrap();
     }
-    // Sent at once: ingest may still be on the mistyped namespace's epoch
-    // for the first of them (its publish fails without reaching a broker).
+    // Once ingest writes to epoch 3 (it may have loaded epoch 2 meanwhile;
+    // nothing reached the mistyped namespace).
+    let on_3 = wait_until(Duration::from_secs(10), || async {
+        let metrics = ingest.metrics().await.unwrap();
+        metrics.contains("georelay_ingest_group_epoch{group=\"g\"} 3")
+    })
+    .await;
+    assert!(on_3, "ingest never wrote to epoch 3");
     assert_eq!(send(device, ingest.url(), 6..=10).await, vec![3; 5]);
     let stored = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM telemetry")

@@ -519,10 +519,9 @@ async fn heal(sys: &mut System, scenario: Scenario) -> anyhow::Result<()> {
 /// Index of the drain worker holding the lease (the first if none says so).
 async fn active_worker(sys: &System) -> usize {
     for (i, d) in sys.drain.iter().enumerate() {
-        let Ok(r) = reqwest::get(format!("{}/metrics", d.url())).await else {
+        let Ok(text) = d.metrics().await else {
             continue;
         };
-        let text = r.text().await.unwrap_or_default();
         if text
             .lines()
             .any(|l| l.starts_with("georelay_drain_lease_held") && l.ends_with(" 1"))

@@ -35,8 +35,8 @@ pub use proxy::{Fault, FaultProxy};
 pub use region::{NatsRegion, Region, SERVICEBUS_KEY, SERVICEBUS_POLICY};
 pub use servicebus_double::ServiceBusDouble;
 pub use stack::{
-    master_key, master_key_b64, InProcessIngest, Service, Stack, TestDevice, DRAIN_TEST_ARGS,
-    GROUP, INGEST_TEST_ARGS, QUEUE,
+    master_key, master_key_b64, metrics_text, InProcessIngest, Service, Stack, TestDevice,
+    DRAIN_TEST_ARGS, GROUP, INGEST_TEST_ARGS, QUEUE,
 };
 
 use anyhow::{bail, Context as _};

@@ -319,6 +319,11 @@ impl Service {
         format!("http://{}", self.addr)
     }
 
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        metrics_text(&self.url()).await
+    }
+
     /// The process id, while it runs (benchmarks read its CPU and memory).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -425,4 +430,13 @@ fn now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The Prometheus text a service serves at `{base}/metrics`.
+pub async fn metrics_text(base: &str) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("{base}/metrics"))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
 }

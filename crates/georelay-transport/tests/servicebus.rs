@@ -228,6 +228,14 @@ async fn ids_longer_than_the_service_takes_are_accepted_and_deduplicated() {
     assert_eq!(ns.depth("q").await.unwrap(), 2, "the re-send was dropped");
 }
 
+/// Reads `queue` (which holds a message) once the fresh reader may, and
+/// gives back what came: from here on the reader reads at once.
+async fn past_the_fresh_readers_wait(ns: &Namespace, queue: &str) {
+    let first = ns.receive(queue, 1, Duration::from_secs(6)).await.unwrap();
+    assert_eq!(first.len(), 1, "{queue} holds a message");
+    ns.nack(queue, first).await.unwrap();
+}
+
 fn adapter(double: &ServiceBusDouble) -> Namespace {
     let mut config = ServiceBusConfig::new(&double.endpoint(), POLICY, KEY.to_owned().into());
     config.rewrite_to = Some(double.base_url().unwrap());
@@ -381,8 +389,8 @@ async fn a_lost_receive_answer_never_reorders() {
             .await
             .unwrap();
     }
-    // Past the fresh reader's wait, then hang the namespace under a receive.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    past_the_fresh_readers_wait(&ns, "q").await;
+    // Hang the namespace under a receive.
     double.pause();
     let lost = ns.receive("q", 1, Duration::ZERO).await;
     assert!(lost.is_err(), "{lost:?}");
@@ -448,8 +456,7 @@ async fn a_refused_connection_does_not_hold_the_reader_back() {
     ns.publish("q", "dev/1/x", Bytes::from_static(b"r"))
         .await
         .unwrap();
-    // Past the fresh reader's wait.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    past_the_fresh_readers_wait(&ns, "q").await;
     double.kill();
     // Down for longer than the lock duration (5 s), read all along.
     let down = std::time::Instant::now();
