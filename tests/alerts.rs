@@ -162,6 +162,18 @@ async fn the_drain_blocked_alert_fires_through_prometheus_and_resolves() {
     })
     .await;
     assert!(fired, "GeorelayDrainBlocked never fired");
+    // `admin status` says so too, with the cause.
+    let status = georelay_testkit::georelay_command(&stack.db)
+        .unwrap()
+        .args(["admin", "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("BLOCKED for")
+            && status.contains("cannot read epoch 1 on namespace eu-west"),
+        "{status}"
+    );
 
     // Every metric a rule or the dashboard reads is there to read.
     let mut exposed = String::new();

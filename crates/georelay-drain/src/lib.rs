@@ -28,7 +28,7 @@ use axum::extract::State;
 use axum::routing::get;
 use georelay_core::{check_range, ConfigError, MasterKey};
 use georelay_store::drain;
-use georelay_store::instances::{self, Role};
+use georelay_store::instances::{self, Beat, Role};
 use georelay_store::keys::Devices;
 use georelay_store::routing::load_routing;
 use georelay_store::PgPool;
@@ -393,7 +393,7 @@ pub async fn run(
         instance,
         Role::Drain,
         shared.config.lease,
-        &[],
+        Beat::default(),
     )
     .await?;
     let app = axum::Router::new()
@@ -449,7 +449,7 @@ pub async fn run(
             instance,
             Role::Drain,
             shared.config.lease * 3,
-            &[],
+            Beat::default(),
         )
         .await
         {

@@ -173,7 +173,7 @@ impl GroupWorker {
         }
         match result {
             Ok(step) => {
-                self.unblocked(&position);
+                self.unblocked(&position).await;
                 self.backoff = Duration::from_millis(100);
                 if step != Step::Stored && self.last_sweep.elapsed() >= config.sweep_interval {
                     self.sweep_leftovers(&lease, &position).await;
@@ -593,6 +593,11 @@ impl GroupWorker {
             _ => {
                 tracing::warn!(group = %pos.group, epoch = pos.drain_epoch, namespace = %name, error = %e,
                     "drain blocked: cannot read the epoch being drained; newer records wait (strict order)");
+                self.report_blocked(Some(format!(
+                    "cannot read epoch {} on namespace {name}: {e}",
+                    pos.drain_epoch
+                )))
+                .await;
                 self.blocked.insert(Blocked {
                     since: now,
                     namespace_id: pos.drain_namespace_id,
@@ -652,7 +657,7 @@ impl GroupWorker {
         self.next_backoff()
     }
 
-    fn unblocked(&mut self, pos: &Position) {
+    async fn unblocked(&mut self, pos: &Position) {
         if let Some(b) = self.blocked.take() {
             tracing::info!(group = %pos.group, namespace = %self.shared.namespace_name(b.namespace_id),
                 blocked_for = ?b.since.elapsed(), "drain resumed");
@@ -661,6 +666,26 @@ impl GroupWorker {
                 .blocked_seconds
                 .with_label_values(&[&pos.group])
                 .set(0.0);
+            self.report_blocked(None).await;
+        }
+    }
+
+    /// Writes the blocked state on the lease row for the console and `admin
+    /// status`; the metric and the log already have it, so a database that
+    /// does not answer only costs the console its line.
+    async fn report_blocked(&self, why: Option<String>) {
+        let Some(lease) = self.lease else { return };
+        let blocked = why.as_deref().map(|why| (Utc::now(), why));
+        let report = drain::report_blocked(&self.shared.pool, &lease, blocked);
+        match tokio::time::timeout(Duration::from_secs(2), report).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(group_id = self.group_id, error = %e, "cannot record the blocked state")
+            }
+            Err(_) => tracing::debug!(
+                group_id = self.group_id,
+                "recording the blocked state timed out"
+            ),
         }
     }
 

@@ -33,7 +33,7 @@ pub use breaker::BreakerConfig;
 pub use error::{ApiError, ErrorCode};
 
 use georelay_core::{check_range, ConfigError, MasterKey};
-use georelay_store::instances::{self, Role};
+use georelay_store::instances::{self, Beat, Role};
 use georelay_store::PgPool;
 use georelay_transport::Limits;
 use sqlx::postgres::PgListener;
@@ -282,7 +282,10 @@ pub async fn run(
         instance,
         Role::Ingest,
         config.lease,
-        &senders.acked_epochs(),
+        Beat {
+            epochs: &senders.acked_epochs(),
+            open_breakers: &senders.open_breakers(),
+        },
     )
     .await?;
     senders.lease.renewed(started);
@@ -404,9 +407,14 @@ async fn heartbeat_loop(
         }
         let started = Instant::now();
         let epochs = senders.acked_epochs();
+        let open_breakers = senders.open_breakers();
+        let beat = Beat {
+            epochs: &epochs,
+            open_breakers: &open_breakers,
+        };
         let beat = tokio::time::timeout(
             config.lease,
-            instances::heartbeat(&pool, instance, Role::Ingest, config.lease, &epochs),
+            instances::heartbeat(&pool, instance, Role::Ingest, config.lease, beat),
         )
         .await;
         match beat {

@@ -35,7 +35,8 @@ pub async fn acquire_lease(
          VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3))
          ON CONFLICT (group_id) DO UPDATE
              SET instance_id = EXCLUDED.instance_id, token = drain_leases.token + 1,
-                 acquired_at = clock_timestamp(), lease_until = EXCLUDED.lease_until
+                 acquired_at = clock_timestamp(), lease_until = EXCLUDED.lease_until,
+                 blocked_since = NULL, blocked_on = NULL
              WHERE drain_leases.lease_until < clock_timestamp()
                 OR NOT EXISTS (SELECT 1 FROM instances i
                                WHERE i.id = drain_leases.instance_id AND i.role = 'drain'
@@ -95,6 +96,29 @@ pub async fn release_lease(pool: &PgPool, lease: &LeaseToken) -> Result<(), Stor
     .bind(lease.group_id)
     .bind(lease.instance)
     .bind(lease.token)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records on the lease row that the holder cannot read the epoch it drains
+/// (`Some(why)`, from when it first failed) or can again (`None`), for the
+/// console and `admin status`. Nothing when the lease is no longer held.
+pub async fn report_blocked(
+    pool: &PgPool,
+    lease: &LeaseToken,
+    blocked: Option<(DateTime<Utc>, &str)>,
+) -> Result<(), StoreError> {
+    let (since, why) = blocked.unzip();
+    sqlx::query(
+        "UPDATE drain_leases SET blocked_since = $4, blocked_on = left($5, 1024)
+         WHERE group_id = $1 AND instance_id = $2 AND token = $3",
+    )
+    .bind(lease.group_id)
+    .bind(lease.instance)
+    .bind(lease.token)
+    .bind(since)
+    .bind(why)
     .execute(pool)
     .await?;
     Ok(())
@@ -617,9 +641,15 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     let epochs: Vec<i64> = rows.iter().map(|r| r.epoch).collect();
     // A data-modifying WITH runs once and to completion; the insert reads
     // its result, so it runs after the lease row is locked and extended.
+    let newest = received.iter().max().copied();
+    // The lease row also carries the worker's progress for the console:
+    // same row, same statement.
     let (held, inserted): (bool, i64) = sqlx::query_as(
         "WITH lease AS (
-             UPDATE drain_leases SET lease_until = clock_timestamp() + make_interval(secs => $10)
+             UPDATE drain_leases SET lease_until = clock_timestamp() + make_interval(secs => $10),
+                    stored_total = stored_total + cardinality($1::text[]),
+                    last_batch_at = clock_timestamp(),
+                    last_batch_lag = extract(epoch FROM clock_timestamp() - $11::timestamptz)
              WHERE group_id = $7 AND instance_id = $8 AND token = $9 AND lease_until > clock_timestamp()
              RETURNING 1
          ), stored AS (
@@ -644,6 +674,7 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     .bind(lease.instance)
     .bind(lease.token)
     .bind(lease_length.as_secs_f64())
+    .bind(newest)
     .fetch_one(exec)
     .await?;
     Ok(held.then_some(inserted as u64))

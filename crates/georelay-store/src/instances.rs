@@ -27,28 +27,38 @@ impl Role {
     }
 }
 
+/// What a heartbeat reports besides the lease.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Beat<'a> {
+    /// `(group_id, epoch)` acknowledged (ingest).
+    pub epochs: &'a [(i64, i64)],
+    /// Names of the namespaces whose breaker is open here (ingest).
+    pub open_breakers: &'a [String],
+}
+
 /// Renews (or, if an operator deleted it, re-creates) the instance row and
-/// its lease, and records the epoch acknowledged for each `(group_id, epoch)`,
-/// in one transaction.
+/// its lease, and records the epoch acknowledged for each `(group_id, epoch)`
+/// and the open breakers, in one transaction.
 pub async fn heartbeat(
     pool: &PgPool,
     id: Uuid,
     role: Role,
     lease: Duration,
-    epochs: &[(i64, i64)],
+    beat: Beat<'_>,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO instances (id, role, hostname, pid, heartbeat_at, lease_until, records_publishes)
-         VALUES ($1, $2, $3, $4, now(), now() + make_interval(secs => $5), true)
+        "INSERT INTO instances (id, role, hostname, pid, heartbeat_at, lease_until, records_publishes, open_breakers)
+         VALUES ($1, $2, $3, $4, now(), now() + make_interval(secs => $5), true, $6)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), lease_until = EXCLUDED.lease_until,
-                                        records_publishes = true",
+                                        records_publishes = true, open_breakers = EXCLUDED.open_breakers",
     )
     .bind(id)
     .bind(role.as_str())
     .bind(hostname())
     .bind(i32::try_from(std::process::id()).ok())
     .bind(lease.as_secs_f64())
+    .bind(beat.open_breakers)
     .execute(&mut *tx)
     .await?;
     // Rows of processes that died without deregistering (kill -9), long
@@ -56,8 +66,8 @@ pub async fn heartbeat(
     sqlx::query("DELETE FROM instances WHERE lease_until < now() - interval '1 hour'")
         .execute(&mut *tx)
         .await?;
-    if !epochs.is_empty() {
-        let (groups, epochs): (Vec<i64>, Vec<i64>) = epochs.iter().copied().unzip();
+    if !beat.epochs.is_empty() {
+        let (groups, epochs): (Vec<i64>, Vec<i64>) = beat.epochs.iter().copied().unzip();
         sqlx::query(
             "INSERT INTO instance_epochs (instance_id, group_id, epoch)
              SELECT $1, g, e FROM unnest($2::bigint[], $3::bigint[]) AS u(g, e)

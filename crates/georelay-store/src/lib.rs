@@ -23,6 +23,7 @@ pub mod drain;
 mod error;
 pub mod instances;
 pub mod keys;
+pub mod overview;
 pub mod routing;
 
 pub use error::{ErrorKind, StoreError};

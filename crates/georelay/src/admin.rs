@@ -390,6 +390,7 @@ async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
     let groups = control::list_groups(pool).await?;
     let trail = control::undrained_trail(pool).await?;
     let namespaces = control::list_namespaces(pool).await?;
+    let workers = georelay_store::overview::drain_progress(pool).await?;
     // Key checks need the master key; without it `admin doctor` does them.
     let master = config::master_key().ok();
     let problems = georelay_store::doctor::problems(pool, master.as_ref()).await?;
@@ -414,6 +415,10 @@ async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
             g.epoch,
             state,
             if g.failover_enabled { "on" } else { "OFF" }
+        ));
+        out.push_str(&format!(
+            "    worker: {}\n",
+            worker_line(workers.iter().find(|w| w.group == g.name))
         ));
         let mut t = Table::new(&["EPOCH", "NAMESPACE", "OPENED", "STATE"]);
         for e in trail.iter().filter(|e| e.group == g.name) {
@@ -477,6 +482,30 @@ async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
         out.push_str(&t.render(2));
     }
     Ok(out)
+}
+
+/// Who drains a group and how it goes, from its lease row.
+fn worker_line(w: Option<&georelay_store::overview::DrainProgress>) -> String {
+    let Some(w) = w.filter(|w| w.live) else {
+        return "NONE holds the drain lease: start `georelay drain` (nothing is stored until one does)"
+            .to_owned();
+    };
+    let holder = w.holder.as_deref().unwrap_or("an unregistered process");
+    if let Some(since) = w.blocked_since {
+        let secs = (Utc::now() - since).num_seconds().max(0);
+        return format!(
+            "{holder}, BLOCKED for {secs} s: {} (newer records wait: strict order; runbook: docs/operations.md, GeorelayDrainBlocked)",
+            w.blocked_on.as_deref().unwrap_or("cannot read the epoch it drains")
+        );
+    }
+    match (w.last_batch_at, w.last_batch_lag) {
+        (Some(at), Some(lag)) => format!(
+            "{holder}, last batch {} with lag {lag:.2} s, {} records stored",
+            time(at),
+            w.stored_total
+        ),
+        _ => format!("{holder}, nothing stored yet"),
+    }
 }
 
 fn namespaces_table(namespaces: &[control::Namespace]) -> String {

@@ -28,6 +28,10 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Run the drain worker (regional queues in, PostgreSQL out, in order)
     Drain(DrainArgs),
+    /// Serve the SRE console: groups, namespaces, processes, events and
+    /// devices, live in a browser; actions after signing in with
+    /// GEORELAY_CONSOLE_TOKEN (read-only without it)
+    Console(ConsoleArgs),
     /// The plug computer side: the agent, and a fleet simulator
     #[command(subcommand)]
     Agent(AgentCmd),
@@ -171,6 +175,30 @@ pub struct SimulateArgs {
     /// Longest pause between retries (back-off doubles from 200 ms up to this)
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub max_backoff: Duration,
+}
+
+/// Console settings; every flag can also come from the environment. The
+/// token that guards the actions is read from GEORELAY_CONSOLE_TOKEN only
+/// (never a flag: flags show in `ps`).
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Address to listen on (port 0 picks a free one; the address is
+    /// printed). Reading needs no sign-in: keep it on a private address
+    #[arg(
+        long,
+        env = "GEORELAY_CONSOLE_LISTEN",
+        default_value = "127.0.0.1:8070"
+    )]
+    pub listen: String,
+    /// How often the control plane is read besides its notifications
+    #[arg(long, env = "GEORELAY_CONSOLE_POLL", default_value = "2s", value_parser = duration)]
+    pub poll_interval: Duration,
+    /// How often the brokers are asked for queue depths
+    #[arg(long, env = "GEORELAY_CONSOLE_DEPTH_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub depth_interval: Duration,
+    /// A device not seen this long is silent (as the drain's --silent-after)
+    #[arg(long, env = "GEORELAY_SILENT_AFTER", default_value = "10m", value_parser = duration)]
+    pub silent_after: Duration,
 }
 
 /// Drain worker settings; every flag can also come from the environment.

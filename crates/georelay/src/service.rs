@@ -4,8 +4,9 @@
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
-use crate::cli::{DrainArgs, IngestArgs};
+use crate::cli::{ConsoleArgs, DrainArgs, IngestArgs};
 use crate::config;
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
@@ -58,6 +59,24 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     config::check_master_key(&pool, &master).await?;
     let listener = bind(&args.listen).await?;
     georelay_drain::run(drain, pool, master, listener, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+pub async fn console(args: ConsoleArgs) -> anyhow::Result<()> {
+    let console = georelay_console::Config {
+        poll_interval: args.poll_interval,
+        depth_interval: args.depth_interval,
+        silent_after: args.silent_after,
+        ..georelay_console::Config::default()
+    };
+    let token = config::env("GEORELAY_CONSOLE_TOKEN")?
+        .filter(|t| !t.is_empty())
+        .map(Zeroizing::new);
+    let master = config::master_key()?;
+    let pool = config::database_with(4).await?;
+    config::check_master_key(&pool, &master).await?;
+    let listener = bind(&args.listen).await?;
+    georelay_console::run(console, pool, master, token, listener, shutdown_on_signal()).await?;
     Ok(())
 }
 

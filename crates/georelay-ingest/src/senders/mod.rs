@@ -209,6 +209,21 @@ impl Senders {
         self.flights.acked_epochs()
     }
 
+    /// The namespaces whose breaker is open here, by name (the heartbeat
+    /// reports them for the console).
+    pub fn open_breakers(&self) -> Vec<String> {
+        let mut open: Vec<String> = self
+            .namespaces
+            .snapshot()
+            .namespaces
+            .values()
+            .filter(|e| e.rt.breaker_open().is_some())
+            .map(|e| e.info.name.clone())
+            .collect();
+        open.sort();
+        open
+    }
+
     /// Whether some enabled, not-down namespace has a closed breaker here.
     pub fn some_region_writable(&self) -> bool {
         self.namespaces.snapshot().namespaces.values().any(|e| {
