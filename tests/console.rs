@@ -514,5 +514,28 @@ async fn a_form_token_from_another_session_or_none_is_refused_and_a_wrong_token_
         .unwrap();
     assert_eq!(answer.status(), 303);
     assert_eq!(moves().await, before + 1);
+
+    // The failover bit is audited too, with the console user.
+    let answer = http
+        .post(format!("{console}/actions/failover"))
+        .header("cookie", &bob)
+        .form(&[
+            ("group", GROUP),
+            ("failover", "off"),
+            ("csrf", bobs_csrf.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 303);
+    let (kind, actor): (String, String) =
+        sqlx::query_as("SELECT kind, actor FROM failover_events ORDER BY id DESC LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (kind.as_str(), actor.as_str()),
+        ("failover_off", "console:bob")
+    );
     shutdown.cancel();
 }

@@ -490,10 +490,11 @@ async fn failover_bit(
     let Some(on) = on_off(&form.failover) else {
         return done("/groups", true, "automatic failover is on or off");
     };
-    match control::set_failover_enabled(&app.pool, &form.group, on).await {
+    let actor = actor(&session, None);
+    match control::set_failover_enabled(&app.pool, &form.group, on, &actor).await {
         Ok(changed) => {
             app.snapshots.refresh(SHOW_OUTCOME_WITHIN).await;
-            tracing::warn!(actor = %actor(&session, None).actor, group = %form.group, on, changed,
+            tracing::warn!(actor = %actor.actor, group = %form.group, on, changed,
                 "console: automatic failover set");
             let state = if on { "on" } else { "OFF" };
             let text = if changed {

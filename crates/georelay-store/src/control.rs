@@ -397,16 +397,27 @@ pub async fn set_failover_enabled(
     pool: &PgPool,
     group: &str,
     enabled: bool,
+    actor: &Actor,
 ) -> Result<bool, StoreError> {
-    set_flag(
-        pool,
+    // The trigger audits a change as failover_on / failover_off with `actor`.
+    let mut tx = pool.begin().await?;
+    set_actor(&mut tx, actor).await?;
+    let was: Option<bool> = sqlx::query_scalar(
         "UPDATE routing_groups g SET failover_enabled = $2 FROM routing_groups old
          WHERE g.id = old.id AND g.name = $1 RETURNING old.failover_enabled",
-        "group",
-        group,
-        enabled,
     )
-    .await
+    .bind(group)
+    .bind(enabled)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    match was {
+        Some(was) => Ok(was != enabled),
+        None => Err(StoreError::NotFound {
+            what: "group",
+            name: group.to_owned(),
+        }),
+    }
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

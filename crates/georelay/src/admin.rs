@@ -147,7 +147,8 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
         }
         Admin::Group(GroupCmd::Set(g)) => {
             let on = g.failover == OnOff::On;
-            let changed = control::set_failover_enabled(&pool, &g.name, on).await?;
+            let changed =
+                control::set_failover_enabled(&pool, &g.name, on, &actor(g.reason.clone())).await?;
             let state = match (on, changed) {
                 (true, true) => "automatic failover on",
                 (false, true) => {

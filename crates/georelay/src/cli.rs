@@ -512,6 +512,9 @@ pub struct GroupSet {
     /// Automatic failover for this group
     #[arg(long, value_enum)]
     pub failover: OnOff,
+    /// Why (kept in failover_events with the change)
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
