@@ -864,13 +864,32 @@ async fn abandoning_a_lost_region_lets_the_worker_go_on_and_is_recorded() {
     );
     assert!(actor.starts_with("cli:"), "{actor}");
     // The other hard-day switches.
-    let off = cli(&["group", "set", "--name", "g", "--failover", "off"]);
+    let off = cli(&[
+        "group",
+        "set",
+        "--name",
+        "g",
+        "--failover",
+        "off",
+        "--reason",
+        "hands on",
+    ]);
     assert!(off.status.success(), "{off:?}");
     let bit: bool = sqlx::query_scalar("SELECT failover_enabled FROM routing_groups")
         .fetch_one(stack.db.pool())
         .await
         .unwrap();
     assert!(!bit);
+    let (kind, actor, reason): (String, String, Option<String>) =
+        sqlx::query_as("SELECT kind, actor, reason FROM failover_events ORDER BY id DESC LIMIT 1")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (kind.as_str(), reason.as_deref()),
+        ("failover_off", Some("hands on"))
+    );
+    assert!(actor.starts_with("cli:"), "{actor}");
     georelay_store::control::set_device_enabled(stack.db.pool(), devices[0].id.as_str(), false)
         .await
         .unwrap();
