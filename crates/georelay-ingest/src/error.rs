@@ -163,6 +163,11 @@ impl ApiError {
         }
     }
 
+    /// The one answer for an unknown or disabled device.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, Self::Unauthorized)
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,

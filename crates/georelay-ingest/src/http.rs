@@ -382,7 +382,10 @@ async fn read_body(mut body: Body, reserve: usize, limit: usize) -> Result<Vec<u
 
 /// The device, if it exists and is enabled (401 otherwise: unknown and
 /// disabled look the same), looked up before any of the body is read.
-async fn device_auth(state: &AppState, device: &DeviceId) -> Result<Arc<DeviceAuth>, ApiError> {
+pub(crate) async fn device_auth(
+    state: &App,
+    device: &DeviceId,
+) -> Result<Arc<DeviceAuth>, ApiError> {
     let unavailable = || {
         ApiError::unavailable(
             ErrorCode::ControlPlaneUnavailable,
@@ -431,8 +434,8 @@ fn verify(
 
 /// Runs the publish in a tracked task and waits for it up to the request
 /// deadline.
-async fn publish(
-    state: &AppState,
+pub(crate) async fn publish(
+    state: &App,
     group_id: i64,
     device: DeviceId,
     records: Vec<SealedRecord>,

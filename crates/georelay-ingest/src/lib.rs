@@ -28,6 +28,7 @@ mod http;
 mod metrics;
 mod senders;
 mod server;
+pub mod tracker;
 
 pub use breaker::BreakerConfig;
 pub use error::{ApiError, ErrorCode};
@@ -47,6 +48,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::senders::{Senders, SendersConfig};
+pub use crate::tracker::{Network, TrackerConfig};
 use georelay_store::keys::Devices;
 
 /// What an operator sets (`georelay ingest` flags). Everything else in
@@ -234,12 +236,18 @@ pub enum IngestError {
 pub struct Listeners {
     pub api: TcpListener,
     pub metrics: Option<TcpListener>,
+    /// Teltonika trackers (Codec 8/8E over TCP), with the front door's bounds.
+    pub teltonika: Option<(TcpListener, TrackerConfig)>,
 }
 
 impl From<TcpListener> for Listeners {
     /// Everything on one listener.
     fn from(api: TcpListener) -> Self {
-        Self { api, metrics: None }
+        Self {
+            api,
+            metrics: None,
+            teltonika: None,
+        }
     }
 }
 
@@ -253,6 +261,7 @@ pub async fn run(
     let Listeners {
         api: listener,
         metrics: metrics_listener,
+        teltonika,
     } = listeners.into();
     let master = Arc::new(master);
     let metrics = metrics::Metrics::new()?;
@@ -340,6 +349,16 @@ pub async fn run(
         accepting: accepting.clone(),
     });
     tracing::info!(%instance, addr = ?listener.local_addr().ok(), "ingest accepting");
+    let trackers = teltonika.map(|(tracker_listener, tracker_config)| {
+        tracing::info!(addr = ?tracker_listener.local_addr().ok(), "accepting Teltonika trackers");
+        tokio::spawn(tracker::serve(
+            Arc::new(tracker::teltonika::Teltonika),
+            tracker_listener,
+            state.clone(),
+            Arc::new(tracker_config),
+            shutdown.clone(),
+        ))
+    });
     match metrics_listener {
         None => {
             server::serve(
@@ -370,6 +389,15 @@ pub async fn run(
         }
     }
 
+    if let Some(trackers) = trackers {
+        // Stops accepting at shutdown; a packet being published is answered.
+        if tokio::time::timeout(config.shutdown_grace, trackers)
+            .await
+            .is_err()
+        {
+            tracing::warn!("tracker connections still open at the end of the grace");
+        }
+    }
     tasks.close();
     let finished = tokio::time::timeout(config.shutdown_grace, tasks.wait())
         .await

@@ -23,6 +23,12 @@ pub struct Metrics {
     pub control_plane_problems: IntGauge,
     /// 1 while `/readyz` would answer 200 (set when rendered).
     pub ready: IntGauge,
+    /// Open tracker connections, per codec.
+    pub tracker_connections: IntGaugeVec,
+    /// Tracker packets by outcome: acked, bad_crc, bad_count, refused, not_queued.
+    pub tracker_packets: IntCounterVec,
+    /// Tracker connections ended, by reason.
+    pub tracker_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -91,6 +97,30 @@ impl Metrics {
             "1 while /readyz answers 200: accepting, lease valid, some region writable",
         )?;
         registry.register(Box::new(ready.clone()))?;
+        let tracker_connections = IntGaugeVec::new(
+            Opts::new(
+                "georelay_ingest_tracker_connections",
+                "Open connections of trackers (binary protocols over TCP), per codec",
+            ),
+            &["codec"],
+        )?;
+        let tracker_packets = IntCounterVec::new(
+            Opts::new(
+                "georelay_ingest_tracker_packets_total",
+                "Tracker packets by outcome: acked (every record queued), bad_crc, bad_count, refused (device disabled or key unreadable), not_queued (no region took them); all but acked are answered 0 and sent again",
+            ),
+            &["codec", "outcome"],
+        )?;
+        let tracker_closed = IntCounterVec::new(
+            Opts::new(
+                "georelay_ingest_tracker_connections_closed_total",
+                "Tracker connections ended, by reason (unknown_device, garbage, idle, slow_packet, not_allowed, too_many_connections, ...)",
+            ),
+            &["codec", "reason"],
+        )?;
+        registry.register(Box::new(tracker_connections.clone()))?;
+        registry.register(Box::new(tracker_packets.clone()))?;
+        registry.register(Box::new(tracker_closed.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -102,6 +132,9 @@ impl Metrics {
             body_bytes_in_flight,
             control_plane_problems,
             ready,
+            tracker_connections,
+            tracker_packets,
+            tracker_closed,
         })
     }
 

@@ -29,6 +29,7 @@ mod proxy;
 mod region;
 mod servicebus_double;
 mod stack;
+pub mod teltonika;
 
 pub use db::TestDb;
 pub use proxy::{Fault, FaultProxy};

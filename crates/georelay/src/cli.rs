@@ -294,6 +294,25 @@ pub struct IngestArgs {
     /// the system does not trust it)
     #[arg(long, env = "GEORELAY_NATS_CA_FILE")]
     pub nats_ca_file: Option<std::path::PathBuf>,
+    /// Also accept Teltonika trackers (Codec 8 and 8 Extended over TCP) on
+    /// this address; each tracker is a registered device whose id is its IMEI
+    #[arg(long, env = "GEORELAY_LISTEN_TELTONIKA")]
+    pub listen_teltonika: Option<String>,
+    /// Most tracker connections at once (more are closed on accept)
+    #[arg(
+        long,
+        env = "GEORELAY_TELTONIKA_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub teltonika_max_connections: usize,
+    /// A tracker connection silent this long between packets is closed
+    #[arg(long, env = "GEORELAY_TELTONIKA_IDLE_TIMEOUT", default_value = "10m", value_parser = duration)]
+    pub teltonika_idle_timeout: Duration,
+    /// Source networks trackers may connect from (CIDR, comma-separated or
+    /// repeated; default: any). An IMEI is not a secret: see
+    /// docs/architecture.md, "Tracker front door"
+    #[arg(long, env = "GEORELAY_TELTONIKA_ALLOW", value_delimiter = ',')]
+    pub teltonika_allow: Vec<georelay_ingest::Network>,
 }
 
 /// A simulated device's readings a second, within `RATE_RANGE`.

@@ -2,6 +2,7 @@
 //! serve until SIGTERM or SIGINT, then shut down within the grace.
 
 use anyhow::Context as _;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
@@ -37,7 +38,35 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let listeners = georelay_ingest::Listeners { api, metrics };
+    let teltonika = match &args.listen_teltonika {
+        Some(listen) => {
+            if !(1..=1_000_000).contains(&args.teltonika_max_connections) {
+                anyhow::bail!("--teltonika-max-connections must be 1 to 1000000");
+            }
+            if !(Duration::from_secs(10)..=Duration::from_secs(86_400))
+                .contains(&args.teltonika_idle_timeout)
+            {
+                anyhow::bail!("--teltonika-idle-timeout must be between 10s and 24h");
+            }
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} for Teltonika trackers"))?;
+            println!("teltonika on {}", listener.local_addr()?);
+            let config = georelay_ingest::TrackerConfig {
+                max_connections: args.teltonika_max_connections,
+                idle_timeout: args.teltonika_idle_timeout,
+                allow: args.teltonika_allow.clone(),
+                ..georelay_ingest::TrackerConfig::default()
+            };
+            Some((listener, config))
+        }
+        None => None,
+    };
+    let listeners = georelay_ingest::Listeners {
+        api,
+        metrics,
+        teltonika,
+    };
     georelay_ingest::run(ingest, pool, master, listeners, shutdown_on_signal()).await?;
     Ok(())
 }
