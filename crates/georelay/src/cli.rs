@@ -305,6 +305,14 @@ pub struct IngestArgs {
         default_value_t = 10_000
     )]
     pub teltonika_max_connections: usize,
+    /// Records a second one tracker may send (a burst of as many); beyond
+    /// it a packet is answered 0 and the tracker sends it again later
+    #[arg(
+        long,
+        env = "GEORELAY_TELTONIKA_MAX_RECORDS_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub teltonika_max_records_per_second: u32,
     /// A tracker connection silent this long between packets is closed
     #[arg(long, env = "GEORELAY_TELTONIKA_IDLE_TIMEOUT", default_value = "10m", value_parser = duration)]
     pub teltonika_idle_timeout: Duration,

@@ -48,6 +48,9 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             {
                 anyhow::bail!("--teltonika-idle-timeout must be between 10s and 24h");
             }
+            if !(1..=100_000).contains(&args.teltonika_max_records_per_second) {
+                anyhow::bail!("--teltonika-max-records-per-second must be 1 to 100000");
+            }
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen} for Teltonika trackers"))?;
@@ -56,6 +59,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
                 max_connections: args.teltonika_max_connections,
                 idle_timeout: args.teltonika_idle_timeout,
                 allow: args.teltonika_allow.clone(),
+                max_records_per_second: args.teltonika_max_records_per_second,
                 ..georelay_ingest::TrackerConfig::default()
             };
             Some((listener, config))

@@ -22,9 +22,10 @@
 //!   counted; a publish that fails too. A connection that sends what is not
 //!   the protocol is closed.
 //! - **Bounds**: connections (`--teltonika-max-connections`), source
-//!   networks (`--teltonika-allow`), handshake time, idle time between
-//!   packets, the time one packet may take to arrive (slow senders), packet
-//!   size.
+//!   networks (`--teltonika-allow`), records a second per device
+//!   (`--teltonika-max-records-per-second`), handshake time, idle time
+//!   between packets, the time one packet may take to arrive (slow
+//!   senders), packet size.
 
 pub mod teltonika;
 
@@ -160,6 +161,9 @@ pub struct TrackerConfig {
     /// Longest one packet may take to arrive once it began.
     pub packet_timeout: Duration,
     pub max_packet: usize,
+    /// Records a second one device may send (a burst of as many), across
+    /// its connections; a packet beyond it is answered 0 and sent again.
+    pub max_records_per_second: u32,
 }
 
 impl Default for TrackerConfig {
@@ -171,6 +175,37 @@ impl Default for TrackerConfig {
             idle_timeout: Duration::from_secs(600),
             packet_timeout: Duration::from_secs(30),
             max_packet: 64 * 1024,
+            max_records_per_second: 100,
+        }
+    }
+}
+
+/// Per-device token buckets: an IMEI is not a secret, so one device's
+/// records (whoever sends them) are bounded.
+#[derive(Debug, Default)]
+struct RateLimit {
+    buckets: parking_lot::Mutex<std::collections::HashMap<DeviceId, (f64, tokio::time::Instant)>>,
+}
+
+impl RateLimit {
+    /// Takes `n` records' tokens from `device`'s bucket; false if it has
+    /// not that many.
+    fn take(&self, device: &DeviceId, n: usize, per_second: u32) -> bool {
+        let now = tokio::time::Instant::now();
+        let rate = f64::from(per_second);
+        let mut buckets = self.buckets.lock();
+        // Full buckets carry nothing: drop them now and then.
+        if buckets.len() > 10_000 {
+            buckets.retain(|_, (tokens, at)| *tokens + (now - *at).as_secs_f64() * rate < rate);
+        }
+        let (tokens, at) = buckets.entry(device.clone()).or_insert((rate, now));
+        *tokens = (*tokens + (now - *at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens >= n as f64 {
+            *tokens -= n as f64;
+            true
+        } else {
+            false
         }
     }
 }
@@ -185,6 +220,7 @@ pub(crate) async fn serve<C: TrackerCodec>(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let limits = Arc::new(RateLimit::default());
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -215,6 +251,7 @@ pub(crate) async fn serve<C: TrackerCodec>(
         };
         let (codec, app, config, stop) =
             (codec.clone(), app.clone(), config.clone(), shutdown.clone());
+        let limits = limits.clone();
         connections.spawn(async move {
             let gauge = app
                 .metrics
@@ -225,6 +262,7 @@ pub(crate) async fn serve<C: TrackerCodec>(
                 codec: &*codec,
                 app: &app,
                 config: &config,
+                limits: &limits,
                 stream,
                 peer,
             }
@@ -276,6 +314,7 @@ struct Connection<'a, C> {
     codec: &'a C,
     app: &'a App,
     config: &'a TrackerConfig,
+    limits: &'a RateLimit,
     stream: TcpStream,
     peer: SocketAddr,
 }
@@ -425,6 +464,13 @@ impl<C: TrackerCodec> Connection<'_, C> {
                 return 0;
             }
         };
+        if !self
+            .limits
+            .take(device, records.len(), self.config.max_records_per_second)
+        {
+            packets.with_label_values(&[name, "rate_limited"]).inc();
+            return 0;
+        }
         // Looked up again: a device disabled since the handshake stops here.
         let auth = match http::device_auth(self.app, device).await {
             Ok(a) => a,
@@ -518,6 +564,19 @@ mod tests {
             a[1].open_object(&key, &device).unwrap(),
             "{\"timestamp\":1000,\"v\":2}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_is_held_to_its_rate_and_refills() {
+        let limit = RateLimit::default();
+        let a = DeviceId::parse("356307042441013").unwrap();
+        let b = DeviceId::parse("490154203237518").unwrap();
+        assert!(limit.take(&a, 8, 10));
+        assert!(!limit.take(&a, 3, 10), "a burst beyond the bucket");
+        assert!(limit.take(&b, 10, 10), "another device has its own bucket");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(limit.take(&a, 7, 10), "half a second refills five");
+        assert!(!limit.take(&a, 1, 10));
     }
 
     #[test]
