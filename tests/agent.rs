@@ -420,3 +420,118 @@ async fn sqlite_rows(db: &Path, sql: &str) -> Vec<(i64, i64)> {
         .await
         .unwrap_or_default()
 }
+
+/// A simulated scale on the LAN: lines in, the gateway's answers out.
+struct Scale {
+    reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Scale {
+    async fn connect(addr: &str) -> Self {
+        let mut last = None;
+        for _ in 0..100 {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let (r, w) = stream.into_split();
+                    return Self {
+                        reader: tokio::io::BufReader::new(r),
+                        writer: w,
+                    };
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the line gateway never listened on {addr}: {last:?}");
+    }
+
+    /// Sends `line` and returns the answer (without `\r\n`).
+    async fn say(&mut self, line: &str) -> String {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        answer.trim_end().to_owned()
+    }
+}
+
+#[tokio::test]
+async fn a_scale_on_the_lan_gets_ok_only_once_buffered_and_a_kill_9_after_it_loses_nothing() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-lan").await.unwrap();
+    let (ingest, _drain) = up(&stack);
+    let state = tempdir("lines");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let lines = ["--listen-lines", addr.as_str()];
+    let agent = Agent::start_with(&stack, &device, &ingest.url(), &state, &lines);
+    let mut scale = Scale::connect(&addr).await;
+    assert_eq!(scale.say("Weight:12.3,Scale.Arduino").await, "OK 1");
+    assert_eq!(
+        scale.say("Weight:heavy,Scale.Arduino").await,
+        "ERR pair 1: the value is not a finite number"
+    );
+    // The connection stays open after an ERR.
+    assert_eq!(scale.say("Weight:12.5").await, "OK 2");
+    assert_eq!(scale.say("Temp:21.5;Humidity:40,room-3").await, "OK 3-4");
+    // Killed right after an OK: the reading was already in the buffer.
+    assert_eq!(scale.say("Weight:13.0,Scale.Arduino").await, "OK 5");
+    agent.kill();
+    let _agent = Agent::start_with(&stack, &device, &ingest.url(), &state, &lines);
+    let mut scale = Scale::connect(&addr).await;
+    assert_eq!(scale.say("Weight:13.5,Scale.Arduino").await, "OK 6");
+
+    let ok = wait_until(Duration::from_secs(60), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM telemetry WHERE device_id = 'plug-lan'")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap()
+            >= 6
+    })
+    .await;
+    assert!(ok, "not every OK'd reading was stored");
+    let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT seq, payload FROM telemetry WHERE device_id = 'plug-lan' ORDER BY store_order",
+    )
+    .fetch_all(stack.db.pool())
+    .await
+    .unwrap();
+    let seen: Vec<(i64, &str, f64, Option<&str>)> = rows
+        .iter()
+        .map(|(seq, p)| {
+            (
+                *seq,
+                p["type"].as_str().unwrap(),
+                p["value"].as_f64().unwrap(),
+                p["sensor"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "Weight", 12.3, Some("Scale.Arduino")),
+            (2, "Weight", 12.5, None),
+            (3, "Temp", 21.5, Some("room-3")),
+            (4, "Humidity", 40.0, Some("room-3")),
+            (5, "Weight", 13.0, Some("Scale.Arduino")),
+            (6, "Weight", 13.5, Some("Scale.Arduino")),
+        ]
+    );
+    for (_, p) in &rows {
+        assert_eq!(p["gateway"], "plug-lan");
+        let at = p["captured_at"].as_str().unwrap();
+        assert!(at.starts_with("20") && at.ends_with('Z'), "{at}");
+    }
+}

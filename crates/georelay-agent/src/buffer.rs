@@ -112,10 +112,24 @@ impl Buffer {
     /// one transaction. With `file`, also records that line `line` of that
     /// input file is done, in the same transaction. Returns the seq.
     pub async fn push(&self, reading: &str, file: Option<(&str, u64)>) -> Result<u64, BufferError> {
-        match serde_json::from_str::<serde_json::Value>(reading) {
-            Ok(serde_json::Value::Object(_)) => {}
-            _ => return Err(BufferError::NotAnObject),
+        let seqs = self.push_all(&[reading], file).await?;
+        Ok(seqs[0])
+    }
+
+    /// [`push`](Self::push) for several readings at once: all of them under
+    /// consecutive seqs, or none. Returns their seqs.
+    pub async fn push_all(
+        &self,
+        readings: &[&str],
+        file: Option<(&str, u64)>,
+    ) -> Result<Vec<u64>, BufferError> {
+        for reading in readings {
+            match serde_json::from_str::<serde_json::Value>(reading) {
+                Ok(serde_json::Value::Object(_)) => {}
+                _ => return Err(BufferError::NotAnObject),
+            }
         }
+        let n = readings.len() as u64;
         let mut tx = self.pool.begin().await?;
         // Full? max(seq) - min(seq) + 1 bounds the count from above in two
         // index look-ups; the count itself (a scan of the whole backlog) is
@@ -127,33 +141,37 @@ impl Buffer {
                 .fetch_one(&mut *tx)
                 .await?;
         let bound = lo.zip(hi).map_or(0, |(lo, hi)| (hi - lo + 1) as u64);
-        if bound >= self.max_records {
+        if bound + n > self.max_records {
             let held: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
                 .fetch_one(&mut *tx)
                 .await?;
-            if held as u64 >= self.max_records {
+            if held as u64 + n > self.max_records {
                 return Err(BufferError::Full(self.max_records));
             }
         }
         let next: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'next_seq'")
             .fetch_one(&mut *tx)
             .await?;
-        let seq = next as u64;
-        let sealed = SealedRecord::seal(
-            &self.key,
-            &self.device,
-            seq,
-            nonce_for(seq),
-            reading.as_bytes(),
-        )?;
-        sqlx::query("INSERT INTO outbox (seq, nonce, ciphertext, sealed_at) VALUES (?, ?, ?, strftime('%s','now'))")
-            .bind(next)
-            .bind(&sealed.nonce[..])
-            .bind(&sealed.ciphertext)
-            .execute(&mut *tx)
-            .await?;
+        let mut seqs = Vec::with_capacity(readings.len());
+        for (i, reading) in readings.iter().enumerate() {
+            let seq = next as u64 + i as u64;
+            let sealed = SealedRecord::seal(
+                &self.key,
+                &self.device,
+                seq,
+                nonce_for(seq),
+                reading.as_bytes(),
+            )?;
+            sqlx::query("INSERT INTO outbox (seq, nonce, ciphertext, sealed_at) VALUES (?, ?, ?, strftime('%s','now'))")
+                .bind(seq as i64)
+                .bind(&sealed.nonce[..])
+                .bind(&sealed.ciphertext)
+                .execute(&mut *tx)
+                .await?;
+            seqs.push(seq);
+        }
         sqlx::query("UPDATE meta SET value = ? WHERE key = 'next_seq'")
-            .bind(next + 1)
+            .bind(next + n as i64)
             .execute(&mut *tx)
             .await?;
         if let Some((name, line)) = file {
@@ -167,7 +185,7 @@ impl Buffer {
             .await?;
         }
         tx.commit().await?;
-        Ok(seq)
+        Ok(seqs)
     }
 
     /// The oldest `limit` records waiting, in seq order.

@@ -152,7 +152,8 @@ async fn take_line(
             if text.is_empty() {
                 return Ok(false);
             }
-            if take(buffer, text, file, stop).await? {
+            let text = with_capture_time(text, &crate::lines::now());
+            if take(buffer, &text, file, stop).await? {
                 return Ok(true);
             }
             "not a JSON object"
@@ -170,6 +171,30 @@ async fn take_line(
     };
     tracing::warn!(input = source, line = line_no, "{why}; skipped");
     Ok(false)
+}
+
+/// Keys that say when a reading was taken: a reading with none of them gets
+/// `captured_at`.
+pub const TIME_KEYS: [&str; 4] = ["captured_at", "time", "timestamp", "ts"];
+
+/// `reading` with `"captured_at": now` added first when it is a JSON object
+/// that carries no time of its own, so a reading buffered through an outage
+/// keeps when it was taken. Added as text: the rest stays byte for byte
+/// (numbers keep every digit). Anything else is returned as it is.
+pub fn with_capture_time<'a>(reading: &'a str, now: &str) -> std::borrow::Cow<'a, str> {
+    use std::borrow::Cow;
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(reading) {
+        Ok(map) if !TIME_KEYS.iter().any(|k| map.contains_key(*k)) => {
+            let inner = reading.trim_start().strip_prefix('{').unwrap_or_default();
+            let stamp = format!("{{\"captured_at\":\"{now}\"");
+            if map.is_empty() {
+                Cow::Owned(format!("{stamp}}}"))
+            } else {
+                Cow::Owned(format!("{stamp},{inner}"))
+            }
+        }
+        _ => Cow::Borrowed(reading),
+    }
 }
 
 /// Reads standard input to its end.
@@ -300,6 +325,30 @@ fn ready_files(dir: &Path) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+#[cfg(test)]
+mod capture_time {
+    use super::with_capture_time;
+
+    #[test]
+    fn a_reading_without_a_time_gets_one_and_keeps_its_bytes() {
+        let now = "2026-11-30T04:00:00.000Z";
+        assert_eq!(
+            with_capture_time("{\"n\": 1.000000000000000001}", now),
+            "{\"captured_at\":\"2026-11-30T04:00:00.000Z\",\"n\": 1.000000000000000001}"
+        );
+        assert_eq!(
+            with_capture_time(" {} ", now),
+            "{\"captured_at\":\"2026-11-30T04:00:00.000Z\"}"
+        );
+        assert_eq!(with_capture_time("{\"ts\": 5}", now), "{\"ts\": 5}");
+        assert_eq!(with_capture_time("[1]", now), "[1]");
+        let stamped = with_capture_time("{\"a\":{\"b\":2}}", now);
+        let v: serde_json::Value = serde_json::from_str(&stamped).unwrap();
+        assert_eq!(v["a"]["b"], 2);
+        assert_eq!(v["captured_at"], now);
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 
 pub mod buffer;
 pub mod input;
+pub mod lines;
 pub mod sender;
 
 use georelay_core::{DeviceId, DeviceKey};
@@ -58,6 +59,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub read_stdin: bool,
     pub watch: Option<PathBuf>,
+    /// The LAN line gateway: local devices' lines over TCP ([`lines`]).
+    pub lines: Option<(tokio::net::TcpListener, lines::LinesConfig)>,
     pub max_buffer: u64,
 }
 
@@ -93,7 +96,16 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
     if std::io::stderr().is_terminal() {
         tasks.spawn(progress(buffer.clone(), sender.stats.clone(), stop.clone()));
     }
-    let only_stdin = config.read_stdin && config.watch.is_none();
+    let only_stdin = config.read_stdin && config.watch.is_none() && config.lines.is_none();
+    if let Some((listener, lines_config)) = config.lines {
+        tasks.spawn(lines::serve(
+            listener,
+            buffer.clone(),
+            wake.clone(),
+            lines_config,
+            stop.clone(),
+        ));
+    }
     let input = {
         let (buffer, wake, stop, done) = (
             buffer.clone(),

@@ -94,9 +94,29 @@ async fn agent(args: AgentRunArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give the device key with --key-file FILE or GEORELAY_DEVICE_KEY"),
     };
-    if !args.stdin && args.watch.is_none() {
-        bail!("give --stdin and/or --watch DIR: where readings come from");
+    if !args.stdin && args.watch.is_none() && args.listen_lines.is_none() {
+        bail!("give --stdin, --watch DIR and/or --listen-lines ADDR: where readings come from");
     }
+    let lines = match &args.listen_lines {
+        Some(listen) => {
+            if !(1..=100_000).contains(&args.lines_max_connections) {
+                bail!("--lines-max-connections must be 1 to 100000");
+            }
+            if args.lines_idle_timeout < std::time::Duration::from_secs(1) {
+                bail!("--lines-idle-timeout must be at least 1s");
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} for local devices' lines"))?;
+            println!("lines on {}", listener.local_addr()?);
+            let config = georelay_agent::lines::LinesConfig {
+                max_connections: args.lines_max_connections,
+                idle_timeout: args.lines_idle_timeout,
+            };
+            Some((listener, config))
+        }
+        None => None,
+    };
     let stop = service::shutdown_on_signal();
     georelay_agent::run(
         AgentConfig {
@@ -106,6 +126,7 @@ async fn agent(args: AgentRunArgs) -> anyhow::Result<()> {
             state_dir: args.state.state_dir,
             read_stdin: args.stdin,
             watch: args.watch,
+            lines,
             max_buffer: args.max_buffer.max(1),
         },
         stop,

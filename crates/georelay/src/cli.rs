@@ -134,6 +134,16 @@ pub struct AgentRunArgs {
     /// Take readings from files dropped into this folder
     #[arg(long, env = "GEORELAY_WATCH_DIR")]
     pub watch: Option<std::path::PathBuf>,
+    /// Accept local devices' lines (`Type:Value,SensorId`) over TCP on this
+    /// address; each is answered `OK <seq>` once buffered (the address is printed)
+    #[arg(long, env = "GEORELAY_LISTEN_LINES")]
+    pub listen_lines: Option<String>,
+    /// Most local devices connected at once
+    #[arg(long, env = "GEORELAY_LINES_MAX_CONNECTIONS", default_value_t = 256)]
+    pub lines_max_connections: usize,
+    /// A local device's connection silent this long is closed
+    #[arg(long, env = "GEORELAY_LINES_IDLE_TIMEOUT", default_value = "10m", value_parser = duration)]
+    pub lines_idle_timeout: Duration,
     /// Most records kept in the buffer; when full, input waits
     #[arg(long, env = "GEORELAY_MAX_BUFFER", default_value_t = 1_000_000)]
     pub max_buffer: u64,
