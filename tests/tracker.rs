@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 
 const IMEI: &str = "356307042441013";
 /// 2026-11-30 00:00:00 UTC in ms: the tests' readings start here.
-const T0: u64 = 1_796_083_200_000;
+const T0: u64 = 1_795_996_800_000;
 
 /// Ingest with the Teltonika listener on a free port; its address.
 fn ingest_with_trackers(stack: &Stack) -> (Service, String) {

@@ -28,6 +28,9 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Run the drain worker (regional queues in, PostgreSQL out, in order)
     Drain(DrainArgs),
+    /// Run the rollup worker: tumbling-window aggregates (count, sum, min,
+    /// max) of stored telemetry in telemetry_rollups, exactly once
+    Rollup(RollupArgs),
     /// Serve the SRE console: groups, namespaces, processes, events and
     /// devices, live in a browser; actions after signing in with
     /// GEORELAY_CONSOLE_TOKEN (read-only without it)
@@ -185,6 +188,20 @@ pub struct SimulateArgs {
     /// Longest pause between retries (back-off doubles from 200 ms up to this)
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub max_backoff: Duration,
+}
+
+/// Rollup worker settings; every flag can also come from the environment.
+#[derive(Debug, Args)]
+pub struct RollupArgs {
+    /// Address for /healthz and /metrics (port 0 picks a free one; the address is printed)
+    #[arg(long, env = "GEORELAY_ROLLUP_LISTEN", default_value = "0.0.0.0:9091")]
+    pub listen: String,
+    /// How often it looks for newly stored rows
+    #[arg(long, env = "GEORELAY_ROLLUP_POLL", default_value = "500ms", value_parser = duration)]
+    pub poll_interval: Duration,
+    /// Rollup lease length; a standby takes over this long after the holder died
+    #[arg(long, env = "GEORELAY_ROLLUP_LEASE", default_value = "10s", value_parser = duration)]
+    pub lease: Duration,
 }
 
 /// Console settings; every flag can also come from the environment. The

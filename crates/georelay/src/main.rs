@@ -24,9 +24,11 @@ use crate::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(match cli.command {
-        Command::Ingest(_) | Command::Drain(_) | Command::Console(_) | Command::Agent(_) => {
-            "info,async_nats=warn"
-        }
+        Command::Ingest(_)
+        | Command::Drain(_)
+        | Command::Rollup(_)
+        | Command::Console(_)
+        | Command::Agent(_) => "info,async_nats=warn",
         _ => "warn",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -62,6 +64,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin(cmd) => admin::run(cmd).await,
         Command::Ingest(args) => service::ingest(args).await,
         Command::Drain(args) => service::drain(args).await,
+        Command::Rollup(args) => service::rollup(args).await,
         Command::Console(args) => service::console(args).await,
         Command::Agent(cmd) => agent::run(cmd).await,
         #[cfg(feature = "chaos")]

@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-use crate::cli::{ConsoleArgs, DrainArgs, IngestArgs};
+use crate::cli::{ConsoleArgs, DrainArgs, IngestArgs, RollupArgs};
 use crate::config;
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
@@ -92,6 +92,24 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     config::check_master_key(&pool, &master).await?;
     let listener = bind(&args.listen).await?;
     georelay_drain::run(drain, pool, master, listener, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+pub async fn rollup(args: RollupArgs) -> anyhow::Result<()> {
+    if !(Duration::from_millis(50)..=Duration::from_secs(60)).contains(&args.poll_interval) {
+        anyhow::bail!("--poll-interval must be between 50ms and 1m");
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&args.lease) {
+        anyhow::bail!("--lease must be between 1s and 1h");
+    }
+    let config = georelay_rollup::Config {
+        poll_interval: args.poll_interval,
+        lease: args.lease,
+        ..georelay_rollup::Config::default()
+    };
+    let pool = config::database_with(4).await?;
+    let listener = bind(&args.listen).await?;
+    georelay_rollup::run(config, pool, listener, shutdown_on_signal()).await?;
     Ok(())
 }
 
