@@ -463,7 +463,8 @@ impl Scale {
 }
 
 #[tokio::test]
-async fn a_scale_on_the_lan_gets_ok_only_once_buffered_and_a_kill_9_after_it_loses_nothing() {
+async fn a_scale_on_the_lan_gets_ok_only_once_buffered_a_kill_9_after_it_loses_nothing_and_its_weights_are_rolled_up(
+) {
     let stack = Stack::start(&["eu-west"]).await.unwrap();
     let device = stack.device("plug-lan").await.unwrap();
     let (ingest, _drain) = up(&stack);
@@ -534,4 +535,25 @@ async fn a_scale_on_the_lan_gets_ok_only_once_buffered_and_a_kill_9_after_it_los
         let at = p["captured_at"].as_str().unwrap();
         assert!(at.starts_with("20") && at.ends_with('Z'), "{at}");
     }
+
+    // And on into the windows: the scale's weights per sensor and type.
+    let _rollup = Service::start(&stack.db, "rollup", &["--poll-interval", "100ms"]).unwrap();
+    let weights = || async {
+        sqlx::query_as::<_, (Option<i64>, Option<f64>, Option<f64>, Option<f64>)>(
+            "SELECT sum(count)::bigint, sum(sum), min(min), max(max) FROM telemetry_rollups
+             WHERE device_id = 'plug-lan' AND sensor = 'Scale.Arduino' AND field = 'Weight'
+               AND window_seconds = 180",
+        )
+        .fetch_one(stack.db.pool())
+        .await
+        .unwrap()
+    };
+    let rolled = wait_until(Duration::from_secs(30), || async {
+        weights().await.0 == Some(3)
+    })
+    .await;
+    assert!(rolled, "{:?}", weights().await);
+    let (_, sum, min, max) = weights().await;
+    assert!((sum.unwrap() - 38.8).abs() < 1e-9, "{sum:?}");
+    assert_eq!((min, max), (Some(12.3), Some(13.5)));
 }

@@ -9,7 +9,7 @@ use georelay_agent::{AgentConfig, SimDevice, SimulateConfig};
 use georelay_core::{DeviceId, DeviceKey};
 use std::path::Path;
 
-use crate::cli::{AgentCmd, AgentRequeueArgs, AgentRunArgs, SimulateArgs};
+use crate::cli::{AgentCmd, AgentRequeueArgs, AgentRunArgs, SimulateArgs, SimulateTrackerArgs};
 use crate::{config, service};
 
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
@@ -17,7 +17,87 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
         AgentCmd::Run(args) => agent(args).await,
         AgentCmd::Simulate(args) => simulate(args).await,
         AgentCmd::Requeue(args) => requeue(args).await,
+        AgentCmd::SimulateTracker(args) => simulate_tracker(args).await,
     }
+}
+
+/// A Teltonika tracker: readings at a rate, one packet per
+/// `records_per_packet` readings, each sent again (reconnecting when needed)
+/// until the server acknowledges all of it.
+async fn simulate_tracker(args: SimulateTrackerArgs) -> anyhow::Result<()> {
+    use georelay_ingest::tracker::teltonika::encode::{handshake, packet, Avl, Codec};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    DeviceId::parse(&args.imei).with_context(|| format!("--imei {:?}", args.imei))?;
+    let stop = service::shutdown_on_signal();
+    let until = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let every = std::time::Duration::from_secs_f64(f64::from(args.records_per_packet) / args.rate);
+    let mut stream: Option<tokio::net::TcpStream> = None;
+    let (mut acked, mut n) = (0u64, 0u64);
+    let mut next = tokio::time::Instant::now();
+    while !stop.is_cancelled() && until.is_none_or(|u| tokio::time::Instant::now() < u) {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        next += every;
+        let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        let records: Vec<Avl> = (0..u64::from(args.records_per_packet))
+            .map(|i| {
+                let mut r = Avl::at(now_ms + i);
+                // A vehicle circling the demo's city, speed varying.
+                let t = (n + i) as f64 / 60.0;
+                r.longitude = 25.28 + 0.01 * t.cos();
+                r.latitude = 54.69 + 0.01 * t.sin();
+                r.speed = 30 + ((n + i) % 40) as u16;
+                r
+            })
+            .collect();
+        n += records.len() as u64;
+        let bytes = packet(Codec::C8, &records);
+        loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            let sent = async {
+                if stream.is_none() {
+                    let mut s = tokio::net::TcpStream::connect(&args.addr).await?;
+                    s.write_all(&handshake(&args.imei)).await?;
+                    let mut answer = [0u8; 1];
+                    s.read_exact(&mut answer).await?;
+                    anyhow::ensure!(
+                        answer[0] == 1,
+                        "refused at the handshake (is {} a registered, enabled device?)",
+                        args.imei
+                    );
+                    stream = Some(s);
+                }
+                let s = stream.as_mut().context("not connected")?;
+                s.write_all(&bytes).await?;
+                let mut answer = [0u8; 4];
+                s.read_exact(&mut answer).await?;
+                Ok::<u32, anyhow::Error>(u32::from_be_bytes(answer))
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(30), sent).await {
+                Ok(Ok(k)) if k as usize == records.len() => {
+                    acked += u64::from(k);
+                    break;
+                }
+                Ok(Ok(_)) => tracing::warn!("packet not acknowledged: sending it again"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "tracker connection failed: reconnecting");
+                    stream = None;
+                }
+                Err(_) => {
+                    tracing::warn!("no answer within 30 s: reconnecting");
+                    stream = None;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+    println!("tracker {}: {acked} records acknowledged", args.imei);
+    Ok(())
 }
 
 async fn requeue(args: AgentRequeueArgs) -> anyhow::Result<()> {

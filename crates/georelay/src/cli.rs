@@ -90,6 +90,28 @@ pub enum AgentCmd {
     /// line, to be sent again under their own seqs: after fixing what made
     /// the server refuse them
     Requeue(AgentRequeueArgs),
+    /// A simulated Teltonika tracker (Codec 8 over TCP): a reading at
+    /// `--rate` a second, each packet sent again until acknowledged
+    SimulateTracker(SimulateTrackerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateTrackerArgs {
+    /// The ingest's --listen-teltonika address (HOST:PORT)
+    #[arg(long)]
+    pub addr: String,
+    /// The tracker's IMEI: a registered device id
+    #[arg(long)]
+    pub imei: String,
+    /// Readings a second
+    #[arg(long, default_value_t = 1.0, value_parser = rate)]
+    pub rate: f64,
+    /// Records per packet
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=50))]
+    pub records_per_packet: u8,
+    /// Stop after this long (default: until stopped)
+    #[arg(long, value_parser = duration)]
+    pub duration: Option<Duration>,
 }
 
 /// An agent's state directory.
