@@ -9,7 +9,8 @@
 //!   record: `{"captured_at", "gateway", "sensor", "type", "value"}` — the
 //!   agent's clock when the line arrived, this agent's device id, the
 //!   sensor id (or null), the type, and the value as a number.
-//! - Answers: `OK <seq>` (`OK <first>-<last>` for several pairs) once every
+//! - Answers: `OK <seq>` (for several pairs, the last one's: the line's
+//!   records take consecutive seqs up to it) once every
 //!   record of the line is committed to the buffer (a kill -9 after it loses
 //!   nothing); `ERR <reason>` for a malformed line, and the connection stays
 //!   open.
@@ -231,10 +232,11 @@ async fn connection(
                 match push(buffer, &refs, stop).await {
                     Ok(seqs) => {
                         wake.notify_one();
-                        match (seqs.first(), seqs.last()) {
-                            (Some(a), Some(b)) if a != b => format!("OK {a}-{b}\r\n"),
-                            (Some(a), _) => format!("OK {a}\r\n"),
-                            _ => "ERR nothing to take\r\n".to_owned(),
+                        // One number, as the original protocol has it: a
+                        // line's records take consecutive seqs up to it.
+                        match seqs.last() {
+                            Some(last) => format!("OK {last}\r\n"),
+                            None => "ERR nothing to take\r\n".to_owned(),
                         }
                     }
                     // Stopping while the buffer is full: not taken, no answer.
