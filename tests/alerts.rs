@@ -7,7 +7,7 @@
 //! evaluates every second. Needs `prometheus` (Debian's package; `./dev
 //! test` installs it).
 
-use georelay_testkit::{wait_until, Stack, TestDevice, DRAIN_TEST_ARGS, INGEST_TEST_ARGS};
+use georelay_testkit::{wait_until, Stack, DRAIN_TEST_ARGS, INGEST_TEST_ARGS};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -127,21 +127,6 @@ fn metrics_named() -> Vec<String> {
     names
 }
 
-async fn send(device: &TestDevice, base: &str, seqs: std::ops::RangeInclusive<u64>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    for seq in seqs {
-        for _ in 0..100 {
-            if matches!(device.post(&http, base, seq).await, Ok((202, _))) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_drain_blocked_alert_fires_through_prometheus_and_resolves() {
     let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
@@ -149,12 +134,18 @@ async fn the_drain_blocked_alert_fires_through_prometheus_and_resolves() {
     let drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
     let prometheus = start_prometheus(&ingest.addr().to_string(), &drain.addr().to_string());
     let device = stack.device("plug-alert").await.unwrap();
-    send(&device, &ingest.url(), 1..=5).await;
+    device
+        .post_until_accepted(&ingest.url(), 1..=5)
+        .await
+        .unwrap();
 
     // The old region dies with the senders on it: they fail over, and the
     // worker cannot read epoch 1 there.
     stack.regions[0].kill();
-    send(&device, &ingest.url(), 6..=10).await;
+    device
+        .post_until_accepted(&ingest.url(), 6..=10)
+        .await
+        .unwrap();
     let fired = wait_until(Duration::from_secs(60), || async {
         alert_states(&prometheus, "GeorelayDrainBlocked")
             .await

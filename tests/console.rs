@@ -10,9 +10,7 @@
 //! session, or with another session's form token, changes nothing. A
 //! screenshot is saved under `target/tmp/console/`.
 
-use georelay_testkit::{
-    master_key, wait_until, Stack, TestDevice, DRAIN_TEST_ARGS, GROUP, INGEST_TEST_ARGS,
-};
+use georelay_testkit::{master_key, wait_until, Stack, DRAIN_TEST_ARGS, GROUP, INGEST_TEST_ARGS};
 use serde_json::{json, Value};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -184,21 +182,6 @@ impl Browser {
     }
 }
 
-async fn send(device: &TestDevice, base: &str, seqs: std::ops::RangeInclusive<u64>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    for seq in seqs {
-        for _ in 0..100 {
-            if matches!(device.post(&http, base, seq).await, Ok((202, _))) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 /// The group section's `data-*` attribute `name` on the open page.
 async fn group_attr(browser: &Browser, name: &str) -> String {
     browser
@@ -234,7 +217,10 @@ async fn the_console_follows_a_failover_live_and_fails_back_through_its_form() {
         shutdown.clone(),
     ));
     let device = stack.device("plug-console").await.unwrap();
-    send(&device, &ingest.url(), 1..=5).await;
+    device
+        .post_until_accepted(&ingest.url(), 1..=5)
+        .await
+        .unwrap();
 
     let browser = Browser::start().await;
 
@@ -276,7 +262,10 @@ async fn the_console_follows_a_failover_live_and_fails_back_through_its_form() {
 
     // The priority-10 region dies with the senders on it.
     stack.regions[0].kill();
-    send(&device, &ingest.url(), 6..=10).await;
+    device
+        .post_until_accepted(&ingest.url(), 6..=10)
+        .await
+        .unwrap();
     let failover = wait_until(Duration::from_secs(30), || async {
         group_attr(&browser, "state").await == "failover"
     })

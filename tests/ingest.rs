@@ -595,11 +595,12 @@ async fn with_the_failover_bit_off_a_down_region_gets_503_and_nothing_moves() {
         (1, stack.namespace_ids[0]),
         "nothing moved"
     );
-    let moves: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM failover_events WHERE kind <> 'group_created'")
-            .fetch_one(stack.db.pool())
-            .await
-            .unwrap();
+    let moves: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM failover_events WHERE kind NOT IN ('group_created', 'failover_off')",
+    )
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap();
     assert_eq!(moves, 0);
     // The region comes back: records flow again, where they were.
     stack.regions[0].restart().unwrap();
@@ -1042,4 +1043,103 @@ async fn a_bad_key_row_refuses_that_row_only() {
     let refused = bad.post(&http, &ingest.url(), 1).await.unwrap();
     assert_eq!(refused.0, 401, "{:?}", refused.1);
     assert_eq!(refused.1["error"]["code"], "unauthorized");
+}
+
+/// A device moved to another group while records of it are still queued in
+/// its old group would have them stored after its newer ones (issue 13).
+/// The database refuses the move (GR014) while an ingest instance may still
+/// report acknowledgements of it, and while what ingest acknowledged in the
+/// old group is not stored; once it is, the move goes through.
+#[tokio::test]
+async fn a_disabled_device_changes_group_only_once_what_ingest_acknowledged_is_stored() {
+    use sqlx::postgres::PgDatabaseError;
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let pool = stack.db.pool();
+    georelay_store::control::add_group(
+        pool,
+        "g2",
+        "telemetry2",
+        "eu-west",
+        &georelay_store::control::Actor {
+            actor: "test".into(),
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+    // Acknowledgements are complete 3 s after a disable: cache 1 s + deadline 2 s.
+    let ingest = stack
+        .ingest(&[
+            "--publish-deadline",
+            "1s",
+            "--request-deadline",
+            "2s",
+            "--lease",
+            "2s",
+            "--device-cache-ttl",
+            "1s",
+        ])
+        .unwrap();
+    let device = stack.device("plug-mover").await.unwrap();
+    // No worker yet: what ingest acknowledges stays queued.
+    device
+        .post_until_accepted(&ingest.url(), 1..=5)
+        .await
+        .unwrap();
+    georelay_store::control::set_device_enabled(pool, "plug-mover", false)
+        .await
+        .unwrap();
+    let try_move = || async {
+        sqlx::query(
+            "UPDATE devices SET group_id = (SELECT id FROM routing_groups WHERE name = 'g2')
+             WHERE id = 'plug-mover'",
+        )
+        .execute(pool)
+        .await
+    };
+    let refusal = |e: sqlx::Error| {
+        let pg = e
+            .as_database_error()
+            .and_then(|e| e.try_downcast_ref::<PgDatabaseError>())
+            .map(|pg| {
+                (
+                    pg.code().to_owned(),
+                    pg.message().to_owned(),
+                    pg.hint().map(str::to_owned),
+                )
+            })
+            .unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(pg.0, "GR014", "{pg:?}");
+        assert!(pg.2.is_some_and(|h| !h.is_empty()), "a hint");
+        pg.1
+    };
+    // At once: ingest may still acknowledge records it admitted before.
+    let first = refusal(try_move().await.unwrap_err());
+    assert!(first.contains("not reported"), "{first}");
+    // Reported now (horizon 3 s), but queued: still refused, saying where.
+    let reported = wait_until(Duration::from_secs(20), || async {
+        match try_move().await {
+            Err(e) => refusal(e).contains("still has records queued"),
+            Ok(_) => panic!("moved while its records were queued"),
+        }
+    })
+    .await;
+    assert!(reported, "the acknowledgements were never reported");
+    let message = refusal(try_move().await.unwrap_err());
+    assert!(message.contains("up to seq 5"), "{message}");
+
+    // The worker stores them: the move goes through.
+    let _drain = stack.drain(georelay_testkit::DRAIN_TEST_ARGS).unwrap();
+    let stored = wait_until(Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM telemetry WHERE device_id = 'plug-mover'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+            == 5
+    })
+    .await;
+    assert!(stored);
+    try_move().await.unwrap();
 }

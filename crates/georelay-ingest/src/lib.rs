@@ -77,6 +77,9 @@ pub struct Settings {
     pub servicebus_lock_duration: Duration,
     /// The CA of `tls://` NATS servers, if the system does not trust it.
     pub nats_ca_file: Option<std::path::PathBuf>,
+    /// How long a device's cached key and state are trusted without a
+    /// notification: at worst, how long a disabled device is still accepted.
+    pub device_cache_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -93,6 +96,7 @@ impl Default for Settings {
             servicebus_max_message: georelay_transport::SERVICEBUS_STANDARD_MAX_MESSAGE,
             servicebus_lock_duration: georelay_transport::SERVICEBUS_LOCK_DURATION,
             nats_ca_file: None,
+            device_cache_ttl: georelay_store::keys::KNOWN_TTL,
         }
     }
 }
@@ -109,6 +113,7 @@ pub struct Config {
     pub(crate) servicebus_max_message: usize,
     pub(crate) servicebus_lock_duration: Duration,
     pub(crate) nats_ca_file: Option<std::path::PathBuf>,
+    pub(crate) device_cache_ttl: Duration,
     /// Bound on a whole records request, failovers included: longer than
     /// the publish deadline, so a publish can finish within it.
     pub(crate) request_deadline: Duration,
@@ -176,12 +181,14 @@ impl Config {
             100 * 1024 * 1024,
         )?;
         georelay_transport::check_servicebus_lock_duration(s.servicebus_lock_duration)?;
+        check_range("device-cache-ttl", s.device_cache_ttl, ms(1000), hour)?;
         Ok(Self {
             publish_deadline: s.publish_deadline,
             broker_request_deadline: Duration::from_secs(5),
             servicebus_max_message: s.servicebus_max_message,
             servicebus_lock_duration: s.servicebus_lock_duration,
             nats_ca_file: s.nats_ca_file.clone(),
+            device_cache_ttl: s.device_cache_ttl,
             request_deadline: s.request_deadline,
             breaker: BreakerConfig {
                 slow: s.breaker_slow,
@@ -202,6 +209,15 @@ impl Config {
             body_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(15),
         })
+    }
+}
+
+impl Config {
+    /// How long after a device is disabled this instance may still
+    /// acknowledge a record of it: a request admitted under a cached key
+    /// (at worst the cache's life) and published within the deadline.
+    pub(crate) fn ack_horizon(&self) -> Duration {
+        self.device_cache_ttl + self.request_deadline
     }
 }
 
@@ -294,12 +310,18 @@ pub async fn run(
         Beat {
             epochs: &senders.acked_epochs(),
             open_breakers: &senders.open_breakers(),
+            acks: &[],
+            ack_horizon: config.ack_horizon(),
         },
     )
     .await?;
     senders.lease.renewed(started);
 
-    let devices = Arc::new(Devices::new(pool.clone(), master.clone()));
+    let devices = Arc::new(Devices::with_ttl(
+        pool.clone(),
+        master.clone(),
+        config.device_cache_ttl,
+    ));
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
     let loops = TaskTracker::new();
@@ -337,6 +359,7 @@ pub async fn run(
     });
 
     let accepting = Arc::new(AtomicBool::new(true));
+    let last_acks = senders.clone();
     let state = Arc::new(http::App {
         config: Arc::new(config.clone()),
         senders,
@@ -406,6 +429,18 @@ pub async fn run(
     loops.close();
     loops.wait().await;
     if finished {
+        // The acknowledgements since the last heartbeat, before the row goes.
+        let acks = last_acks.take_acks();
+        let last = Beat {
+            acks: &acks,
+            ack_horizon: config.ack_horizon(),
+            ..Beat::default()
+        };
+        if let Err(e) =
+            instances::heartbeat(&pool, instance, Role::Ingest, config.lease, last).await
+        {
+            tracing::warn!(error = %e, "could not write the last acknowledgements");
+        }
         if let Err(e) = instances::deregister(&pool, instance).await {
             tracing::warn!(error = %e, "could not deregister; the lease will lapse instead");
         }
@@ -436,15 +471,22 @@ async fn heartbeat_loop(
         let started = Instant::now();
         let epochs = senders.acked_epochs();
         let open_breakers = senders.open_breakers();
+        let acks = senders.take_acks();
         let beat = Beat {
             epochs: &epochs,
             open_breakers: &open_breakers,
+            acks: &acks,
+            ack_horizon: config.ack_horizon(),
         };
         let beat = tokio::time::timeout(
             config.lease,
             instances::heartbeat(&pool, instance, Role::Ingest, config.lease, beat),
         )
         .await;
+        if !matches!(beat, Ok(Ok(()))) {
+            // Written again next time (the upsert keeps the highest).
+            senders.restore_acks(acks);
+        }
         match beat {
             Ok(Ok(())) => {
                 senders.lease.renewed(started);

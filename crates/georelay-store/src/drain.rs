@@ -765,6 +765,13 @@ pub async fn follow_trail(
     .bind(epoch + 1)
     .execute(&mut *tx)
     .await?;
+    // What ingest acknowledged in drained epochs is stored (or given up):
+    // nothing reads those rows any more.
+    sqlx::query("DELETE FROM device_acks WHERE group_id = $1 AND epoch <= $2")
+        .bind(group_id)
+        .bind(epoch)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Some(to))
 }

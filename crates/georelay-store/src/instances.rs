@@ -34,6 +34,12 @@ pub struct Beat<'a> {
     pub epochs: &'a [(i64, i64)],
     /// Names of the namespaces whose breaker is open here (ingest).
     pub open_breakers: &'a [String],
+    /// `(group_id, epoch, device, highest seq)` acknowledged since the last
+    /// heartbeat (ingest): written to `device_acks`.
+    pub acks: &'a [(i64, i64, String, i64)],
+    /// How long after a device is disabled this instance may still
+    /// acknowledge a record of it (ingest; `instances.ack_horizon_s`).
+    pub ack_horizon: Duration,
 }
 
 /// Renews (or, if an operator deleted it, re-creates) the instance row and
@@ -48,10 +54,11 @@ pub async fn heartbeat(
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO instances (id, role, hostname, pid, heartbeat_at, lease_until, records_publishes, open_breakers)
-         VALUES ($1, $2, $3, $4, now(), now() + make_interval(secs => $5), true, $6)
+        "INSERT INTO instances (id, role, hostname, pid, heartbeat_at, lease_until, records_publishes, open_breakers, ack_horizon_s)
+         VALUES ($1, $2, $3, $4, now(), now() + make_interval(secs => $5), true, $6, $7)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), lease_until = EXCLUDED.lease_until,
-                                        records_publishes = true, open_breakers = EXCLUDED.open_breakers",
+                                        records_publishes = true, open_breakers = EXCLUDED.open_breakers,
+                                        ack_horizon_s = EXCLUDED.ack_horizon_s",
     )
     .bind(id)
     .bind(role.as_str())
@@ -59,6 +66,7 @@ pub async fn heartbeat(
     .bind(i32::try_from(std::process::id()).ok())
     .bind(lease.as_secs_f64())
     .bind(beat.open_breakers)
+    .bind(beat.ack_horizon.as_secs_f64())
     .execute(&mut *tx)
     .await?;
     // Rows of processes that died without deregistering (kill -9), long
@@ -79,6 +87,26 @@ pub async fn heartbeat(
         .bind(id)
         .bind(&groups)
         .bind(&epochs)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !beat.acks.is_empty() {
+        let groups: Vec<i64> = beat.acks.iter().map(|a| a.0).collect();
+        let epochs: Vec<i64> = beat.acks.iter().map(|a| a.1).collect();
+        let devices: Vec<&str> = beat.acks.iter().map(|a| a.2.as_str()).collect();
+        let seqs: Vec<i64> = beat.acks.iter().map(|a| a.3).collect();
+        sqlx::query(
+            "INSERT INTO device_acks AS a (device_id, group_id, epoch, acked_through)
+             SELECT d, g, e, s FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) AS u(g, e, d, s)
+             WHERE EXISTS (SELECT 1 FROM devices WHERE id = d)
+               AND EXISTS (SELECT 1 FROM routing_groups WHERE id = g)
+             ON CONFLICT (device_id, group_id, epoch) DO UPDATE
+                 SET acked_through = greatest(a.acked_through, EXCLUDED.acked_through), acked_at = now()",
+        )
+        .bind(&groups)
+        .bind(&epochs)
+        .bind(&devices)
+        .bind(&seqs)
         .execute(&mut *tx)
         .await?;
     }

@@ -41,15 +41,24 @@ pub struct Devices {
     master: Arc<MasterKey>,
     cache: RwLock<HashMap<String, Entry>>,
     lookups: tokio::sync::Semaphore,
+    /// How long a known device's entry is trusted without a notification.
+    known_ttl: Duration,
 }
 
 impl Devices {
     pub fn new(pool: PgPool, master: Arc<MasterKey>) -> Self {
+        Self::with_ttl(pool, master, KNOWN_TTL)
+    }
+
+    /// [`new`](Self::new) with another life for known devices' entries: at
+    /// worst, how long a disabled device is still accepted.
+    pub fn with_ttl(pool: PgPool, master: Arc<MasterKey>, known_ttl: Duration) -> Self {
         Self {
             pool,
             master,
             cache: RwLock::new(HashMap::new()),
             lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
+            known_ttl,
         }
     }
 
@@ -94,7 +103,7 @@ impl Devices {
     /// The cached answer for `id`, if there is a fresh one.
     fn cached(&self, id: &str) -> Option<Result<Option<Arc<DeviceAuth>>, StoreError>> {
         match self.cache.read().get(id) {
-            Some(Entry::Known(auth, at)) if at.elapsed() < KNOWN_TTL => {
+            Some(Entry::Known(auth, at)) if at.elapsed() < self.known_ttl => {
                 Some(Ok(Some(auth.clone())))
             }
             Some(Entry::Unknown(at)) if at.elapsed() < UNKNOWN_TTL => Some(Ok(None)),

@@ -424,6 +424,35 @@ impl TestDevice {
         let body = response.json().await.unwrap_or(serde_json::Value::Null);
         Ok((status, body))
     }
+
+    /// POSTs each record of `seqs` until it is accepted (202), retrying
+    /// every 100 ms through a failover; an error if one never is (10 s).
+    pub async fn post_until_accepted(
+        &self,
+        base: &str,
+        seqs: std::ops::RangeInclusive<u64>,
+    ) -> anyhow::Result<()> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        for seq in seqs {
+            let mut last = None;
+            for _ in 0..100 {
+                match self.post(&http, base, seq).await {
+                    Ok((202, _)) => {
+                        last = None;
+                        break;
+                    }
+                    other => last = Some(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if let Some(last) = last {
+                bail!("record {seq} of {} was never accepted: {last}", self.id);
+            }
+        }
+        Ok(())
+    }
 }
 
 fn now_micros() -> i64 {

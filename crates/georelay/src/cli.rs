@@ -343,6 +343,12 @@ pub struct IngestArgs {
     /// the system does not trust it)
     #[arg(long, env = "GEORELAY_NATS_CA_FILE")]
     pub nats_ca_file: Option<std::path::PathBuf>,
+    /// How long a device's cached key and state are trusted without a
+    /// database notification: at worst, how long a disabled device is still
+    /// accepted (and how long a disabled device waits before it may change
+    /// group)
+    #[arg(long, env = "GEORELAY_DEVICE_CACHE_TTL", default_value = "60s", value_parser = duration)]
+    pub device_cache_ttl: Duration,
     /// Also accept Teltonika trackers (Codec 8 and 8 Extended over TCP) on
     /// this address; each tracker is a registered device whose id is its IMEI
     #[arg(long, env = "GEORELAY_LISTEN_TELTONIKA")]

@@ -23,6 +23,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         servicebus_max_message: args.servicebus_max_message,
         servicebus_lock_duration: args.servicebus_lock_duration,
         nats_ca_file: args.nats_ca_file,
+        device_cache_ttl: args.device_cache_ttl,
     })?;
     let master = config::master_key()?;
     let pool = config::database_with(16).await?;

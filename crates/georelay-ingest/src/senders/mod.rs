@@ -27,6 +27,7 @@ use georelay_core::{envelope, DeviceId, MasterKey, SealedRecord};
 use georelay_store::routing::{load_routing, set_health, Health, Trouble};
 use georelay_store::{PgPool, StoreError};
 use georelay_transport::{ErrorKind, Limits, NamespacePool, TransportError};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
@@ -131,6 +132,9 @@ pub struct Senders {
     /// Namespaces left out of the routing (their key does not open), as
     /// last reported: an ERROR when the set changes, not at every reload.
     unopenable: parking_lot::Mutex<Vec<georelay_store::routing::Unopenable>>,
+    /// The highest seq acknowledged per `(group, epoch, device)` since the
+    /// last heartbeat wrote them (`device_acks`).
+    acks: parking_lot::Mutex<HashMap<(i64, i64), HashMap<DeviceId, u64>>>,
 }
 
 impl Senders {
@@ -157,6 +161,43 @@ impl Senders {
             metrics,
             reload_wanted: Notify::new(),
             unopenable: parking_lot::Mutex::default(),
+            acks: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// The acknowledgements noted since the last call, for the heartbeat:
+    /// `(group_id, epoch, device, highest seq)`.
+    pub fn take_acks(&self) -> Vec<(i64, i64, String, i64)> {
+        std::mem::take(&mut *self.acks.lock())
+            .into_iter()
+            .flat_map(|((g, e), devices)| {
+                devices.into_iter().map(move |(d, seq)| {
+                    (g, e, d.to_string(), i64::try_from(seq).unwrap_or(i64::MAX))
+                })
+            })
+            .collect()
+    }
+
+    /// Puts back acknowledgements a heartbeat could not write.
+    pub fn restore_acks(&self, acks: Vec<(i64, i64, String, i64)>) {
+        let mut map = self.acks.lock();
+        for (g, e, d, seq) in acks {
+            if let Ok(d) = DeviceId::parse(&d) {
+                let seq = u64::try_from(seq).unwrap_or(0);
+                let at = map.entry((g, e)).or_default().entry(d).or_insert(seq);
+                *at = (*at).max(seq);
+            }
+        }
+    }
+
+    fn note_acked(&self, group_id: i64, epoch: i64, device: &DeviceId, seq: u64) {
+        let mut map = self.acks.lock();
+        let devices = map.entry((group_id, epoch)).or_default();
+        match devices.get_mut(device) {
+            Some(at) => *at = (*at).max(seq),
+            None => {
+                devices.insert(device.clone(), seq);
+            }
         }
     }
 
@@ -296,11 +337,13 @@ impl Senders {
             };
             match self.publish(&entry, &target, &items).await {
                 Ok(()) => {
+                    let highest = records.iter().map(|r| r.seq).max().unwrap_or(0);
+                    self.note_acked(group_id, ticket.route.epoch, device, highest);
                     return Ok(Placement {
                         namespace: entry.info.name.clone(),
                         region: entry.info.region.clone(),
                         epoch: ticket.route.epoch,
-                    })
+                    });
                 }
                 Err(Failure::Unrecorded) => return Err(RouteError::EpochUnrecorded),
                 Err(Failure::Transient(e)) => {
