@@ -40,6 +40,8 @@ CREATE OR REPLACE FUNCTION devices_guard_group() RETURNS trigger LANGUAGE plpgsq
 DECLARE
     queued record;
     unreported record;
+    -- Disabled and moved in one statement: disabled now.
+    since timestamptz := CASE WHEN OLD.enabled THEN now() ELSE OLD.disabled_at END;
 BEGIN
     IF NEW.group_id = OLD.group_id THEN
         RETURN NEW;
@@ -49,15 +51,15 @@ BEGIN
             USING ERRCODE = 'GR012',
                   HINT = 'disable it (georelay admin device disable), wait until its group''s worker has stored what it sent, move it, then enable it';
     END IF;
-    SELECT i.hostname, i.pid, OLD.disabled_at + make_interval(secs => i.ack_horizon_s) AS until
+    SELECT i.hostname, i.pid, since + make_interval(secs => i.ack_horizon_s) AS until
       INTO unreported
       FROM instances i
-     WHERE i.role = 'ingest' AND OLD.disabled_at IS NOT NULL
-       AND i.lease_until > OLD.disabled_at
-       AND i.heartbeat_at < OLD.disabled_at + make_interval(secs => i.ack_horizon_s)
+     WHERE i.role = 'ingest' AND since IS NOT NULL
+       AND i.lease_until > since
+       AND i.heartbeat_at < since + make_interval(secs => i.ack_horizon_s)
      LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'device "%" was disabled at %: ingest on % (pid %) may still have acknowledged records of it that it has not reported', OLD.id, OLD.disabled_at, unreported.hostname, unreported.pid
+        RAISE EXCEPTION 'device "%" was disabled at %: ingest on % (pid %) may still have acknowledged records of it that it has not reported', OLD.id, since, unreported.hostname, unreported.pid
             USING ERRCODE = 'GR014',
                   HINT = 'try again after ' || unreported.until || ' (an ingest instance that died holds this until its row is cleaned up, an hour after its lease)';
     END IF;

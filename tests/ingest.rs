@@ -1086,6 +1086,18 @@ async fn a_disabled_device_changes_group_only_once_what_ingest_acknowledged_is_s
         .post_until_accepted(&ingest.url(), 1..=5)
         .await
         .unwrap();
+    let at_once = sqlx::query(
+        "UPDATE devices SET enabled = false, group_id = (SELECT id FROM routing_groups WHERE name = 'g2')
+         WHERE id = 'plug-mover'",
+    )
+    .execute(pool)
+    .await;
+    let pg = at_once.unwrap_err();
+    let code = pg
+        .as_database_error()
+        .and_then(|e| e.code())
+        .unwrap_or_default();
+    assert_eq!(code, "GR014", "disabled and moved in one statement: {pg}");
     georelay_store::control::set_device_enabled(pool, "plug-mover", false)
         .await
         .unwrap();

@@ -196,6 +196,10 @@ async fn careless_sql_on_a_live_stack_is_refused_and_records_keep_flowing() {
     let _drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
     let device = stack.device("plug-1").await.unwrap();
     let pool = stack.db.pool();
+    sqlx::query("INSERT INTO routing_groups (name, queue, sender_namespace_id) SELECT 'other', 'q-other', id FROM namespaces WHERE name = 'eu-north'")
+        .execute(pool)
+        .await
+        .unwrap();
     let statements = [
         "DELETE FROM routing_trail",
         "UPDATE routing_trail SET sealed_at = now(), drained_at = now()",
@@ -210,6 +214,9 @@ async fn careless_sql_on_a_live_stack_is_refused_and_records_keep_flowing() {
         "DELETE FROM epoch_publishes",
         "TRUNCATE epoch_publishes",
         "UPDATE routing_trail SET publishes_recorded = NOT publishes_recorded",
+        // a sending device moved: enabled (GR012), or disabled in the same breath (GR014)
+        "UPDATE devices SET group_id = (SELECT id FROM routing_groups WHERE name = 'other')",
+        "UPDATE devices SET enabled = false, group_id = (SELECT id FROM routing_groups WHERE name = 'other')",
     ];
     let mut sent = 0;
     for sql in statements {
