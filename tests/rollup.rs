@@ -126,6 +126,24 @@ async fn windows_equal_a_group_by_through_late_rows_a_slow_commit_and_a_kill_9()
         watermark(&stack).await < held,
         "the rollup passed a store_order whose transaction had not committed"
     );
+    // Held back, and it says so.
+    let metrics = georelay_testkit::metrics_text(&first.url()).await.unwrap();
+    let held_back: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("georelay_rollup_held_back_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no held-back gauge in\n{metrics}"));
+    assert!(held_back >= 1.0, "held back {held_back} s");
+    let status = georelay_testkit::georelay_command(&stack.db)
+        .unwrap()
+        .args(["admin", "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("ROLLUP") && status.contains("behind"),
+        "{status}"
+    );
     slow.commit().await.unwrap();
 
     // Late rows: readings from minute 0, stored after that window was rolled up.

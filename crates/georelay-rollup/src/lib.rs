@@ -176,6 +176,7 @@ struct Metrics {
     rows: IntCounter,
     behind: IntGauge,
     lease_held: IntGauge,
+    held_back: IntGauge,
 }
 
 impl Metrics {
@@ -196,11 +197,17 @@ impl Metrics {
         registry.register(Box::new(rows.clone()))?;
         registry.register(Box::new(behind.clone()))?;
         registry.register(Box::new(lease_held.clone()))?;
+        let held_back = IntGauge::new(
+            "georelay_rollup_held_back_seconds",
+            "How long the rollup has waited for a transaction that began before the rows it would read (0 when it is not waiting)",
+        )?;
+        registry.register(Box::new(held_back.clone()))?;
         Ok(Self {
             registry,
             rows,
             behind,
             lease_held,
+            held_back,
         })
     }
 
@@ -232,7 +239,13 @@ struct Pending {
     through: i64,
     read_at: Instant,
     xmax: Option<i64>,
+    /// When waiting for running transactions was last reported.
+    warned: Option<Instant>,
 }
+
+/// Waiting this long for transactions to finish is reported (WARN, and
+/// again each time as long).
+const SLOW_TRANSACTION: Duration = Duration::from_secs(30);
 
 /// Rolls up until `shutdown`; `/healthz` and `/metrics` on `listener`.
 pub async fn run(
@@ -332,6 +345,7 @@ impl Worker {
                         through,
                         read_at: Instant::now(),
                         xmax: None,
+                        warned: None,
                     });
                 } else if !rollup::renew_lease(&self.pool, &lease, config.lease).await? {
                     self.lost_lease();
@@ -357,15 +371,28 @@ impl Worker {
             Some(Pending {
                 through,
                 xmax: Some(xmax),
-                ..
+                read_at,
+                warned,
             }) => {
                 if rollup::xmin(&self.pool).await? < xmax {
                     // A transaction that may hold a lower store_order runs.
+                    self.metrics
+                        .held_back
+                        .set(read_at.elapsed().as_secs() as i64);
+                    if warned.unwrap_or(read_at).elapsed() >= SLOW_TRANSACTION {
+                        let holder = rollup::oldest_transaction(&self.pool).await?;
+                        tracing::error!(waiting = ?read_at.elapsed(), transaction = holder.as_deref().unwrap_or("none found"),
+                            "rollup held back: a transaction that began before the rows it would read is still open; it rolls up once that transaction ends (commit or roll it back, or end its session: pg_terminate_backend(pid))");
+                        if let Some(p) = self.pending.as_mut() {
+                            p.warned = Some(Instant::now());
+                        }
+                    }
                     if !rollup::renew_lease(&self.pool, &lease, config.lease).await? {
                         self.lost_lease();
                     }
                     return Ok(false);
                 }
+                self.metrics.held_back.set(0);
                 let rows = rollup::rows(&self.pool, watermark, through, config.batch_rows).await?;
                 let to = match rows.last() {
                     Some(last) if rows.len() as i64 == config.batch_rows => last.store_order,

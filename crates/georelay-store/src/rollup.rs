@@ -107,6 +107,43 @@ pub async fn xmin(pool: &PgPool) -> Result<i64, StoreError> {
     )
 }
 
+/// The rollup as `admin status` shows it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Progress {
+    pub watermark: i64,
+    /// `store_order` numbers handed out but not rolled up.
+    pub behind: i64,
+    pub updated_at: DateTime<Utc>,
+    /// Whether a worker holds the lease now.
+    pub held: bool,
+}
+
+pub async fn progress(pool: &PgPool) -> Result<Progress, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT store_order AS watermark,
+                greatest(coalesce(pg_sequence_last_value(pg_get_serial_sequence('telemetry', 'store_order')::regclass), 0) - store_order, 0) AS behind,
+                updated_at, lease_until > clock_timestamp() AS held
+         FROM rollup_progress WHERE id = 1",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// The oldest transaction with a transaction id still running anywhere on
+/// the server, in words: what holds the rollup back when it waits.
+pub async fn oldest_transaction(pool: &PgPool) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT format('pid %s on database %s (%s) open for %s s, last statement: %s',
+                       pid, datname, state, round(extract(epoch FROM now() - xact_start)),
+                       left(query, 120))
+         FROM pg_stat_activity
+         WHERE backend_xid IS NOT NULL AND xact_start IS NOT NULL
+         ORDER BY xact_start LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Where the rollup stands: every row with a lower or equal `store_order`
 /// is counted.
 pub async fn watermark(pool: &PgPool) -> Result<i64, StoreError> {

@@ -459,6 +459,19 @@ async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
         out.push_str(&t.render(2));
         out.push_str("  (georelay admin dead-letters list --reason R)\n");
     }
+    out.push_str("\nROLLUP\n");
+    let rollup = georelay_store::rollup::progress(pool).await?;
+    let held = if rollup.held {
+        "a worker holds the lease"
+    } else {
+        "NO WORKER holds the lease (start georelay rollup)"
+    };
+    out.push_str(&format!(
+        "  rolled up to store_order {}, {} behind, last advanced {}; {held}\n",
+        rollup.watermark,
+        rollup.behind,
+        time(rollup.updated_at)
+    ));
     out.push_str("\nPROCESSES\n");
     let processes = control::list_processes(pool).await?;
     if processes.is_empty() {
