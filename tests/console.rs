@@ -158,15 +158,23 @@ impl Browser {
 
     /// The text of the first element matching `css`, read in one script:
     /// the live part of the page is replaced under any element reference.
+    /// Empty while there is no such element, or while a page is loading
+    /// (the script then has no document to run in).
     async fn text(&self, css: &str) -> String {
         let css = serde_json::to_string(css).unwrap();
-        self.script(&format!(
-            "const e = document.querySelector({css}); return e ? e.innerText : '';"
-        ))
-        .await
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
+        let script =
+            format!("const e = document.querySelector({css}); return e ? e.innerText : '';");
+        let answer: Value = self
+            .http
+            .post(format!("{}/execute/sync", self.session))
+            .json(&json!({"script": script, "args": []}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["value"].as_str().unwrap_or_default().to_owned()
     }
 
     async fn screenshot(&self) -> Vec<u8> {
@@ -355,7 +363,12 @@ async fn the_console_follows_a_failover_live_and_fails_back_through_its_form() {
         .await;
     browser.type_into("#login input[name=token]", TOKEN).await;
     browser.click("#login button").await;
-    assert_eq!(browser.text("#user").await, "oncall-test");
+    // The click may return before the next page has loaded.
+    let signed_in = wait_until(Duration::from_secs(10), || async {
+        browser.text("#user").await == "oncall-test"
+    })
+    .await;
+    assert!(signed_in, "not signed in: {}", browser.text("body").await);
     browser
         .click("#move select[name=to] option[value=eu-west]")
         .await;
@@ -363,6 +376,10 @@ async fn the_console_follows_a_failover_live_and_fails_back_through_its_form() {
         .type_into("#move input[name=reason]", "failback after the drill")
         .await;
     browser.click("#move button").await;
+    wait_until(Duration::from_secs(10), || async {
+        !browser.text("#flash").await.is_empty()
+    })
+    .await;
     let flash = browser.text("#flash").await;
     assert!(
         flash.starts_with(&format!("group {GROUP}: senders moved eu-north -> eu-west")),
