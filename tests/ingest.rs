@@ -1155,3 +1155,70 @@ async fn a_disabled_device_changes_group_only_once_what_ingest_acknowledged_is_s
     assert!(stored);
     try_move().await.unwrap();
 }
+
+/// `GET /v1/devices/{id}/progress`: the stored seqs above `after`, as
+/// ranges (a gap stays a gap), to the device alone (HMAC under its key,
+/// within five minutes); anything else is the one 401 of the records routes.
+#[tokio::test]
+async fn a_device_learns_which_of_its_records_are_stored_and_nobody_else_does() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-progress").await.unwrap();
+    let stranger = stack.device("plug-other").await.unwrap();
+    let ingest = stack.ingest_in_process(settings()).await.unwrap();
+    // Stored as the drain stores them: 1..=5 and 7..=8 (6 not yet).
+    sqlx::query(
+        "INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
+         SELECT 'plug-progress', s, '{}', now(), $1, 1 FROM unnest('{1,2,3,4,5,7,8}'::bigint[]) s",
+    )
+    .bind(stack.namespace_ids[0])
+    .execute(stack.db.pool())
+    .await
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ask = |who: &TestDevice, key_of: &TestDevice, after: u64, t: i64, query: String| {
+        let header = georelay_core::progress::header(&key_of.key, &who.id, after, t);
+        let url = format!("{}/v1/devices/{}/progress{query}", ingest.url(), who.id);
+        async move {
+            let response = http()
+                .get(url)
+                .header(georelay_core::progress::HEADER, header)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap(), None)
+        }
+    };
+    let all = ask(&device, &device, 0, now, String::new()).await;
+    assert_eq!(all.0, 200, "{:?}", all.1);
+    assert_eq!(all.1["stored"], json!([[1, 5], [7, 8]]));
+    assert_eq!(all.1["complete"], true);
+    let later = ask(&device, &device, 5, now, "?after=5".into()).await;
+    assert_eq!(later.1["stored"], json!([[7, 8]]));
+
+    // Signed with another device's key, for another `after`, too old, or
+    // not at all: 401, the same answer as an unknown device.
+    let forged = ask(&device, &stranger, 0, now, String::new()).await;
+    assert_error(&forged, 401, "unauthorized", "another key");
+    let replayed = ask(&device, &device, 0, now, "?after=5".into()).await;
+    assert_error(&replayed, 401, "unauthorized", "signed for another after");
+    let stale = ask(&device, &device, 0, now - 600_000, String::new()).await;
+    assert_error(&stale, 401, "unauthorized", "ten minutes old");
+    let bare = http()
+        .get(format!(
+            "{}/v1/devices/{}/progress",
+            ingest.url(),
+            device.id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bare.status(), 401);
+    let bad = ask(&device, &device, 0, now, "?after=-1".into()).await;
+    assert_error(&bad, 400, "invalid_query", "a negative after");
+    let other = ask(&device, &device, 0, now, "?from=1".into()).await;
+    assert_error(&other, 400, "invalid_query", "an unknown parameter");
+}

@@ -20,6 +20,7 @@
 pub mod config;
 pub mod envelope;
 pub mod ids;
+pub mod progress;
 pub mod record;
 pub mod secret;
 pub mod triplet;

@@ -19,6 +19,7 @@ pub enum ErrorCode {
     InvalidRecord,
     NotJsonObject,
     InvalidDeviceId,
+    InvalidQuery,
     BadBatchSize,
     DuplicateSeq,
     BodyUnreadable,
@@ -43,11 +44,12 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::MalformedJson,
         Self::InvalidRecord,
         Self::NotJsonObject,
         Self::InvalidDeviceId,
+        Self::InvalidQuery,
         Self::BadBatchSize,
         Self::DuplicateSeq,
         Self::BodyUnreadable,
@@ -77,6 +79,7 @@ impl ErrorCode {
             Self::InvalidRecord => "invalid_record",
             Self::NotJsonObject => "not_json_object",
             Self::InvalidDeviceId => "invalid_device_id",
+            Self::InvalidQuery => "invalid_query",
             Self::BadBatchSize => "bad_batch_size",
             Self::DuplicateSeq => "duplicate_seq",
             Self::BodyUnreadable => "body_unreadable",

@@ -46,6 +46,8 @@ pub type AppState = Arc<App>;
 #[derive(Debug)]
 pub struct App {
     pub config: Arc<Config>,
+    /// The control plane and `telemetry` (progress answers).
+    pub pool: georelay_store::PgPool,
     pub senders: Arc<Senders>,
     pub devices: Arc<Devices>,
     pub metrics: Metrics,
@@ -66,7 +68,8 @@ pub struct App {
 pub fn app(state: AppState, with_metrics: bool) -> axum::Router {
     let api = axum::Router::new()
         .route("/v1/devices/{device_id}/telemetry", post(post_one))
-        .route("/v1/devices/{device_id}/telemetry/batch", post(post_batch));
+        .route("/v1/devices/{device_id}/telemetry/batch", post(post_batch))
+        .route("/v1/devices/{device_id}/progress", get(get_progress));
     let mut app = axum::Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
@@ -344,6 +347,92 @@ async fn post_batch(
 
 /// The device id from the path; one that does not percent-decode to UTF-8
 /// gets the same JSON error as any other bad id.
+/// Which of the device's records are stored: `{"device_id", "after",
+/// "stored": [[first, last], ...], "complete"}` for the seqs above `after`
+/// (`?after=N`, default 0), over at most 10,000 seqs (`complete` false: ask
+/// again after the last). Authenticated with an HMAC under the device key
+/// (header `x-georelay-progress-auth`, `georelay_core::progress`); any
+/// failure is the one 401 of the records routes. Reads only `telemetry`'s
+/// primary key.
+async fn get_progress(
+    State(state): State<AppState>,
+    device_id: Result<Path<String>, PathRejection>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let device = parse_device(device_id)?;
+    let mut after = 0u64;
+    for pair in uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("after", v)) => {
+                after = v
+                    .parse()
+                    .ok()
+                    .filter(|a| *a <= georelay_core::MAX_SEQ)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            ErrorCode::InvalidQuery,
+                            format!("after must be a seq from 0 to {}", georelay_core::MAX_SEQ),
+                        )
+                    })?;
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidQuery,
+                    format!("unknown query parameter {pair:?} (only after=N)"),
+                ))
+            }
+        }
+    }
+    let presented = headers
+        .get(georelay_core::progress::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized)?;
+    let auth = device_auth(&state, &device).await?;
+    let now_ms = unix_now_ms();
+    if !georelay_core::progress::verify(&auth.key, &device, after, presented, now_ms) {
+        return Err(ApiError::Unauthorized);
+    }
+    let _slot = working_slot(&state)?;
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let read = georelay_store::progress::stored_ranges(&state.pool, device.as_str(), after);
+    let (ranges, complete) = match tokio::time::timeout(state.config.request_deadline, read).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read a device's progress");
+            return Err(ApiError::unavailable(
+                ErrorCode::ControlPlaneUnavailable,
+                "progress cannot be read now; retry",
+                Duration::from_secs(1),
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::unavailable(
+                ErrorCode::Deadline,
+                "progress was not read within the request deadline; retry",
+                Duration::from_secs(1),
+            ))
+        }
+    };
+    Ok(Json(serde_json::json!({
+        "device_id": device.as_str(),
+        "after": after,
+        "stored": ranges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
+        "complete": complete,
+    })))
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn parse_device(id: Result<Path<String>, PathRejection>) -> Result<DeviceId, ApiError> {
     let Path(id) = id.map_err(|_| {
         ApiError::bad_request(

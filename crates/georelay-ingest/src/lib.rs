@@ -362,6 +362,7 @@ pub async fn run(
     let last_acks = senders.clone();
     let state = Arc::new(http::App {
         config: Arc::new(config.clone()),
+        pool: pool.clone(),
         senders,
         devices,
         metrics,

@@ -24,6 +24,7 @@ mod error;
 pub mod instances;
 pub mod keys;
 pub mod overview;
+pub mod progress;
 pub mod rollup;
 pub mod routing;
 
