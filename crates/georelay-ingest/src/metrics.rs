@@ -3,8 +3,8 @@
 //! from the control plane, not from requests.
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Debug, Clone)]
@@ -140,14 +140,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metrics.
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .is_err()
-        {
-            return String::new();
-        }
-        String::from_utf8(out).unwrap_or_default()
+        // Text encoding of well-formed metrics does not fail.
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
     }
 }

@@ -25,7 +25,7 @@
 use chrono::{DateTime, TimeZone as _, Utc};
 use georelay_store::rollup::{self, Aggregate, RollupLease, StoredRow};
 use georelay_store::{PgPool, StoreError};
-use prometheus::{Encoder as _, IntCounter, IntGauge, Registry, TextEncoder};
+use prometheus::{IntCounter, IntGauge, Registry, TextEncoder};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -212,14 +212,10 @@ impl Metrics {
     }
 
     fn render(&self) -> String {
-        let mut out = Vec::new();
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .is_err()
-        {
-            return String::new();
-        }
-        String::from_utf8(out).unwrap_or_default()
+        // Text encoding of well-formed metrics does not fail.
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
     }
 }
 
