@@ -154,12 +154,7 @@ async fn the_drain_blocked_alert_fires_through_prometheus_and_resolves() {
     .await;
     assert!(fired, "GeorelayDrainBlocked never fired");
     // `admin status` says so too, with the cause.
-    let status = georelay_testkit::georelay_command(&stack.db)
-        .unwrap()
-        .args(["admin", "status"])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = georelay_testkit::admin_status(&stack.db).unwrap();
     assert!(
         status.contains("BLOCKED for")
             && status.contains("cannot read epoch 1 on namespace eu-west"),

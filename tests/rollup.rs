@@ -73,6 +73,16 @@ async fn watermark(stack: &Stack) -> i64 {
         .unwrap()
 }
 
+/// `georelay_rollup_held_back_seconds` of a rollup worker.
+async fn held_back(rollup: &Service) -> f64 {
+    let metrics = georelay_testkit::metrics_text(&rollup.url()).await.unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("georelay_rollup_held_back_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no held-back gauge in\n{metrics}"))
+}
+
 /// Every stored row is rolled up.
 async fn caught_up(stack: &Stack) -> bool {
     watermark(stack).await >= last_store_order(stack).await
@@ -121,25 +131,18 @@ async fn windows_equal_a_group_by_through_late_rows_a_slow_commit_and_a_kill_9()
         .await
         .unwrap();
     store(stack.db.pool(), &stack, &[("b", 3, 4, 30, 1.5)]).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The worker has seen the rows and waits for the open transaction (it
+    // says so); it must not have passed the uncommitted store_order.
+    let waiting = wait_until(Duration::from_secs(10), || async {
+        held_back(&first).await >= 1.0
+    })
+    .await;
+    assert!(waiting, "never held back: {} s", held_back(&first).await);
     assert!(
         watermark(&stack).await < held,
         "the rollup passed a store_order whose transaction had not committed"
     );
-    // Held back, and it says so.
-    let metrics = georelay_testkit::metrics_text(&first.url()).await.unwrap();
-    let held_back: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("georelay_rollup_held_back_seconds "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no held-back gauge in\n{metrics}"));
-    assert!(held_back >= 1.0, "held back {held_back} s");
-    let status = georelay_testkit::georelay_command(&stack.db)
-        .unwrap()
-        .args(["admin", "status"])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = georelay_testkit::admin_status(&stack.db).unwrap();
     assert!(
         status.contains("ROLLUP") && status.contains("behind"),
         "{status}"

@@ -103,6 +103,12 @@ pub fn georelay_command(db: &TestDb) -> anyhow::Result<Command> {
     Ok(Georelay::for_tests()?.command(db))
 }
 
+/// What `georelay admin status` prints for `db`.
+pub fn admin_status(db: &TestDb) -> anyhow::Result<String> {
+    let out = georelay_command(db)?.args(["admin", "status"]).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Polls `condition` every 20 ms until it holds or `timeout` passes; returns
 /// whether it held. Tests wait for conditions, never for fixed sleeps.
 pub async fn wait_until<F, Fut>(timeout: std::time::Duration, mut condition: F) -> bool
