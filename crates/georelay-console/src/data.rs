@@ -159,6 +159,7 @@ impl Loader {
         tokio::spawn(poll_depths(
             self.pool.clone(),
             self.master.clone(),
+            self.tx.subscribe(),
             self.config.depth_interval,
             self.depths.clone(),
             stop.clone(),
@@ -265,14 +266,19 @@ async fn listen(pool: PgPool, changed: Arc<Notify>, stop: CancellationToken) {
 async fn poll_depths(
     pool: PgPool,
     master: Arc<MasterKey>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
     every: Duration,
     depths: Arc<Mutex<BTreeMap<(String, String), Depth>>>,
     stop: CancellationToken,
 ) {
     let connections = NamespacePool::new(Limits::default());
     loop {
-        if let Ok(Ok(found)) =
-            tokio::time::timeout(every * 4, measure(&pool, &master, &connections, every)).await
+        let snapshot = snapshots.borrow().clone();
+        if let Ok(Ok(found)) = tokio::time::timeout(
+            every * 4,
+            measure(&pool, &master, &snapshot, &connections, every),
+        )
+        .await
         {
             *depths.lock() = found;
         }
@@ -283,15 +289,17 @@ async fn poll_depths(
     }
 }
 
+/// The depths of the groups' queues in the namespaces the latest snapshot
+/// names; the routing is read for the keys to connect with.
 async fn measure(
     pool: &PgPool,
     master: &MasterKey,
+    snapshot: &Snapshot,
     connections: &NamespacePool,
     bound: Duration,
 ) -> Result<BTreeMap<(String, String), Depth>, StoreError> {
     let routing = routing::load_routing(pool, master).await?;
-    let trail = control::undrained_trail(pool).await?;
-    let groups = control::list_groups(pool).await?;
+    let (trail, groups) = (&snapshot.trail, &snapshot.groups);
     connections.retain(|id, triplet| {
         routing
             .namespaces
@@ -300,7 +308,7 @@ async fn measure(
     });
     let mut wanted: Vec<(&routing::RouteNamespace, &str)> = Vec::new();
     for n in &routing.namespaces {
-        for g in &groups {
+        for g in groups {
             let in_trail = trail
                 .iter()
                 .any(|t| t.group == g.name && t.namespace == n.name);
