@@ -2,7 +2,7 @@
 //! specification, over TCP into `georelay ingest --listen-teltonika`, through
 //! a real region and the drain into `telemetry`.
 
-use georelay_testkit::teltonika::{packet, Avl, Codec, Tracker};
+use georelay_ingest::tracker::teltonika::device::{packet, Avl, Codec, Tracker};
 use georelay_testkit::{
     metrics_text, wait_until, Service, Stack, DRAIN_TEST_ARGS, INGEST_TEST_ARGS,
 };

@@ -29,7 +29,6 @@ mod proxy;
 mod region;
 mod servicebus_double;
 mod stack;
-pub mod teltonika;
 
 pub use db::TestDb;
 pub use proxy::{Fault, FaultProxy};

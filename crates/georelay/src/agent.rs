@@ -25,14 +25,13 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
 /// `records_per_packet` readings, each sent again (reconnecting when needed)
 /// until the server acknowledges all of it.
 async fn simulate_tracker(args: SimulateTrackerArgs) -> anyhow::Result<()> {
-    use georelay_ingest::tracker::teltonika::encode::{handshake, packet, Avl, Codec};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use georelay_ingest::tracker::teltonika::device::{packet, Avl, Codec, Tracker};
 
     DeviceId::parse(&args.imei).with_context(|| format!("--imei {:?}", args.imei))?;
     let stop = service::shutdown_on_signal();
     let until = args.duration.map(|d| tokio::time::Instant::now() + d);
     let every = std::time::Duration::from_secs_f64(f64::from(args.records_per_packet) / args.rate);
-    let mut stream: Option<tokio::net::TcpStream> = None;
+    let mut tracker: Option<Tracker> = None;
     let (mut acked, mut n) = (0u64, 0u64);
     let mut next = tokio::time::Instant::now();
     while !stop.is_cancelled() && until.is_none_or(|u| tokio::time::Instant::now() < u) {
@@ -60,37 +59,27 @@ async fn simulate_tracker(args: SimulateTrackerArgs) -> anyhow::Result<()> {
                 break;
             }
             let sent = async {
-                if stream.is_none() {
-                    let mut s = tokio::net::TcpStream::connect(&args.addr).await?;
-                    s.write_all(&handshake(&args.imei)).await?;
-                    let mut answer = [0u8; 1];
-                    s.read_exact(&mut answer).await?;
+                if tracker.is_none() {
+                    let (t, answer) = Tracker::connect(&args.addr, &args.imei).await?;
                     anyhow::ensure!(
-                        answer[0] == 1,
+                        answer == 1,
                         "refused at the handshake (is {} a registered, enabled device?)",
                         args.imei
                     );
-                    stream = Some(s);
+                    tracker = Some(t);
                 }
-                let s = stream.as_mut().context("not connected")?;
-                s.write_all(&bytes).await?;
-                let mut answer = [0u8; 4];
-                s.read_exact(&mut answer).await?;
-                Ok::<u32, anyhow::Error>(u32::from_be_bytes(answer))
+                let t = tracker.as_mut().context("not connected")?;
+                Ok::<u32, anyhow::Error>(t.send(&bytes).await?)
             };
-            match tokio::time::timeout(std::time::Duration::from_secs(30), sent).await {
-                Ok(Ok(k)) if k as usize == records.len() => {
+            match sent.await {
+                Ok(k) if k as usize == records.len() => {
                     acked += u64::from(k);
                     break;
                 }
-                Ok(Ok(_)) => tracing::warn!("packet not acknowledged: sending it again"),
-                Ok(Err(e)) => {
+                Ok(_) => tracing::warn!("packet not acknowledged: sending it again"),
+                Err(e) => {
                     tracing::warn!(error = %e, "tracker connection failed: reconnecting");
-                    stream = None;
-                }
-                Err(_) => {
-                    tracing::warn!("no answer within 30 s: reconnecting");
-                    stream = None;
+                    tracker = None;
                 }
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;

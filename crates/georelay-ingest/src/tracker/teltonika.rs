@@ -228,10 +228,57 @@ fn record(r: &mut Reader<'_>, extended: bool, codec: u8) -> Option<TrackerRecord
     })
 }
 
-/// Packets as a tracker sends them (Codec 8 and 8 Extended, with the
-/// CRC): for simulators and tests.
-pub mod encode {
+/// The tracker's side: packets as a tracker sends them (Codec 8 and 8
+/// Extended, with the CRC) and its connection, for the simulator
+/// (`georelay agent simulate-tracker`) and the tests.
+pub mod device {
     use super::crc16_ibm;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A connected tracker.
+    #[derive(Debug)]
+    pub struct Tracker {
+        pub stream: TcpStream,
+    }
+
+    fn timed_out(what: &str) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no {what} in time"))
+    }
+
+    impl Tracker {
+        /// Connects and shakes hands; the server's one-byte answer (1:
+        /// accepted).
+        pub async fn connect(addr: &str, imei: &str) -> std::io::Result<(Self, u8)> {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.write_all(&handshake(imei)).await?;
+            let mut answer = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut answer))
+                .await
+                .map_err(|_| timed_out("handshake answer"))??;
+            Ok((Self { stream }, answer[0]))
+        }
+
+        /// Sends bytes and reads the four-byte answer: the records accepted.
+        pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<u32> {
+            self.stream.write_all(bytes).await?;
+            let mut answer = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(30), self.stream.read_exact(&mut answer))
+                .await
+                .map_err(|_| timed_out("packet answer"))??;
+            Ok(u32::from_be_bytes(answer))
+        }
+
+        /// Whether the server closed the connection (EOF within `within`).
+        pub async fn closed(&mut self, within: Duration) -> bool {
+            let mut byte = [0u8; 1];
+            matches!(
+                tokio::time::timeout(within, self.stream.read(&mut byte)).await,
+                Ok(Ok(0)) | Ok(Err(_))
+            )
+        }
+    }
 
     /// One AVL record to send.
     #[derive(Debug, Clone, PartialEq)]
@@ -463,7 +510,7 @@ pub(crate) mod tests {
 
     #[test]
     fn what_is_encoded_parses_back() {
-        use super::encode::{packet, Avl, Codec};
+        use super::device::{packet, Avl, Codec};
         for codec in [Codec::C8, Codec::C8E] {
             let mut records: Vec<Avl> = (0..5)
                 .map(|i| Avl::at(1_795_996_800_000 + i * 1000))
