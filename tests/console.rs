@@ -497,53 +497,41 @@ async fn a_form_token_from_another_session_or_none_is_refused_and_a_wrong_token_
             .await
             .unwrap()
     };
-    let before = moves().await;
-    for (cookie, csrf) in [(&alice, bobs_csrf.as_str()), (&alice, "")] {
-        let answer = http
-            .post(format!("{console}/actions/move"))
+    // POSTs a form to `action` with a session cookie; the status.
+    let act = |action: &'static str, cookie: String, form: Vec<(&'static str, String)>| {
+        let request = http
+            .post(format!("{console}/actions/{action}"))
             .header("cookie", cookie)
-            .form(&[
-                ("group", GROUP),
-                ("to", "eu-north"),
-                ("reason", "forged"),
-                ("csrf", csrf),
-            ])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 403);
+            .form(&form);
+        async move { request.send().await.unwrap().status() }
+    };
+    let move_form = |reason: &'static str, csrf: &str| {
+        vec![
+            ("group", GROUP.to_owned()),
+            ("to", "eu-north".to_owned()),
+            ("reason", reason.to_owned()),
+            ("csrf", csrf.to_owned()),
+        ]
+    };
+    let before = moves().await;
+    for csrf in [bobs_csrf.as_str(), ""] {
+        let status = act("move", alice.clone(), move_form("forged", csrf)).await;
+        assert_eq!(status, 403);
     }
     assert_eq!(moves().await, before, "a refused form moved the senders");
 
     // Bob's own token works: the control is real.
-    let answer = http
-        .post(format!("{console}/actions/move"))
-        .header("cookie", &bob)
-        .form(&[
-            ("group", GROUP),
-            ("to", "eu-north"),
-            ("reason", "drill"),
-            ("csrf", bobs_csrf.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 303);
+    let status = act("move", bob.clone(), move_form("drill", &bobs_csrf)).await;
+    assert_eq!(status, 303);
     assert_eq!(moves().await, before + 1);
 
     // The failover bit is audited too, with the console user.
-    let answer = http
-        .post(format!("{console}/actions/failover"))
-        .header("cookie", &bob)
-        .form(&[
-            ("group", GROUP),
-            ("failover", "off"),
-            ("csrf", bobs_csrf.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 303);
+    let failover_off = vec![
+        ("group", GROUP.to_owned()),
+        ("failover", "off".to_owned()),
+        ("csrf", bobs_csrf.clone()),
+    ];
+    assert_eq!(act("failover", bob.clone(), failover_off).await, 303);
     let (kind, actor): (String, String) =
         sqlx::query_as("SELECT kind, actor FROM failover_events ORDER BY id DESC LIMIT 1")
             .fetch_one(&pool)
