@@ -163,10 +163,11 @@ async fn main() {
             .spawn()
             .unwrap();
         let (fleet_cpu, _, out) = watch(fleet).await;
-        let (produced, accepted, left) = (
+        let (produced, accepted, left, held_sent) = (
             summary_field(&out, "produced"),
             summary_field(&out, "accepted"),
             summary_field(&out, "buffered"),
+            summary_field(&out, "unconfirmed-peak"),
         );
         let stored_query = "SELECT count(*) FROM telemetry
              WHERE device_id LIKE 'fleet-%' AND (payload->>'at_ms')::bigint >= $1";
@@ -197,6 +198,9 @@ async fn main() {
         let per_1000 = |cpu: f64| cpu / stored.max(1) as f64 * 1000.0 * 1000.0;
         println!(
             "-- {rate}/s: produced {produced} ({achieved:.0}/s), accepted {accepted}, stored {stored}, still buffered {left}; lag p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+        );
+        println!(
+            "   agent buffer: at most {held_sent} records of one device held sent but not yet stored (kept until the progress answer says stored)"
         );
         println!(
             "   CPU ms per 1,000 records: ingest {:.1}, drain {:.1}, fleet {:.1}, nats-server {:.1}, postgres {:.1}",

@@ -199,7 +199,7 @@ async fn a_refused_record_is_kept_aside_and_does_not_block_the_rest() {
     );
     let db = state.join("plug-1.db");
     assert_eq!(
-        sqlite_rows(&db, "SELECT seq, 0 FROM outbox").await,
+        sqlite_rows(&db, "SELECT seq, 0 FROM outbox WHERE sent_epoch IS NULL").await,
         vec![(6, 0)]
     );
     assert!(sqlite_rows(&db, "SELECT seq, status FROM rejected")
@@ -400,12 +400,16 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// Records waiting in the agent's buffer (read beside the running agent).
+/// Records waiting in the agent's buffer to be sent (read beside the
+/// running agent; sent ones stay until stored, not counted here).
 async fn buffered(db: &Path) -> i64 {
-    sqlite_rows(db, "SELECT count(*), 0 FROM outbox")
-        .await
-        .first()
-        .map_or(0, |r| r.0)
+    sqlite_rows(
+        db,
+        "SELECT count(*), 0 FROM outbox WHERE sent_epoch IS NULL",
+    )
+    .await
+    .first()
+    .map_or(0, |r| r.0)
 }
 
 async fn sqlite_rows(db: &Path, sql: &str) -> Vec<(i64, i64)> {

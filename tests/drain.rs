@@ -1221,3 +1221,179 @@ async fn a_device_that_went_quiet_is_counted_and_listed_as_silent() {
         "never sent, so not silent: {listed}"
     );
 }
+
+/// Rows of `device` in store order, as seqs.
+async fn seqs_in_store_order(stack: &Stack, device: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT seq FROM telemetry WHERE device_id = $1 ORDER BY store_order")
+        .bind(device)
+        .fetch_all(stack.db.pool())
+        .await
+        .unwrap()
+}
+
+async fn parked(stack: &Stack, device: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT seq FROM parked_records WHERE device_id = $1 ORDER BY seq")
+        .bind(device)
+        .fetch_all(stack.db.pool())
+        .await
+        .unwrap()
+}
+
+/// Region A is lost for good with records on it that ingest acknowledged.
+/// Abandoning it: a device with nothing stranded flows at once; a device
+/// whose records are stranded has its newer ones parked (in PostgreSQL)
+/// until its agent sends the stranded ones again, then everything is stored
+/// in seq order; a device that never sends them again (it died) keeps
+/// parking what comes until an SRE releases its gap. Nobody can drop the
+/// parked records by hand.
+#[tokio::test]
+async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_and_fill_in_order() {
+    let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let all = devices(&stack, 3).await;
+    let (refills, clean, dead) = (&all[0], &all[1], &all[2]);
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    publish(&stack, 0, &all[..2], 1..=2, 1).await;
+    wait_stored(&stack, 4, Duration::from_secs(30)).await;
+    // What ingest acknowledged in epoch 1, as its heartbeat reports it: the
+    // refilling device got 202s up to 5 and the dead one up to 3, but the
+    // region is lost before the worker reads those.
+    for (device, through) in [(refills, 5), (clean, 2), (dead, 3)] {
+        sqlx::query(
+            "INSERT INTO device_acks (device_id, group_id, epoch, acked_through) VALUES ($1, $2, 1, $3)",
+        )
+        .bind(device.id.as_str())
+        .bind(stack.group_id)
+        .bind(through)
+        .execute(stack.db.pool())
+        .await
+        .unwrap();
+    }
+    stack.regions[0].kill();
+    stack.move_senders(1).await.unwrap();
+    publish(&stack, 1, std::slice::from_ref(refills), 6..=8, 2).await;
+    publish(&stack, 1, std::slice::from_ref(clean), 3..=5, 2).await;
+    publish(&stack, 1, std::slice::from_ref(dead), 4..=5, 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        stored(&stack).await,
+        4,
+        "strict order: nothing newer while A holds epoch 1"
+    );
+
+    let gave_up = admin(
+        &stack,
+        &["trail", "abandon", "--group", "g", "--epoch", "1", "--yes"],
+    );
+    assert!(gave_up.status.success(), "{gave_up:?}");
+    assert!(
+        String::from_utf8_lossy(&gave_up.stdout)
+            .contains("2 devices wait for records stranded there"),
+        "{gave_up:?}"
+    );
+    // The device with nothing stranded flows; the others' records wait.
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            seqs_in_store_order(&stack, clean.id.as_str()).await.len() == 5
+                && parked(&stack, refills.id.as_str()).await.len() == 3
+                && parked(&stack, dead.id.as_str()).await.len() == 2
+        })
+        .await,
+        "clean {:?}, parked {:?} and {:?}",
+        seqs_in_store_order(&stack, clean.id.as_str()).await,
+        parked(&stack, refills.id.as_str()).await,
+        parked(&stack, dead.id.as_str()).await
+    );
+    assert_eq!(
+        seqs_in_store_order(&stack, refills.id.as_str()).await,
+        vec![1, 2]
+    );
+    let status = String::from_utf8_lossy(&admin(&stack, &["status"]).stdout).into_owned();
+    assert!(
+        status.contains("STRANDED")
+            && status.contains(&format!("{}  1      3..=5", refills.id))
+            && status.contains("release-gap"),
+        "{status}"
+    );
+    let refused = sqlx::query("DELETE FROM parked_records")
+        .execute(stack.db.pool())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused
+            .as_database_error()
+            .and_then(|e| e.code())
+            .as_deref(),
+        Some("GR015"),
+        "{refused}"
+    );
+
+    // The agent sends its stranded records again (into the current epoch):
+    // they fill the gap and the parked ones follow, in order; newer ones
+    // flow as usual.
+    publish(&stack, 1, std::slice::from_ref(refills), 3..=5, 2).await;
+    publish(&stack, 1, std::slice::from_ref(refills), 9..=10, 2).await;
+    // The dead device's newer records keep arriving: parked too.
+    publish(&stack, 1, std::slice::from_ref(dead), 6..=7, 2).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            seqs_in_store_order(&stack, refills.id.as_str()).await.len() == 10
+                && parked(&stack, dead.id.as_str()).await.len() == 4
+        })
+        .await
+    );
+    assert_eq!(
+        seqs_in_store_order(&stack, refills.id.as_str()).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert!(parked(&stack, refills.id.as_str()).await.is_empty());
+    assert_eq!(
+        seqs_in_store_order(&stack, dead.id.as_str()).await,
+        Vec::<i64>::new()
+    );
+
+    // The dead device never sends 1..=3 again: an SRE gives them up.
+    let released = admin(
+        &stack,
+        &[
+            "device",
+            "release-gap",
+            "--device",
+            dead.id.as_str(),
+            "--reason",
+            "unit scrapped",
+        ],
+    );
+    assert!(released.status.success(), "{released:?}");
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            seqs_in_store_order(&stack, dead.id.as_str()).await.len() == 4
+        })
+        .await
+    );
+    assert_eq!(
+        seqs_in_store_order(&stack, dead.id.as_str()).await,
+        vec![4, 5, 6, 7]
+    );
+    let (how, reason): (String, Option<String>) = sqlx::query_as(
+        "SELECT g.closed_how, e.reason FROM device_gaps g
+         JOIN failover_events e ON e.kind = 'gap_released' WHERE g.device_id = $1",
+    )
+    .bind(dead.id.as_str())
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(how, "released");
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("seqs 1 to 3") && r.contains("unit scrapped")),
+        "{reason:?}"
+    );
+    let filled: String =
+        sqlx::query_scalar("SELECT closed_how FROM device_gaps WHERE device_id = $1")
+            .bind(refills.id.as_str())
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(filled, "filled");
+}

@@ -17,6 +17,10 @@
 //!   ([`BufferError::Full`]); the input waits (stdin is not read, dropped
 //!   files stay in the folder) until sending frees room. Nothing sealed is
 //!   ever dropped to make room.
+//! - **Kept until stored**: a 202 marks a record sent (with the epoch it was
+//!   queued under); it is deleted only when the server's progress answer
+//!   says it is stored. One sent into an epoch given up (a region lost for
+//!   good) is sent again. Sent records count against `max_records` too.
 //! - Records the server proved bad (see `sender`) move to a `rejected` table
 //!   with the answer, so they never block the records behind them; they stay
 //!   there, sealed, until [`requeue`] puts them back in the outbox.
@@ -96,6 +100,24 @@ impl Buffer {
         ] {
             sqlx::query(ddl).execute(&pool).await?;
         }
+        // Sent (a 202, under that epoch) but not known to be stored: kept
+        // until the progress answer says it is. Buffers from before have
+        // the column added.
+        let has_sent: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pragma_table_info('outbox') WHERE name = 'sent_epoch'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if has_sent == 0 {
+            sqlx::query("ALTER TABLE outbox ADD COLUMN sent_epoch INTEGER")
+                .execute(&pool)
+                .await?;
+        }
+        sqlx::query(
+            "CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_epoch IS NULL",
+        )
+        .execute(&pool)
+        .await?;
         Ok(Self {
             pool,
             device,
@@ -188,13 +210,14 @@ impl Buffer {
         Ok(seqs)
     }
 
-    /// The oldest `limit` records waiting, in seq order.
+    /// The oldest `limit` records waiting to be sent, in seq order.
     pub async fn pending(&self, limit: usize) -> Result<Vec<SealedRecord>, BufferError> {
-        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> =
-            sqlx::query_as("SELECT seq, nonce, ciphertext FROM outbox ORDER BY seq LIMIT ?")
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, nonce, ciphertext FROM outbox WHERE sent_epoch IS NULL ORDER BY seq LIMIT ?",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .into_iter()
             .filter_map(|(seq, nonce, ciphertext)| {
@@ -209,23 +232,84 @@ impl Buffer {
 
     /// Records waiting to be sent.
     pub async fn waiting(&self) -> Result<u64, BufferError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_epoch IS NULL")
             .fetch_one(&self.pool)
             .await?;
         Ok(n as u64)
     }
 
-    /// Removes records the server accepted (got a 202).
-    pub async fn accepted(&self, seqs: &[u64]) -> Result<(), BufferError> {
+    /// Records sent (a 202) and not known to be stored yet.
+    pub async fn unconfirmed(&self) -> Result<u64, BufferError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_epoch IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// The lowest seq sent and not known to be stored.
+    pub async fn oldest_unconfirmed(&self) -> Result<Option<u64>, BufferError> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT min(seq) FROM outbox WHERE sent_epoch IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(seq.map(|s| s as u64))
+    }
+
+    /// Marks records the server accepted (a 202, queued under `epoch`) as
+    /// sent: they stay until [`confirm`](Self::confirm) learns they are
+    /// stored.
+    pub async fn accepted(&self, seqs: &[u64], epoch: i64) -> Result<(), BufferError> {
         let mut tx = self.pool.begin().await?;
         for seq in seqs {
-            sqlx::query("DELETE FROM outbox WHERE seq = ?")
+            sqlx::query("UPDATE outbox SET sent_epoch = ? WHERE seq = ?")
+                .bind(epoch)
                 .bind(*seq as i64)
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// What a progress answer says: sent records in the `stored` ranges are
+    /// deleted; those left that were sent into an `abandoned` epoch (a
+    /// region lost for good) are marked unsent, so they go again, in seq
+    /// order, before anything newer. Returns `(deleted, to send again)`.
+    pub async fn confirm(
+        &self,
+        stored: &[(u64, u64)],
+        abandoned: &[i64],
+    ) -> Result<(u64, u64), BufferError> {
+        let mut tx = self.pool.begin().await?;
+        let mut deleted = 0;
+        for (first, last) in stored {
+            deleted += sqlx::query(
+                "DELETE FROM outbox WHERE sent_epoch IS NOT NULL AND seq BETWEEN ? AND ?",
+            )
+            .bind(*first as i64)
+            .bind(*last as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        let mut again = 0;
+        for epoch in abandoned {
+            again += sqlx::query("UPDATE outbox SET sent_epoch = NULL WHERE sent_epoch = ?")
+                .bind(epoch)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok((deleted, again))
+    }
+
+    /// The progress request's authentication header for `after`, made now.
+    pub fn progress_auth(&self, after: u64) -> String {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        georelay_core::progress::header(&self.key, &self.device, after, now_ms)
     }
 
     /// Moves a record the server refused for good aside, with its answer.
@@ -340,9 +424,42 @@ mod tests {
             buffer.push("{\"n\":5}", None).await,
             Err(BufferError::Full(3))
         ));
-        buffer.accepted(&[1]).await.unwrap();
+        // Sent is not stored: it still takes room.
+        buffer.accepted(&[1], 1).await.unwrap();
+        assert!(matches!(
+            buffer.push("{\"n\":5}", None).await,
+            Err(BufferError::Full(3))
+        ));
+        assert_eq!(buffer.confirm(&[(1, 1)], &[]).await.unwrap(), (1, 0));
         assert_eq!(buffer.push("{\"n\":5}", None).await.unwrap(), 5);
         assert_eq!(buffer.waiting().await.unwrap(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Stored ones go; sent into an abandoned epoch and not stored go
+    /// again, in seq order; sent into another epoch wait.
+    #[tokio::test]
+    async fn what_was_queued_in_an_abandoned_epoch_and_is_not_stored_is_sent_again() {
+        let dir = std::env::temp_dir().join(format!("georelay-confirm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("confirm.db");
+        let _ = std::fs::remove_file(&path);
+        let device = DeviceId::parse("confirm-test").unwrap();
+        let buffer = Buffer::open(&path, device, DeviceKey::generate(), 100, false)
+            .await
+            .unwrap();
+        for _ in 1..=8 {
+            buffer.push("{\"n\":1}", None).await.unwrap();
+        }
+        buffer.accepted(&[1, 2, 3, 4, 5], 1).await.unwrap();
+        buffer.accepted(&[6, 7], 2).await.unwrap();
+        let seqs = |v: Vec<SealedRecord>| v.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(buffer.pending(10).await.unwrap()), vec![8]);
+        assert_eq!(buffer.oldest_unconfirmed().await.unwrap(), Some(1));
+        assert_eq!(buffer.confirm(&[(1, 2)], &[1]).await.unwrap(), (2, 3));
+        assert_eq!(seqs(buffer.pending(10).await.unwrap()), vec![3, 4, 5, 8]);
+        assert_eq!(buffer.unconfirmed().await.unwrap(), 2);
+        assert_eq!(buffer.oldest_unconfirmed().await.unwrap(), Some(6));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

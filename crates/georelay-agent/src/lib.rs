@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::buffer::{Buffer, BufferError};
 use crate::input::InputError;
-use crate::sender::{Ledger, Sender, SenderConfig, Stats};
+use crate::sender::{Ledger, Sender, SenderConfig, Stats, Until};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -146,10 +146,10 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Age
     let send_stop = stop.clone();
     let sending = async {
         if only_stdin {
-            sender.run(&wake, &inputs_done, false).await?;
-            sender.run(&wake, &send_stop, true).await?;
+            sender.run(&wake, &inputs_done, Until::Stopped).await?;
+            sender.run(&wake, &send_stop, Until::Sent).await?;
         } else {
-            sender.run(&wake, &send_stop, false).await?;
+            sender.run(&wake, &send_stop, Until::Stopped).await?;
         }
         Ok::<_, BufferError>(())
     };
@@ -238,11 +238,18 @@ pub struct Summary {
     pub accepted: u64,
     pub retries: u64,
     pub rejected: u64,
+    /// Not sent when the simulation ended.
     pub left: u64,
+    /// Sent, not known to be stored when it ended.
+    pub unconfirmed: u64,
+    /// Sent again: queued in an abandoned epoch and not stored.
+    pub resent: u64,
+    /// The most records one device held sent-but-not-stored at once.
+    pub peak_unconfirmed: u64,
 }
 
 /// Runs the fleet; returns when every device produced its readings and
-/// delivered them (or `settle` ran out, or `stop`).
+/// they are stored (or `settle` ran out, or `stop`).
 pub async fn simulate(
     config: SimulateConfig,
     stop: CancellationToken,
@@ -318,7 +325,7 @@ pub async fn simulate(
                 // Told to stop once the readings end, never dropped: a
                 // sender dropped between a 202 and its bookkeeping left
                 // that record out of the ledger and the summary.
-                sender.run(&wake, &producing, false).await?;
+                sender.run(&wake, &producing, Until::Stopped).await?;
                 // Readings done: deliver the rest, for at most `settle`.
                 let settle_stop = stop.child_token();
                 let s = settle_stop.clone();
@@ -326,19 +333,22 @@ pub async fn simulate(
                     tokio::time::sleep(settle).await;
                     s.cancel();
                 });
-                sender.run(&wake, &settle_stop, true).await
+                sender.run(&wake, &settle_stop, Until::Stored).await
             };
             let (produced, sent) = tokio::join!(produce, send);
             sent?;
-            let left = buffer.waiting().await?;
             let stats = &sender.stats;
-            Ok::<_, BufferError>((
-                produced?,
-                stats.accepted.load(Ordering::Relaxed),
-                stats.retries.load(Ordering::Relaxed),
-                stats.rejected.load(Ordering::Relaxed),
-                left,
-            ))
+            Ok::<_, BufferError>(Summary {
+                devices: 1,
+                produced: produced?,
+                accepted: stats.accepted.load(Ordering::Relaxed),
+                retries: stats.retries.load(Ordering::Relaxed),
+                rejected: stats.rejected.load(Ordering::Relaxed),
+                left: buffer.waiting().await?,
+                unconfirmed: buffer.unconfirmed().await?,
+                resent: stats.resent.load(Ordering::Relaxed),
+                peak_unconfirmed: stats.peak_unconfirmed.load(Ordering::Relaxed),
+            })
         }));
     }
     tasks.close();
@@ -349,14 +359,20 @@ pub async fn simulate(
         retries: 0,
         rejected: 0,
         left: 0,
+        unconfirmed: 0,
+        resent: 0,
+        peak_unconfirmed: 0,
     };
     for h in handles {
-        let (p, a, r, j, l) = h.await.map_err(|e| AgentError::Task("device", e))??;
-        summary.produced += p;
-        summary.accepted += a;
-        summary.retries += r;
-        summary.rejected += j;
-        summary.left += l;
+        let one = h.await.map_err(|e| AgentError::Task("device", e))??;
+        summary.produced += one.produced;
+        summary.accepted += one.accepted;
+        summary.retries += one.retries;
+        summary.rejected += one.rejected;
+        summary.left += one.left;
+        summary.unconfirmed += one.unconfirmed;
+        summary.resent += one.resent;
+        summary.peak_unconfirmed = summary.peak_unconfirmed.max(one.peak_unconfirmed);
     }
     Ok(summary)
 }

@@ -1,7 +1,14 @@
 //! Sending the buffer: in seq order, one record at a time when caught up,
-//! the batch endpoint for a backlog. A record leaves the buffer only after
-//! its 202. Retries back off exponentially with jitter and honour
-//! `Retry-After`.
+//! the batch endpoint for a backlog. Retries back off exponentially with
+//! jitter and honour `Retry-After`.
+//!
+//! A 202 means "queued in a region", not "stored": the record stays in the
+//! buffer, marked sent, and about once a second (while any is) the sender
+//! asks `GET /v1/devices/{id}/progress` which are stored and deletes those.
+//! If the answer lists the epoch a record was queued under as abandoned
+//! (its region lost for good), the record is sent again, in seq order,
+//! ahead of anything newer: the worker holds the device's newer records
+//! back until it has them, so nothing is lost and nothing reordered.
 //!
 //! Only a record the server proves bad is set aside: a 400 or 413 whose
 //! error code is about the record or the request body ([`RECORD_CODES`]).
@@ -19,7 +26,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +41,19 @@ pub struct SenderConfig {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub request_timeout: Duration,
+    /// How often to ask which sent records are stored, while any are.
+    pub confirm_every: Duration,
+}
+
+/// When [`Sender::run`] returns by itself (besides `stop`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Never.
+    Stopped,
+    /// Nothing is left to send (sent records may not be stored yet).
+    Sent,
+    /// Everything sent is known to be stored.
+    Stored,
 }
 
 impl Default for SenderConfig {
@@ -44,6 +64,7 @@ impl Default for SenderConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(15),
+            confirm_every: Duration::from_secs(1),
         }
     }
 }
@@ -90,6 +111,13 @@ pub struct Stats {
     pub accepted: AtomicU64,
     pub retries: AtomicU64,
     pub rejected: AtomicU64,
+    /// Records known stored (deleted from the buffer).
+    pub confirmed: AtomicU64,
+    /// Records sent again: they were queued in an abandoned epoch.
+    pub resent: AtomicU64,
+    /// Most records held sent-but-not-stored at once (the extra room the
+    /// buffer needs for keeping records until they are stored).
+    pub peak_unconfirmed: AtomicU64,
 }
 
 /// Error codes by which the server proves a record, or the request body
@@ -103,6 +131,14 @@ pub const RECORD_CODES: [&str; 7] = [
     "too_large",
     "record_too_large",
 ];
+
+/// The part of a progress answer the sender reads.
+#[derive(serde::Deserialize)]
+struct Progress {
+    stored: Vec<(u64, u64)>,
+    #[serde(default)]
+    abandoned: Vec<i64>,
+}
 
 enum Outcome {
     Accepted { namespace: String, epoch: i64 },
@@ -157,31 +193,51 @@ impl Sender {
         })
     }
 
-    /// Sends until `stop`; with `until_empty`, returns as soon as the buffer
-    /// is empty too. `wake` is notified when new records are buffered.
+    /// Sends until `stop`, or until `until` holds. `wake` is notified when
+    /// new records are buffered.
     pub async fn run(
         &self,
         wake: &Notify,
         stop: &CancellationToken,
-        until_empty: bool,
+        until: Until,
     ) -> Result<(), BufferError> {
         let mut backoff = self.config.backoff_min;
         let mut url = 0usize;
         // While > 0: send one by one up to this seq (a refused batch).
         let mut single_until = 0u64;
+        // Records sent and not known stored: some (from an earlier run too).
+        let mut unconfirmed = self.buffer.unconfirmed().await? > 0;
+        let mut confirmed_at: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
+            if unconfirmed
+                && confirmed_at.is_none_or(|at| at.elapsed() >= self.config.confirm_every)
+            {
+                confirmed_at = Some(Instant::now());
+                let base = &self.config.urls[url % self.config.urls.len()];
+                match self.confirm(base).await? {
+                    Some(left) => unconfirmed = left,
+                    None => url += 1,
+                }
+            }
             let pending = self.buffer.pending(self.config.batch_max).await?;
             if pending.is_empty() {
-                if until_empty {
-                    return Ok(());
+                match until {
+                    Until::Sent => return Ok(()),
+                    Until::Stored if !unconfirmed => return Ok(()),
+                    _ => {}
                 }
+                let idle = if unconfirmed {
+                    self.config.confirm_every
+                } else {
+                    Duration::from_secs(1)
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(idle) => {}
                 }
                 continue;
             }
@@ -191,7 +247,12 @@ impl Sender {
             match self.post(base, records).await {
                 Outcome::Accepted { namespace, epoch } => {
                     let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
-                    self.buffer.accepted(&seqs).await?;
+                    self.buffer.accepted(&seqs, epoch).await?;
+                    if !unconfirmed {
+                        unconfirmed = true;
+                        // Stored within milliseconds, normally: ask soon.
+                        confirmed_at = Some(Instant::now());
+                    }
                     self.stats
                         .accepted
                         .fetch_add(seqs.len() as u64, Ordering::Relaxed);
@@ -226,6 +287,59 @@ impl Sender {
                 }
             }
         }
+    }
+
+    /// Asks which sent records are stored; deletes those, and marks for
+    /// sending again those queued in an abandoned epoch. `Some(whether any
+    /// sent record is left)`, or `None` when the server did not answer
+    /// (they are kept; asked again later).
+    async fn confirm(&self, base: &str) -> Result<Option<bool>, BufferError> {
+        let Some(oldest) = self.buffer.oldest_unconfirmed().await? else {
+            return Ok(Some(false));
+        };
+        let device = self.buffer.device();
+        let after = oldest - 1;
+        let answer = self
+            .http
+            .get(format!("{base}/v1/devices/{device}/progress?after={after}"))
+            .header(
+                georelay_core::progress::HEADER,
+                self.buffer.progress_auth(after),
+            )
+            .send()
+            .await;
+        let progress: Progress = match answer {
+            Ok(r) if r.status().is_success() => match r.json().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the progress answer cannot be read; keeping the sent records");
+                    return Ok(None);
+                }
+            },
+            Ok(r) => {
+                tracing::warn!(status = r.status().as_u16(), "ingest does not say which records are stored; keeping the sent records until it does");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot ask ingest which records are stored");
+                return Ok(None);
+            }
+        };
+        let (deleted, again) = self
+            .buffer
+            .confirm(&progress.stored, &progress.abandoned)
+            .await?;
+        self.stats.confirmed.fetch_add(deleted, Ordering::Relaxed);
+        if again > 0 {
+            self.stats.resent.fetch_add(again, Ordering::Relaxed);
+            tracing::warn!(device = %device, records = again, abandoned = ?progress.abandoned,
+                "records queued in a region given up for good are not stored: sending them again");
+        }
+        let left = self.buffer.unconfirmed().await?;
+        self.stats
+            .peak_unconfirmed
+            .fetch_max(left + deleted + again, Ordering::Relaxed);
+        Ok(Some(left > 0))
     }
 
     async fn post(&self, base: &str, records: &[SealedRecord]) -> Outcome {

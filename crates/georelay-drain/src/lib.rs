@@ -71,6 +71,8 @@ pub struct Settings {
     /// `--silent-after`: a device that sent before and nothing stored for
     /// this long counts as silent (`georelay_drain_silent_devices`).
     pub silent_after: Duration,
+    /// `--gap-warn-after`: a device's gap open this long is named at ERROR.
+    pub gap_warn_after: Duration,
     /// `--nats-ca-file`: the CA of `tls://` NATS servers.
     pub nats_ca_file: Option<std::path::PathBuf>,
 }
@@ -86,6 +88,7 @@ impl Default for Settings {
             failover_cooldown: Duration::from_secs(10),
             servicebus_lock_duration: georelay_transport::SERVICEBUS_LOCK_DURATION,
             silent_after: Duration::from_secs(600),
+            gap_warn_after: Duration::from_secs(60),
             nats_ca_file: None,
         }
     }
@@ -126,6 +129,7 @@ pub struct Config {
     /// Service Bus lock duration a receive may first wait out.
     step_limit: Duration,
     silent_after: Duration,
+    gap_warn_after: Duration,
 }
 
 impl Config {
@@ -155,6 +159,12 @@ impl Config {
             Duration::from_secs(10),
             7 * 24 * hour,
         )?;
+        check_range(
+            "gap-warn-after",
+            s.gap_warn_after,
+            Duration::from_secs(1),
+            7 * 24 * hour,
+        )?;
         let defaults = Limits::default();
         Ok(Self {
             batch_size: s.batch_size,
@@ -177,6 +187,7 @@ impl Config {
             poll_interval: Duration::from_secs(2),
             step_limit: Duration::from_secs(30) + s.servicebus_lock_duration,
             silent_after: s.silent_after,
+            gap_warn_after: s.gap_warn_after,
         })
     }
 }

@@ -29,6 +29,11 @@ pub struct Metrics {
     pub broker_dead_lettered: IntGaugeVec,
     /// Control plane problems the watchdog found at its last run.
     pub control_plane_problems: IntGauge,
+    /// Devices' open gaps (records stranded in an abandoned epoch), the
+    /// records parked behind them, and how long the oldest has been open.
+    pub open_gaps: IntGaugeVec,
+    pub parked_records: IntGaugeVec,
+    pub oldest_gap_seconds: GaugeVec,
 }
 
 impl Metrics {
@@ -112,6 +117,30 @@ impl Metrics {
             &["group"],
         )?;
         registry.register(Box::new(silent_devices.clone()))?;
+        let open_gaps = IntGaugeVec::new(
+            Opts::new(
+                "georelay_drain_open_gaps",
+                "Devices waiting for records stranded in an abandoned epoch (their agents send them again; georelay admin device release-gap gives up on them)",
+            ),
+            &["group"],
+        )?;
+        registry.register(Box::new(open_gaps.clone()))?;
+        let parked_records = IntGaugeVec::new(
+            Opts::new(
+                "georelay_drain_parked_records",
+                "Records held back in parked_records behind an open gap, stored in order once it closes",
+            ),
+            &["group"],
+        )?;
+        registry.register(Box::new(parked_records.clone()))?;
+        let oldest_gap_seconds = GaugeVec::new(
+            Opts::new(
+                "georelay_drain_oldest_gap_seconds",
+                "How long the group's oldest open gap has been open (0 when none)",
+            ),
+            &["group"],
+        )?;
+        registry.register(Box::new(oldest_gap_seconds.clone()))?;
         // Every reason from the start, so a rate sees the first one.
         for reason in DeadLetterReason::ALL {
             dead_letters.with_label_values(&[reason.as_str()]);
@@ -145,6 +174,9 @@ impl Metrics {
             seal_held_by_ingest,
             silent_devices,
             control_plane_problems,
+            open_gaps,
+            parked_records,
+            oldest_gap_seconds,
         })
     }
 

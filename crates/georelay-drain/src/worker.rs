@@ -18,9 +18,11 @@ use georelay_store::control::Actor;
 use georelay_store::drain::{
     self, DeadLetter, DeadLetterReason, LeaseToken, Position, Row, Stored,
 };
+use georelay_store::gaps;
 use georelay_store::routing::{self, Failover, Trouble};
 use georelay_store::StoreError;
 use georelay_transport::{Delivery, ErrorKind, Namespace, Pooled, TransportError};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +79,11 @@ pub struct GroupWorker {
     /// only take and give back the later epoch's messages: on Service Bus,
     /// a delivery each).
     boundary: Option<(i64, i64)>,
+    /// When the group's open gaps were last counted for the gauges (none
+    /// yet, or none open: `None`).
+    gaps_counted: Option<Instant>,
+    /// Open gaps (device, epoch) already reported at ERROR as long open.
+    gaps_reported: HashSet<(String, i64)>,
 }
 
 impl GroupWorker {
@@ -93,6 +100,8 @@ impl GroupWorker {
             db_failing: false,
             fresh_lease: false,
             boundary: None,
+            gaps_counted: None,
+            gaps_reported: HashSet::new(),
         }
     }
 
@@ -153,6 +162,11 @@ impl GroupWorker {
             .drain_epoch
             .with_label_values(&[&position.group])
             .set(position.drain_epoch);
+        if position.open_gaps > 0 || self.gaps_counted.is_some() {
+            if let Some(pause) = self.tend_gaps(&lease, &position).await {
+                return pause;
+            }
+        }
         // Bounded: a database or broker that hangs (rather than refuses)
         // must not freeze the worker; what was in flight is read again. Far
         // above a slow but working step (every call in it has its own bound).
@@ -654,7 +668,119 @@ impl GroupWorker {
                 }
             }
         }
+        let old_epoch = pos.drain_epoch < pos.epoch;
+        if let Some(after) = pos.abandon_after_s.filter(|_| old_epoch) {
+            if blocked_for.as_secs_f64() >= after {
+                self.give_up(pos, &name, blocked_for, after).await;
+            }
+        }
         self.next_backoff()
+    }
+
+    /// The group's `abandon_after` ran out on an old epoch that cannot be
+    /// read: gives it up as `admin trail abandon` would (nothing
+    /// acknowledged is lost: the devices' gaps wait for their agents).
+    async fn give_up(&mut self, pos: &Position, name: &str, blocked_for: Duration, after: f64) {
+        let actor = Actor {
+            actor: self.shared.actor.clone(),
+            reason: Some(format!(
+                "cannot read epoch {} on {name} for {blocked_for:?} (the group's abandon_after is {after} s)",
+                pos.drain_epoch
+            )),
+        };
+        let pool = &self.shared.pool;
+        match georelay_store::control::abandon_epoch(pool, &pos.group, pos.drain_epoch, &actor)
+            .await
+        {
+            Ok(done) => {
+                tracing::warn!(group = %pos.group, epoch = pos.drain_epoch, namespace = %name,
+                devices_waiting = done.gaps, worker_on = %done.worker_on,
+                "gave up on an epoch that could not be read for the group's abandon_after: devices with records stranded there wait for their agents to send them again; the others flow now")
+            }
+            Err(e) => tracing::info!(group = %pos.group, epoch = pos.drain_epoch, error = %e,
+                "cannot give up on the epoch yet; will try again"),
+        }
+    }
+
+    /// Closes the gaps that filled (or that an SRE released) and stores the
+    /// records parked behind them, in order; every few seconds counts what
+    /// is still open for the gauges and says at ERROR which device has
+    /// waited long and how to let it go. `Some(pause)`: stop this turn.
+    async fn tend_gaps(&mut self, lease: &LeaseToken, pos: &Position) -> Option<Duration> {
+        let shared = self.shared.clone();
+        let release = gaps::release_gaps(&shared.pool, lease, shared.config.lease);
+        match tokio::time::timeout(shared.config.step_limit, release).await {
+            Ok(Ok(Some(released))) => {
+                for g in &released.closed {
+                    if g.how == "filled" {
+                        tracing::info!(group = %pos.group, device = %g.device_id, epoch = g.epoch,
+                            seqs = %format!("{}..={}", g.after_seq + 1, g.through_seq), open_for = ?g.open_for,
+                            "records stranded in an abandoned epoch are back (sent again): the device's parked records are stored after them, in order");
+                    } else {
+                        tracing::warn!(group = %pos.group, device = %g.device_id, epoch = g.epoch,
+                            seqs = %format!("{}..={}", g.after_seq + 1, g.through_seq), open_for = ?g.open_for,
+                            "gap released by an SRE: whatever of those seqs is not stored is given up; the device's parked records are stored in order");
+                    }
+                    self.gaps_reported.remove(&(g.device_id.clone(), g.epoch));
+                }
+                if released.stored > 0 {
+                    shared.metrics.rows_stored.inc_by(released.stored);
+                }
+                if !released.closed.is_empty() {
+                    self.gaps_counted = None;
+                }
+            }
+            Ok(Ok(None)) => {
+                tracing::warn!(group = %pos.group, "lost the drain lease: standing by");
+                self.drop_lease(&pos.group);
+                return Some(Duration::ZERO);
+            }
+            Ok(Err(e)) => return Some(self.db_error(e)),
+            Err(_) => {
+                return Some(self.db_error(georelay_store::StoreError::TimedOut {
+                    what: "releasing parked records",
+                    limit: shared.config.step_limit,
+                }))
+            }
+        }
+        if self
+            .gaps_counted
+            .is_some_and(|at| at.elapsed() < GAP_COUNT_EVERY)
+        {
+            return None;
+        }
+        let open = match gaps::open(&shared.pool, Some(&pos.group)).await {
+            Ok(open) => open,
+            Err(e) => return Some(self.db_error(e)),
+        };
+        let m = &shared.metrics;
+        let now = Utc::now();
+        let oldest = open
+            .iter()
+            .map(|g| (now - g.opened_at).num_milliseconds() as f64 / 1000.0)
+            .fold(0.0, f64::max);
+        m.open_gaps
+            .with_label_values(&[&pos.group])
+            .set(open.len() as i64);
+        m.parked_records
+            .with_label_values(&[&pos.group])
+            .set(open.iter().map(|g| g.parked).sum());
+        m.oldest_gap_seconds
+            .with_label_values(&[&pos.group])
+            .set(oldest.max(0.0));
+        for g in &open {
+            let waited = (now - g.opened_at).to_std().unwrap_or_default();
+            if waited >= shared.config.gap_warn_after
+                && g.release_requested_at.is_none()
+                && self.gaps_reported.insert((g.device_id.clone(), g.epoch))
+            {
+                tracing::error!(group = %pos.group, device = %g.device_id, epoch = g.epoch,
+                    seqs = %format!("{}..={}", g.after_seq + 1, g.through_seq), waited = ?waited, parked = g.parked,
+                    "device waits for records stranded in an abandoned epoch: its newer records are parked until its agent sends those again (it does when it next reaches ingest); if it never will (the device died, or it keeps nothing after a 202, like a tracker), give them up: georelay admin device release-gap --device {}", g.device_id);
+            }
+        }
+        self.gaps_counted = (!open.is_empty()).then(Instant::now);
+        None
     }
 
     async fn unblocked(&mut self, pos: &Position) {
@@ -783,6 +909,9 @@ impl GroupWorker {
         }
     }
 }
+
+/// How often the gap gauges are counted while gaps are open.
+const GAP_COUNT_EVERY: Duration = Duration::from_secs(5);
 
 /// How long one run of pipelined batches may go on before the worker looks
 /// at its position again (also bounded by a quarter of the lease).

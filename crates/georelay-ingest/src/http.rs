@@ -348,9 +348,11 @@ async fn post_batch(
 /// The device id from the path; one that does not percent-decode to UTF-8
 /// gets the same JSON error as any other bad id.
 /// Which of the device's records are stored: `{"device_id", "after",
-/// "stored": [[first, last], ...], "complete"}` for the seqs above `after`
-/// (`?after=N`, default 0), over at most 10,000 seqs (`complete` false: ask
-/// again after the last). Authenticated with an HMAC under the device key
+/// "stored": [[first, last], ...], "complete", "abandoned": [epoch, ...]}`
+/// for the seqs above `after` (`?after=N`, default 0), over at most 10,000
+/// seqs (`complete` false: ask again after the last); `abandoned`: the
+/// epochs of its group given up (a region lost for good): what the device
+/// got a 202 for in one of them and is not stored, it sends again. Authenticated with an HMAC under the device key
 /// (header `x-georelay-progress-auth`, `georelay_core::progress`); any
 /// failure is the one 401 of the records routes. Reads only `telemetry`'s
 /// primary key.
@@ -400,30 +402,37 @@ async fn get_progress(
     }
     let _slot = working_slot(&state)?;
     let after = i64::try_from(after).unwrap_or(i64::MAX);
-    let read = georelay_store::progress::stored_ranges(&state.pool, device.as_str(), after);
-    let (ranges, complete) = match tokio::time::timeout(state.config.request_deadline, read).await {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot read a device's progress");
-            return Err(ApiError::unavailable(
-                ErrorCode::ControlPlaneUnavailable,
-                "progress cannot be read now; retry",
-                Duration::from_secs(1),
-            ));
-        }
-        Err(_) => {
-            return Err(ApiError::unavailable(
-                ErrorCode::Deadline,
-                "progress was not read within the request deadline; retry",
-                Duration::from_secs(1),
-            ))
-        }
+    let read = async {
+        tokio::try_join!(
+            georelay_store::progress::stored_ranges(&state.pool, device.as_str(), after),
+            georelay_store::progress::abandoned_epochs(&state.pool, device.as_str())
+        )
     };
+    let ((ranges, complete), abandoned) =
+        match tokio::time::timeout(state.config.request_deadline, read).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read a device's progress");
+                return Err(ApiError::unavailable(
+                    ErrorCode::ControlPlaneUnavailable,
+                    "progress cannot be read now; retry",
+                    Duration::from_secs(1),
+                ));
+            }
+            Err(_) => {
+                return Err(ApiError::unavailable(
+                    ErrorCode::Deadline,
+                    "progress was not read within the request deadline; retry",
+                    Duration::from_secs(1),
+                ))
+            }
+        };
     Ok(Json(serde_json::json!({
         "device_id": device.as_str(),
         "after": after,
         "stored": ranges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
         "complete": complete,
+        "abandoned": abandoned,
     })))
 }
 

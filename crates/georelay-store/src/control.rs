@@ -297,6 +297,23 @@ pub async fn undrained_trail(pool: &PgPool) -> Result<Vec<TrailEpoch>, StoreErro
     .await?)
 }
 
+/// Devices ingest acknowledged records of in `epoch` of `group` (reported
+/// so far): what `admin trail abandon` asks about before it gives it up.
+pub async fn devices_acknowledged_in(
+    pool: &PgPool,
+    group: &str,
+    epoch: i64,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM device_acks a JOIN routing_groups g ON g.id = a.group_id
+         WHERE g.name = $1 AND a.epoch = $2",
+    )
+    .bind(group)
+    .bind(epoch)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// What [`abandon_epoch`] gave up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Abandoned {
@@ -304,12 +321,20 @@ pub struct Abandoned {
     pub namespace: String,
     /// Where the worker drains now.
     pub worker_on: String,
+    /// Devices with records stranded there (acknowledged, not stored):
+    /// their newer records wait until the agents send those again.
+    pub gaps: u64,
 }
 
 /// Gives up on epoch `epoch` of `group` (its region is gone for good): marks
-/// it drained, so the worker goes on to the next epoch and what that queue
-/// still held is not stored. Refused for the current epoch (GR005: move the
-/// senders first). Recorded as an `abandoned` event with `actor`.
+/// it drained and abandoned, so the worker goes on to the next epoch at
+/// once. Nothing acknowledged is lost: each device with records ingest
+/// acknowledged there and the worker had not stored gets a gap
+/// ([`crate::gaps`]); its newer records are parked until its agent has sent
+/// those again. Refused for the current epoch (GR005: move the senders
+/// first), and while an ingest instance alive still acknowledges the epoch
+/// (it may hold acknowledgements of records there not reported yet).
+/// Recorded as an `abandoned` event with `actor`.
 pub async fn abandon_epoch(
     pool: &PgPool,
     group: &str,
@@ -327,8 +352,31 @@ pub async fn abandon_epoch(
                 what: "group",
                 name: group.to_owned(),
             })?;
+    // Acknowledgements are reported with each heartbeat, in the same
+    // transaction as the epoch the instance acknowledges: one alive that
+    // still acknowledges this epoch or older (a publish to it in flight, or
+    // it has not seen the senders move) may hold some not reported yet.
+    let unreported: Option<(String, Option<i32>)> = sqlx::query_as(
+        "SELECT i.hostname, i.pid FROM instances i
+         JOIN instance_epochs e ON e.instance_id = i.id AND e.group_id = $1
+         WHERE i.role = 'ingest' AND i.lease_until > now()
+           AND i.lease_until <= i.heartbeat_at + interval '1 hour 1 minute'
+           AND e.epoch <= $2
+         LIMIT 1",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((host, pid)) = unreported {
+        return Err(StoreError::NotYet(format!(
+            "ingest on {host} (pid {}) still acknowledges epoch {epoch} or older (a publish to it in flight, or it has not seen the senders move): it may hold acknowledgements of records there it has not reported; try again in a few seconds",
+            pid.map_or("?".to_owned(), |p| p.to_string())
+        )));
+    }
     let from: i64 = sqlx::query_scalar(
-        "UPDATE routing_trail SET sealed_at = coalesce(sealed_at, now()), drained_at = now()
+        "UPDATE routing_trail SET sealed_at = coalesce(sealed_at, now()), drained_at = now(),
+                abandoned_at = now()
          WHERE group_id = $1 AND epoch = $2 AND drained_at IS NULL RETURNING namespace_id",
     )
     .bind(group_id)
@@ -340,6 +388,7 @@ pub async fn abandon_epoch(
         what: "undrained epoch",
         name: format!("{epoch} of group {group}"),
     })?;
+    let gaps = crate::gaps::open_gaps(&mut tx, group_id, epoch).await?;
     let (to, namespace, worker_on): (i64, String, String) = sqlx::query_as(
         "WITH oldest AS (SELECT namespace_id FROM routing_trail
                          WHERE group_id = $1 AND drained_at IS NULL ORDER BY epoch LIMIT 1),
@@ -368,6 +417,7 @@ pub async fn abandon_epoch(
     Ok(Abandoned {
         namespace,
         worker_on,
+        gaps,
     })
 }
 
@@ -418,6 +468,28 @@ pub async fn set_failover_enabled(
             name: group.to_owned(),
         }),
     }
+}
+
+/// Sets how long the group's worker waits on an old epoch it cannot read
+/// before giving it up by itself (`None`: never; at least a minute).
+pub async fn set_abandon_after(
+    pool: &PgPool,
+    group: &str,
+    after: Option<std::time::Duration>,
+) -> Result<(), StoreError> {
+    let done = sqlx::query("UPDATE routing_groups SET abandon_after_s = $2 WHERE name = $1")
+        .bind(group)
+        .bind(after.map(|d| d.as_secs_f64()))
+        .execute(pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx(e, "group", group))?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::NotFound {
+            what: "group",
+            name: group.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

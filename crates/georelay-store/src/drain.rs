@@ -69,7 +69,7 @@ pub async fn renew_lease(
 
 /// Inside a writing transaction: locks the lease row, checks that `lease` is
 /// still the valid holder, and extends it.
-async fn check_lease(
+pub(crate) async fn check_lease(
     tx: &mut Transaction<'_, Postgres>,
     lease: &LeaseToken,
     length: Duration,
@@ -125,7 +125,7 @@ pub async fn report_blocked(
 }
 
 /// Where a group's worker stands.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Position {
     pub group_id: i64,
     pub group: String,
@@ -136,12 +136,20 @@ pub struct Position {
     /// The oldest undrained trail epoch and its namespace.
     pub drain_epoch: i64,
     pub drain_namespace_id: i64,
+    /// Devices' gaps still open (records stranded in an abandoned epoch).
+    pub open_gaps: i64,
+    /// Give up on an old epoch that cannot be read for this long (the
+    /// group's `abandon_after_s`; `None`: never by itself).
+    pub abandon_after_s: Option<f64>,
 }
 
 pub async fn position(pool: &PgPool, group_id: i64) -> Result<Option<Position>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT g.id AS group_id, g.name AS \"group\", g.queue, g.epoch, g.sender_namespace_id,
-                t.epoch AS drain_epoch, t.namespace_id AS drain_namespace_id
+                t.epoch AS drain_epoch, t.namespace_id AS drain_namespace_id,
+                (SELECT count(*) FROM device_gaps d
+                 WHERE d.group_id = g.id AND d.closed_at IS NULL) AS open_gaps,
+                g.abandon_after_s
          FROM routing_groups g
          JOIN LATERAL (SELECT epoch, namespace_id FROM routing_trail
                        WHERE group_id = g.id AND drained_at IS NULL
@@ -387,6 +395,9 @@ pub struct DeadLetter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     pub inserted: u64,
+    /// Rows held back in `parked_records`: their device waits for records
+    /// stranded in an abandoned epoch ([`release_gaps`]).
+    pub parked: u64,
     pub duplicates: u64,
     /// `(device_id, seq)` of duplicates whose payload differs from the
     /// stored one (a reused seq), dead-lettered as `seq_conflict`.
@@ -443,7 +454,7 @@ async fn store_together(
         else {
             return Ok(None);
         };
-        if inserted == rows.len() as u64 {
+        if inserted.inserted + inserted.parked == rows.len() as u64 {
             return Ok(Some(Stored::new(
                 rows.len(),
                 inserted,
@@ -472,7 +483,7 @@ async fn store_together(
         if !check_lease(&mut tx, lease, lease_length).await? {
             return Ok(None);
         }
-        0
+        Inserted::default()
     } else {
         match insert_rows(&mut *tx, lease, lease_length, namespace_id, rows).await? {
             Some(inserted) => inserted,
@@ -503,7 +514,7 @@ async fn store_one_by_one(
     if !check_lease(&mut tx, lease, lease_length).await? {
         return Ok(None);
     }
-    let mut inserted = 0;
+    let mut inserted = Inserted::default();
     let mut taken = Vec::with_capacity(rows.len());
     let mut refused = Vec::new();
     for row in rows {
@@ -511,7 +522,8 @@ async fn store_one_by_one(
         let one = std::slice::from_ref(row);
         match insert_rows(&mut *tx, lease, lease_length, namespace_id, one).await {
             Ok(Some(n)) => {
-                inserted += n;
+                inserted.inserted += n.inserted;
+                inserted.parked += n.parked;
                 taken.push(row);
                 sqlx::query("RELEASE SAVEPOINT one_row")
                     .execute(&mut *tx)
@@ -551,8 +563,8 @@ struct Done<'a> {
     epoch: i64,
     /// Rows in the batch.
     rows: usize,
-    /// Rows inserted (the rest were there already, or refused).
-    inserted: u64,
+    /// Rows inserted and parked (the rest were there already, or refused).
+    inserted: Inserted,
 }
 
 impl Done<'_> {
@@ -567,7 +579,7 @@ impl Done<'_> {
         refused: Vec<DeadLetter>,
     ) -> Result<Stored, StoreError> {
         let mut conflicts = Vec::new();
-        if self.inserted < taken.len() as u64 {
+        if self.inserted.inserted + self.inserted.parked < taken.len() as u64 {
             conflicts =
                 record_conflicts(&mut tx, self.lease, self.namespace_id, self.epoch, taken).await?;
         }
@@ -610,13 +622,15 @@ async fn insert_dead_letters(
 impl Stored {
     fn new(
         rows: usize,
-        inserted: u64,
+        inserted: Inserted,
         conflicts: Vec<(String, i64)>,
         refused: Vec<DeadLetter>,
     ) -> Self {
-        let not_duplicates = inserted + conflicts.len() as u64 + refused.len() as u64;
+        let Inserted { inserted, parked } = inserted;
+        let not_duplicates = inserted + parked + conflicts.len() as u64 + refused.len() as u64;
         Self {
             inserted,
+            parked,
             duplicates: (rows as u64).saturating_sub(not_duplicates),
             conflicts,
             refused,
@@ -627,13 +641,18 @@ impl Stored {
 /// Extends the lease and inserts `rows` in one statement; the rows go in
 /// only if the lease is still held (its row is locked by the same
 /// statement, so no one can take it over in between). `None`: lost.
+///
+/// A row of a device with an open gap (records stranded in an abandoned
+/// epoch, not stored yet) whose seq is above the gap goes to
+/// `parked_records` instead: [`release_gaps`] stores it once the gap
+/// closes. Rows in the gap (sent again) are stored as usual.
 async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     lease: &LeaseToken,
     lease_length: Duration,
     namespace_id: i64,
     rows: &[Row],
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Option<Inserted>, StoreError> {
     let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
@@ -644,7 +663,7 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     let newest = received.iter().max().copied();
     // The lease row also carries the worker's progress for the console:
     // same row, same statement.
-    let (held, inserted): (bool, i64) = sqlx::query_as(
+    let (leased, inserted, held): (bool, i64, i64) = sqlx::query_as(
         "WITH lease AS (
              UPDATE drain_leases SET lease_until = clock_timestamp() + make_interval(secs => $10),
                     stored_total = stored_total + cardinality($1::text[]),
@@ -652,17 +671,32 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
                     last_batch_lag = extract(epoch FROM clock_timestamp() - $11::timestamptz)
              WHERE group_id = $7 AND instance_id = $8 AND token = $9 AND lease_until > clock_timestamp()
              RETURNING 1
-         ), stored AS (
-             INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
-             SELECT d, s, p::jsonb, r, $5, e
+         ), gaps AS (
+             -- Devices waiting for records stranded in an abandoned epoch:
+             -- what is newer than a gap waits in parked_records.
+             SELECT device_id, min(through_seq) AS through FROM device_gaps
+             WHERE group_id = $7 AND closed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
+             GROUP BY device_id
+         ), input AS (
+             SELECT u.d, u.s, u.p, u.r, u.e, u.n, coalesce(u.s > g.through, false) AS held
              FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $6::bigint[])
                   WITH ORDINALITY AS u(d, s, p, r, e, n)
+             LEFT JOIN gaps g ON g.device_id = u.d
              WHERE EXISTS (SELECT 1 FROM lease)
+         ), parked AS (
+             INSERT INTO parked_records (device_id, seq, group_id, payload, received_at, namespace_id, epoch)
+             SELECT d, s, $7, p::jsonb, r, $5, e FROM input WHERE held
+             ON CONFLICT (device_id, seq) DO NOTHING
+             RETURNING 1
+         ), stored AS (
+             INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
+             SELECT d, s, p::jsonb, r, $5, e FROM input WHERE NOT held
              ORDER BY n
              ON CONFLICT (device_id, seq) DO NOTHING
              RETURNING 1
          )
-         SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored)",
+         SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored),
+                (SELECT count(*) FROM input WHERE held)",
     )
     .bind(&devices)
     .bind(&seqs)
@@ -677,7 +711,19 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     .bind(newest)
     .fetch_one(exec)
     .await?;
-    Ok(held.then_some(inserted as u64))
+    Ok(leased.then_some(Inserted {
+        inserted: inserted as u64,
+        parked: held as u64,
+    }))
+}
+
+/// What one insert did with its rows.
+#[derive(Debug, Clone, Copy, Default)]
+struct Inserted {
+    /// New rows in `telemetry`.
+    inserted: u64,
+    /// Rows held back in `parked_records` (their device waits for a gap).
+    parked: u64,
 }
 
 /// A duplicate is normally a redelivery (same payload). A different payload

@@ -63,6 +63,9 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {}", describe(.0))]
     Database(#[source] sqlx::Error),
+    /// Not possible yet; the message says what to wait for.
+    #[error("{0}")]
+    NotYet(String),
     /// A row the schema should have made impossible.
     #[error("{0}")]
     Inconsistent(String),
@@ -75,7 +78,8 @@ impl StoreError {
             Self::Connect { .. }
             | Self::ConnectTimedOut { .. }
             | Self::Lost(_)
-            | Self::TimedOut { .. } => ErrorKind::Unavailable,
+            | Self::TimedOut { .. }
+            | Self::NotYet(_) => ErrorKind::Unavailable,
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             Self::Refused { .. } => ErrorKind::Refused,

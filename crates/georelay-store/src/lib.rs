@@ -8,6 +8,8 @@
 //!   transaction (shared by ingest and the worker).
 //! - [`drain`]: the worker's lease, the seal barrier, storing batches,
 //!   following the trail.
+//! - [`gaps`]: records stranded in an abandoned epoch, and the newer
+//!   records of their devices parked until those are back.
 //! - [`keys`]: a cache of device keys, opened with the master key.
 //! - [`instances`]: process leases and the epochs ingest acknowledges.
 //!
@@ -21,6 +23,7 @@ pub mod dead_letters;
 pub mod doctor;
 pub mod drain;
 mod error;
+pub mod gaps;
 pub mod instances;
 pub mod keys;
 pub mod overview;

@@ -1,6 +1,6 @@
 //! Which of a device's records are stored: ranges of seqs above a point,
 //! read from `telemetry`'s primary key (device, seq) — no write on the
-//! drain's path.
+//! drain's path — and which epochs of its group were given up.
 
 use sqlx::PgPool;
 
@@ -35,4 +35,25 @@ pub async fn stored_ranges(
         ranges.into_iter().map(|(a, b, _)| (a, b)).collect(),
         seen < MAX_SEQS,
     ))
+}
+
+/// Most abandoned epochs one answer lists.
+pub const MAX_ABANDONED: i64 = 64;
+
+/// The newest abandoned epochs of `device`'s group (up to
+/// [`MAX_ABANDONED`]), in order: an agent sends again every record it sent
+/// into one of them that is not stored (`docs/architecture.md`, "A region
+/// lost for good").
+pub async fn abandoned_epochs(pool: &PgPool, device: &str) -> Result<Vec<i64>, StoreError> {
+    let mut epochs: Vec<i64> = sqlx::query_scalar(
+        "SELECT t.epoch FROM routing_trail t JOIN devices d ON d.group_id = t.group_id
+         WHERE d.id = $1 AND t.abandoned_at IS NOT NULL
+         ORDER BY t.epoch DESC LIMIT $2",
+    )
+    .bind(device)
+    .bind(MAX_ABANDONED)
+    .fetch_all(pool)
+    .await?;
+    epochs.reverse();
+    Ok(epochs)
 }

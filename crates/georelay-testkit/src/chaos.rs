@@ -47,6 +47,13 @@ pub enum Scenario {
     DatabaseHang,
     /// an SRE's planned failover and failback by raw SQL
     PlannedFailover,
+    /// kill -9 the primary with records the worker had not read and delete
+    /// its store: lost for good; an SRE abandons its epoch, the agents send
+    /// those records again
+    RegionLost,
+    /// as region-lost, but its store survives: it comes back after its
+    /// epoch was abandoned, with the old copies in its queue
+    RegionReturns,
 }
 
 impl Scenario {
@@ -67,7 +74,14 @@ impl Scenario {
                 | Self::FlapPrimary
                 | Self::KillTwo
                 | Self::PlannedFailover
+                | Self::RegionLost
+                | Self::RegionReturns
         )
+    }
+
+    /// Whether an SRE gives up on the primary's epochs.
+    fn abandons(self) -> bool {
+        matches!(self, Self::RegionLost | Self::RegionReturns)
     }
 }
 
@@ -106,8 +120,30 @@ pub struct DrillReport {
     pub detection_ms: Option<u64>,
     /// Fault to the worker following the senders to their last namespace.
     pub drain_and_follow_ms: Option<u64>,
+    /// Devices that had records stranded in an abandoned epoch.
+    pub gaps: Vec<GapReport>,
+    /// Drain lag (received to stored) of the devices with nothing stranded,
+    /// for records received after the abandonment: `(p99 ms, max ms)`.
+    pub unstranded_lag_ms: Option<(f64, f64)>,
     pub pass: bool,
 }
+
+/// One device's records stranded in an abandoned epoch.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct GapReport {
+    pub device: String,
+    pub epoch: i64,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    /// `filled` (sent again and stored), `released`, or `open`.
+    pub how: String,
+    /// From the abandonment until it closed.
+    pub filled_after_ms: Option<f64>,
+}
+
+/// The most drain lag devices with nothing stranded may see after an
+/// abandonment: they are not held back at all.
+pub const UNSTRANDED_LAG_LIMIT_MS: f64 = 1000.0;
 
 impl DrillReport {
     /// The report a person reads at a glance.
@@ -137,6 +173,30 @@ impl DrillReport {
             ms(self.detection_ms),
             ms(self.drain_and_follow_ms)
         ));
+        if self.scenario.abandons() {
+            out.push_str("\nstranded in the abandoned epoch\n");
+            if self.gaps.is_empty() {
+                out.push_str("  (no device had records there the worker had not stored)\n");
+            }
+            for g in &self.gaps {
+                out.push_str(&format!(
+                    "  {}  epoch {}  seqs {}..={}  {}{}\n",
+                    g.device,
+                    g.epoch,
+                    g.first_seq,
+                    g.last_seq,
+                    g.how,
+                    g.filled_after_ms
+                        .map_or(String::new(), |ms| format!(" after {:.3} s", ms / 1000.0))
+                ));
+            }
+            out.push_str(&match self.unstranded_lag_ms {
+                Some((p99, max)) => format!(
+                    "  devices with nothing stranded, records received after the abandonment: drain lag p99 {p99:.0} ms, max {max:.0} ms (limit {UNSTRANDED_LAG_LIMIT_MS:.0} ms)\n"
+                ),
+                None => "  devices with nothing stranded: no records received after the abandonment\n".to_owned(),
+            });
+        }
         for e in &c.examples {
             out.push_str(&format!("  ! {e}\n"));
         }
@@ -157,6 +217,12 @@ struct System {
     started: Instant,
     timeline: Vec<Event>,
     georelay: Georelay,
+    /// Regions lost for good: their queues are not looked at.
+    lost: Vec<usize>,
+    /// The two simulator processes (half the devices each).
+    fleet_pids: Vec<u32>,
+    /// When an SRE abandoned the primary's epochs (unix ms).
+    abandoned_at_ms: Option<u64>,
 }
 
 impl System {
@@ -235,6 +301,9 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
         started: Instant::now(),
         timeline: Vec::new(),
         georelay: config.georelay.clone(),
+        lost: Vec::new(),
+        fleet_pids: Vec::new(),
+        abandoned_at_ms: None,
     };
     for _ in 0..2 {
         let s = sys.start_ingest("127.0.0.1:0")?;
@@ -249,13 +318,16 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
     ));
     let ledger = keys.join("ledger.jsonl");
     let fleet = start_fleet(&sys, &keys, &ledger, config)?;
+    sys.fleet_pids = fleet.iter().map(Child::id).collect();
 
     let d = config.duration.as_secs_f64();
     let fault_at = Duration::from_secs_f64(d * rng.gen_range(0.2..0.3));
     let heal_at = fault_at + Duration::from_secs_f64(d * rng.gen_range(0.3..0.4));
     tokio::time::sleep(fault_at).await;
-    let fault_ms = sys.started.elapsed().as_millis() as u64;
-    inject(&mut sys, config.scenario, heal_at - fault_at).await?;
+    let mut fault_ms = sys.started.elapsed().as_millis() as u64;
+    if let Some(at) = inject(&mut sys, config.scenario, heal_at - fault_at).await? {
+        fault_ms = at;
+    }
     let now = sys.started.elapsed();
     if now < heal_at {
         tokio::time::sleep(heal_at - now).await;
@@ -279,10 +351,14 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
     let accepted = checker::read_ledger(&ledger)?;
     let deadline = Instant::now() + Duration::from_secs(90);
     let report = loop {
-        let depths = depths(&sys.stack.regions).await;
+        let depths = depths(&sys.stack.regions, &sys.lost).await;
         let history = checker::gather(sys.stack.db.pool(), accepted.clone(), depths).await?;
         let report = checker::check(&history);
-        if report.ok() || Instant::now() > deadline {
+        let open_gaps: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM device_gaps WHERE closed_at IS NULL")
+                .fetch_one(sys.stack.db.pool())
+                .await?;
+        if (report.ok() && open_gaps == 0) || Instant::now() > deadline {
             break report;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -327,6 +403,17 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
     if config.scenario.moves_senders() && detection_ms.is_none() {
         pass = false;
     }
+    let (gaps, unstranded_lag_ms) = match sys.abandoned_at_ms {
+        Some(at) => stranded(sys.stack.db.pool(), at).await?,
+        None => (Vec::new(), None),
+    };
+    if config.scenario.abandons() {
+        // Every stranded range came back (the agents had them), and the
+        // devices with nothing stranded were not held back.
+        pass &= sys.abandoned_at_ms.is_some()
+            && gaps.iter().all(|g| g.how == "filled")
+            && unstranded_lag_ms.is_some_and(|(_, max)| max < UNSTRANDED_LAG_LIMIT_MS);
+    }
     let _ = std::fs::remove_dir_all(&keys);
     Ok(DrillReport {
         scenario: config.scenario,
@@ -341,8 +428,124 @@ pub async fn drill(config: &DrillConfig) -> anyhow::Result<DrillReport> {
             None
         },
         drain_and_follow_ms,
+        gaps,
+        unstranded_lag_ms,
         pass,
     })
+}
+
+/// The gaps an abandonment opened, and the drain lag of the devices that
+/// had none, for records received after `abandoned_at_ms`.
+async fn stranded(
+    pool: &sqlx::PgPool,
+    abandoned_at_ms: u64,
+) -> anyhow::Result<(Vec<GapReport>, Option<(f64, f64)>)> {
+    let gaps: Vec<GapReport> = sqlx::query_as(
+        "SELECT device_id AS device, epoch, after_seq + 1 AS first_seq, through_seq AS last_seq,
+                coalesce(closed_how, 'open') AS how,
+                (extract(epoch FROM closed_at - opened_at) * 1000)::float8 AS filled_after_ms
+         FROM device_gaps ORDER BY device_id, epoch",
+    )
+    .fetch_all(pool)
+    .await?;
+    let lag: (Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms) FROM (
+             SELECT (extract(epoch FROM t.stored_at - t.received_at) * 1000)::float8 AS ms
+             FROM telemetry t
+             WHERE t.received_at >= to_timestamp($1::float8 / 1000)
+               AND NOT EXISTS (SELECT 1 FROM device_gaps g WHERE g.device_id = t.device_id)) l",
+    )
+    .bind(abandoned_at_ms as f64)
+    .fetch_one(pool)
+    .await?;
+    Ok((gaps, lag.0.zip(lag.1)))
+}
+
+/// An SRE gives up on region `index` for good: `admin trail abandon` for
+/// each of its epochs the senders left (waiting for them to leave, and for
+/// ingest to report what it acknowledged there).
+async fn abandon_region(sys: &mut System, index: usize) -> anyhow::Result<()> {
+    let name = sys.stack.regions[index].name().to_owned();
+    let pool = sys.stack.db.pool().clone();
+    let actor = georelay_store::control::Actor {
+        actor: "chaos:sre".to_owned(),
+        reason: Some(format!("{name} lost for good")),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let epochs: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT g.name, t.epoch FROM routing_trail t
+             JOIN namespaces n ON n.id = t.namespace_id JOIN routing_groups g ON g.id = t.group_id
+             WHERE n.name = $1 AND t.drained_at IS NULL AND t.epoch < g.epoch
+             ORDER BY t.epoch",
+        )
+        .bind(&name)
+        .fetch_all(&pool)
+        .await?;
+        let current: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM routing_groups g JOIN namespaces n ON n.id = g.sender_namespace_id
+                            WHERE n.name = $1)",
+        )
+        .bind(&name)
+        .fetch_one(&pool)
+        .await?;
+        let mut waiting = current;
+        for (group, epoch) in epochs {
+            match georelay_store::control::abandon_epoch(&pool, &group, epoch, &actor).await {
+                Ok(done) => {
+                    sys.abandoned_at_ms.get_or_insert_with(now_ms);
+                    sys.mark(format!(
+                        "SRE: admin trail abandon --group {group} --epoch {epoch} ({name} lost for good): {} devices wait for records stranded there",
+                        done.gaps
+                    ));
+                }
+                Err(georelay_store::StoreError::NotYet(_)) => waiting = true,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !waiting {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the senders did not leave {name}, or ingest kept acknowledging its epoch, for 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits (up to 20 s) until the worker has stored a record received after
+/// now: it reads the queue in order, so everything before it is stored.
+async fn caught_up(sys: &System) -> anyhow::Result<()> {
+    let pool = sys.stack.db.pool();
+    let now: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
+        .fetch_one(pool)
+        .await?;
+    let ok = crate::wait_until(Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT coalesce(max(received_at) > to_timestamp($1), false) FROM telemetry",
+        )
+        .bind(now)
+        .fetch_one(pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await;
+    anyhow::ensure!(ok, "the worker did not catch up within 20 s");
+    Ok(())
+}
+
+/// SIGSTOP (`true`) or SIGCONT processes.
+fn freeze(pids: impl IntoIterator<Item = u32>, stop: bool) -> anyhow::Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    let signal = if stop {
+        Signal::SIGSTOP
+    } else {
+        Signal::SIGCONT
+    };
+    for pid in pids {
+        kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)?;
+    }
+    Ok(())
 }
 
 /// Two simulator processes, half the devices each, each preferring another
@@ -410,7 +613,13 @@ impl WaitText for Child {
     }
 }
 
-async fn inject(sys: &mut System, scenario: Scenario, window: Duration) -> anyhow::Result<()> {
+/// Injects the fault; `Some(ms)`: it struck that long after the start, not
+/// when `inject` was called (it set the scene first).
+async fn inject(
+    sys: &mut System,
+    scenario: Scenario,
+    window: Duration,
+) -> anyhow::Result<Option<u64>> {
     match scenario {
         Scenario::KillPrimary => {
             sys.stack.regions[0].kill();
@@ -479,8 +688,36 @@ async fn inject(sys: &mut System, scenario: Scenario, window: Duration) -> anyho
             sys.stack.move_senders(1).await?;
             sys.mark("SRE: UPDATE routing_groups SET sender_namespace_id = eu-north");
         }
+        Scenario::RegionLost | Scenario::RegionReturns => {
+            // Half the fleet is quiet when it happens (their records in
+            // eu-west are stored); the workers are a moment behind, as under
+            // any load: eu-west holds acknowledged records of the other half
+            // they have not read when it goes.
+            let quiet = sys.fleet_pids[1];
+            let drains: Vec<u32> = sys.drain.iter().filter_map(Service::pid).collect();
+            caught_up(sys).await?;
+            freeze([quiet], true)?;
+            sys.mark("half the fleet goes quiet (SIGSTOP)");
+            caught_up(sys).await?;
+            freeze(drains.iter().copied(), true)?;
+            sys.mark("the drain workers fall behind (SIGSTOP)");
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let lost = if scenario == Scenario::RegionLost {
+                sys.stack.regions[0].lose()?;
+                "fault: kill -9 eu-west and delete its store (lost for good)"
+            } else {
+                sys.stack.regions[0].kill();
+                "fault: kill -9 eu-west (its store survives)"
+            };
+            sys.mark(lost);
+            let struck = sys.started.elapsed().as_millis() as u64;
+            freeze(drains, false)?;
+            freeze([quiet], false)?;
+            sys.mark("the drain workers and the quiet half go on (SIGCONT)");
+            return Ok(Some(struck));
+        }
     }
-    Ok(())
+    Ok(None)
 }
 
 async fn heal(sys: &mut System, scenario: Scenario) -> anyhow::Result<()> {
@@ -511,6 +748,17 @@ async fn heal(sys: &mut System, scenario: Scenario) -> anyhow::Result<()> {
             sys.mark("SRE: failback to eu-west");
             return Ok(());
         }
+        Scenario::RegionLost => {
+            abandon_region(sys, 0).await?;
+            sys.lost.push(0);
+            return Ok(());
+        }
+        Scenario::RegionReturns => {
+            abandon_region(sys, 0).await?;
+            sys.stack.regions[0].restart()?;
+            sys.mark("eu-west back after its epoch was abandoned, its old queue with it");
+            return Ok(());
+        }
     }
     sys.mark("healed");
     Ok(())
@@ -533,10 +781,14 @@ async fn active_worker(sys: &System) -> usize {
 }
 
 /// What each region's queue still holds, and (Service Bus) what the broker
-/// itself dead-lettered: both count as stranded.
-async fn depths(regions: &[Region]) -> Vec<(String, u64)> {
+/// itself dead-lettered: both count as stranded. Regions in `lost` are gone
+/// for good: nothing is asked of them.
+async fn depths(regions: &[Region], lost: &[usize]) -> Vec<(String, u64)> {
     let mut out = Vec::new();
-    for r in regions {
+    for (i, r) in regions.iter().enumerate() {
+        if lost.contains(&i) {
+            continue;
+        }
         let dead = r.dead_lettered(QUEUE);
         if dead > 0 {
             out.push((format!("{} $DeadLetterQueue", r.name()), dead as u64));

@@ -80,6 +80,18 @@ impl NatsRegion {
         }
     }
 
+    /// Lost for good: `kill -9`, and its store directory deleted.
+    pub fn lose(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let store = self.dir.join("store");
+        match std::fs::remove_dir_all(&store) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot delete {}", store.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// SIGSTOP: the region hangs; connections stay open, nothing answers.
     pub fn pause(&self) -> anyhow::Result<()> {
         self.signal(Signal::SIGSTOP)
@@ -247,6 +259,17 @@ impl Region {
         match self {
             Self::Nats(r) => r.kill(),
             Self::ServiceBus(d) => d.kill(),
+        }
+    }
+
+    /// Lost for good: down, and its store (every queue and message) gone.
+    pub fn lose(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Nats(r) => r.lose(),
+            Self::ServiceBus(d) => {
+                d.lose();
+                Ok(())
+            }
         }
     }
 

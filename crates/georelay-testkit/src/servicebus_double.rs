@@ -229,6 +229,12 @@ impl ServiceBusDouble {
         }
     }
 
+    /// Lost for good: down, and every queue and message it had is gone.
+    pub fn lose(&mut self) {
+        self.kill();
+        self.state.queues.lock().clear();
+    }
+
     /// Hung: requests are accepted and not answered until [`resume`](Self::resume).
     pub fn pause(&self) {
         self.state.paused.send_replace(true);

@@ -9,7 +9,7 @@ use std::io::Read as _;
 use zeroize::Zeroizing;
 
 use crate::cli::{
-    Admin, DeadLettersCmd, DeviceCmd, GroupCmd, NamespaceCmd, OnOff, TrailAbandon, TrailCmd,
+    Admin, DeadLettersCmd, DeviceCmd, GroupCmd, NamespaceCmd, OffOr, OnOff, TrailAbandon, TrailCmd,
 };
 use crate::config;
 use crate::table::Table;
@@ -146,18 +146,51 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
             println!("device {} {state}", d.id);
         }
         Admin::Group(GroupCmd::Set(g)) => {
-            let on = g.failover == OnOff::On;
-            let changed =
-                control::set_failover_enabled(&pool, &g.name, on, &actor(g.reason.clone())).await?;
-            let state = match (on, changed) {
-                (true, true) => "automatic failover on",
-                (false, true) => {
-                    "automatic failover off: it stays where it is, even if its region goes down"
+            if let Some(failover) = g.failover {
+                let on = failover == OnOff::On;
+                let changed =
+                    control::set_failover_enabled(&pool, &g.name, on, &actor(g.reason.clone()))
+                        .await?;
+                let state = match (on, changed) {
+                    (true, true) => "automatic failover on",
+                    (false, true) => {
+                        "automatic failover off: it stays where it is, even if its region goes down"
+                    }
+                    (true, false) => "automatic failover was already on",
+                    (false, false) => "automatic failover was already off",
+                };
+                println!("group {}: {state}", g.name);
+            }
+            if let Some(limit) = g.abandon_after {
+                let after = match limit {
+                    OffOr::Off => None,
+                    OffOr::After(d) => Some(d),
+                };
+                control::set_abandon_after(&pool, &g.name, after).await?;
+                match after {
+                    Some(d) => println!(
+                        "group {}: the worker gives up on an old epoch it cannot read for {d:?}; devices with records stranded there wait for their agents to send them again",
+                        g.name
+                    ),
+                    None => println!(
+                        "group {}: the worker never gives up on an epoch by itself (georelay admin trail abandon does)",
+                        g.name
+                    ),
                 }
-                (true, false) => "automatic failover was already on",
-                (false, false) => "automatic failover was already off",
-            };
-            println!("group {}: {state}", g.name);
+            }
+        }
+        Admin::Device(DeviceCmd::ReleaseGap(r)) => {
+            let gaps =
+                georelay_store::gaps::request_release(&pool, &r.device, r.epoch, &actor(r.reason))
+                    .await?;
+            for (epoch, after, through) in gaps {
+                println!(
+                    "device {}: seqs {}..={} stranded in epoch {epoch} given up; the worker stores its parked records in order now",
+                    r.device,
+                    after + 1,
+                    through
+                );
+            }
         }
         Admin::Trail(TrailCmd::Abandon(a)) => abandon(&pool, a).await?,
         Admin::DeadLetters(cmd) => dead_letters(&pool, cmd).await?,
@@ -306,16 +339,17 @@ async fn abandon(pool: &georelay_store::PgPool, a: TrailAbandon) -> anyhow::Resu
         Err(e) => format!("cannot count it ({e})"),
     };
     if !a.yes {
+        let devices = control::devices_acknowledged_in(pool, &a.group, a.epoch).await?;
         bail!(
-            "epoch {} of group {} is on {namespace}, whose queue {queue} holds {held}: abandoning gives that up for good; run again with --yes to do it",
+            "epoch {} of group {} is on {namespace}, whose queue {queue} holds {held}; ingest acknowledged records of {devices} devices there. Abandoning lets the worker go on at once: devices with records there not stored wait (their newer records parked) until their agents send those again, the others flow; a device that never sends them again needs `georelay admin device release-gap`. Run again with --yes to do it",
             a.epoch,
             a.group
         );
     }
     let done = control::abandon_epoch(pool, &a.group, a.epoch, &actor(a.reason)).await?;
     println!(
-        "epoch {} of group {} abandoned ({} held {held}); the worker drains {} now",
-        a.epoch, a.group, done.namespace, done.worker_on
+        "epoch {} of group {} abandoned ({} held {held}); the worker drains {} now; {} devices wait for records stranded there (georelay admin status lists them)",
+        a.epoch, a.group, done.namespace, done.worker_on, done.gaps
     );
     Ok(())
 }
@@ -385,6 +419,38 @@ fn read_secret_from_stdin() -> anyhow::Result<Zeroizing<String>> {
         bail!("--key - read an empty key from stdin");
     }
     Ok(trimmed)
+}
+
+/// `admin status`'s STRANDED section: devices whose newer records wait for
+/// records stranded in an abandoned epoch.
+fn stranded_text(open: &[georelay_store::gaps::OpenGap]) -> String {
+    let mut out =
+        "\nSTRANDED (records acknowledged in an abandoned epoch, not stored yet)\n".to_owned();
+    if open.is_empty() {
+        out.push_str("  (none)\n");
+        return out;
+    }
+    let mut t = Table::new(&[
+        "GROUP", "DEVICE", "EPOCH", "SEQS", "SINCE", "PARKED", "STATE",
+    ]);
+    for g in open {
+        t.row(vec![
+            g.group.clone(),
+            g.device_id.clone(),
+            g.epoch.to_string(),
+            format!("{}..={}", g.after_seq + 1, g.through_seq),
+            time(g.opened_at),
+            g.parked.to_string(),
+            if g.release_requested_at.is_some() {
+                "released: the worker stores the parked records".to_owned()
+            } else {
+                "WAITING for the agent to send them again".to_owned()
+            },
+        ]);
+    }
+    out.push_str(&t.render(2));
+    out.push_str("  (a device that never will: georelay admin device release-gap --device D)\n");
+    out
 }
 
 async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
@@ -459,6 +525,9 @@ async fn status(pool: &georelay_store::PgPool) -> anyhow::Result<String> {
         out.push_str(&t.render(2));
         out.push_str("  (georelay admin dead-letters list --reason R)\n");
     }
+    out.push_str(&stranded_text(
+        &georelay_store::gaps::open(pool, None).await?,
+    ));
     out.push_str("\nROLLUP\n");
     let rollup = georelay_store::rollup::progress(pool).await?;
     let held = if rollup.held {

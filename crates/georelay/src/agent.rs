@@ -261,13 +261,16 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     )
     .await?;
     println!(
-        "devices {}  produced {}  accepted {}  retries {}  refused {}  still buffered {}",
+        "devices {}  produced {}  accepted {}  retries {}  refused {}  still buffered {}  unconfirmed {}  resent {}  unconfirmed-peak {}",
         summary.devices,
         summary.produced,
         summary.accepted,
         summary.retries,
         summary.rejected,
-        summary.left
+        summary.left,
+        summary.unconfirmed,
+        summary.resent,
+        summary.peak_unconfirmed
     );
     Ok(())
 }

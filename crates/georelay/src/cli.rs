@@ -282,6 +282,10 @@ pub struct DrainArgs {
     /// silent (the gauge georelay_drain_silent_devices; the alert)
     #[arg(long, env = "GEORELAY_SILENT_AFTER", default_value = "10m", value_parser = duration)]
     pub silent_after: Duration,
+    /// A device whose records stranded in an abandoned epoch are not back
+    /// this long is named at ERROR, with how to release it
+    #[arg(long, env = "GEORELAY_GAP_WARN_AFTER", default_value = "1m", value_parser = duration)]
+    pub gap_warn_after: Duration,
     /// PEM file of the CA that signs tls:// NATS servers' certificates (when
     /// the system does not trust it)
     #[arg(long, env = "GEORELAY_NATS_CA_FILE")]
@@ -588,15 +592,36 @@ pub enum GroupCmd {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("setting").required(true).multiple(true)))]
 pub struct GroupSet {
     #[arg(long)]
     pub name: String,
     /// Automatic failover for this group
-    #[arg(long, value_enum)]
-    pub failover: OnOff,
+    #[arg(long, value_enum, group = "setting")]
+    pub failover: Option<OnOff>,
+    /// Give up on an old epoch its worker cannot read for this long (at
+    /// least 1m), as `admin trail abandon` would: devices with records
+    /// stranded there wait for their agents to send them again, the others
+    /// flow on. `off` (the default): only an SRE gives up on a region
+    #[arg(long, value_parser = off_or_duration, group = "setting")]
+    pub abandon_after: Option<OffOr>,
     /// Why (kept in failover_events with the change)
     #[arg(long)]
     pub reason: Option<String>,
+}
+
+/// `off`, or a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffOr {
+    Off,
+    After(Duration),
+}
+
+fn off_or_duration(s: &str) -> Result<OffOr, String> {
+    match s.trim() {
+        "off" => Ok(OffOr::Off),
+        other => duration(other).map(OffOr::After),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -627,6 +652,22 @@ pub enum DeviceCmd {
     Disable(DeviceIdArg),
     /// Take a device's records again
     Enable(DeviceIdArg),
+    /// Give up waiting for a device's records stranded in an abandoned
+    /// epoch (it will never send them again: it died, or it keeps nothing
+    /// after a 202); its parked newer records are then stored in order
+    ReleaseGap(ReleaseGap),
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseGap {
+    #[arg(long)]
+    pub device: String,
+    /// Only the gap of this abandoned epoch (default: all of the device's)
+    #[arg(long)]
+    pub epoch: Option<i64>,
+    /// Why (kept in failover_events as a gap_released event)
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -86,6 +86,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         failover_cooldown: args.failover_cooldown,
         servicebus_lock_duration: args.servicebus_lock_duration,
         silent_after: args.silent_after,
+        gap_warn_after: args.gap_warn_after,
         nats_ca_file: args.nats_ca_file,
     })?;
     let master = config::master_key()?;

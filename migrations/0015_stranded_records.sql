@@ -1,0 +1,95 @@
+-- A region lost for good loses nothing and reorders nothing (docs/architecture.md
+-- "A region lost for good").
+--
+-- routing_trail.abandoned_at: when the epoch was given up (`admin trail
+--   abandon`, or the worker after the group's abandon_after). Agents read the
+--   abandoned epochs of their group on the progress answer and send again
+--   what they sent into one of them and is not stored.
+-- routing_groups.abandon_after_s: a group's worker gives up on an old epoch
+--   by itself after being unable to read it this long (NULL: never).
+-- device_gaps: per device and abandoned epoch, the seqs (after_seq,
+--   through_seq] ingest acknowledged there and the worker had not stored when
+--   the epoch was given up. While a gap is open, the device's records above
+--   through_seq are parked; the gap closes when through_seq is stored (the
+--   agent sent it again) or when an SRE releases it.
+-- parked_records: those held-back records, durable, in the database; moved
+--   to telemetry in seq order when the gap closes (by the worker only).
+ALTER TABLE routing_trail ADD COLUMN abandoned_at timestamptz;
+ALTER TABLE routing_groups ADD COLUMN abandon_after_s double precision
+    CHECK (abandon_after_s IS NULL OR abandon_after_s >= 60);
+
+CREATE TABLE device_gaps (
+    device_id            text NOT NULL REFERENCES devices (id),
+    group_id             bigint NOT NULL REFERENCES routing_groups (id),
+    epoch                bigint NOT NULL,
+    after_seq            bigint NOT NULL,
+    through_seq          bigint NOT NULL CHECK (through_seq > after_seq),
+    opened_at            timestamptz NOT NULL DEFAULT now(),
+    release_requested_at timestamptz,
+    closed_at            timestamptz,
+    closed_how           text CHECK (closed_how IN ('filled', 'released')),
+    CHECK ((closed_at IS NULL) = (closed_how IS NULL)),
+    PRIMARY KEY (device_id, group_id, epoch)
+);
+CREATE INDEX device_gaps_open ON device_gaps (group_id, device_id) WHERE closed_at IS NULL;
+
+CREATE TABLE parked_records (
+    device_id    text NOT NULL REFERENCES devices (id),
+    seq          bigint NOT NULL CHECK (seq >= 1),
+    group_id     bigint NOT NULL REFERENCES routing_groups (id),
+    payload      jsonb NOT NULL CHECK (jsonb_typeof(payload) = 'object'),
+    received_at  timestamptz NOT NULL,
+    namespace_id bigint NOT NULL REFERENCES namespaces (id),
+    epoch        bigint NOT NULL,
+    parked_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX parked_records_group ON parked_records (group_id);
+
+ALTER TABLE failover_events DROP CONSTRAINT failover_events_kind_check;
+ALTER TABLE failover_events ADD CONSTRAINT failover_events_kind_check
+    CHECK (kind IN ('group_created', 'sender_moved', 'drain_followed', 'exhausted', 'abandoned',
+                    'failover_on', 'failover_off', 'gap_released'));
+
+-- GR015: parked records are accepted records that are not stored yet; only
+-- the worker moves them (to telemetry, in order), and only it closes a gap
+-- (which releases them). It says so with georelay.releasing in its own
+-- transaction.
+CREATE FUNCTION parked_records_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(current_setting('georelay.releasing', true), '') = 'on' THEN
+        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    RAISE EXCEPTION 'parked_records holds accepted records waiting for a gap to fill: removing or changing them loses them'
+        USING ERRCODE = 'GR015',
+              HINT = 'release the gap instead (georelay admin device release-gap --device D): the worker stores them in order';
+END
+$$;
+CREATE TRIGGER parked_records_guard BEFORE UPDATE OR DELETE ON parked_records
+    FOR EACH ROW EXECUTE FUNCTION parked_records_guard();
+CREATE TRIGGER parked_records_guard_truncate BEFORE TRUNCATE ON parked_records
+    FOR EACH STATEMENT EXECUTE FUNCTION parked_records_guard();
+
+CREATE FUNCTION device_gaps_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(current_setting('georelay.releasing', true), '') = 'on' THEN
+        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.closed_at IS NOT DISTINCT FROM OLD.closed_at
+       AND NEW.closed_how IS NOT DISTINCT FROM OLD.closed_how
+       AND NEW.through_seq = OLD.through_seq AND NEW.after_seq = OLD.after_seq
+       AND NEW.device_id = OLD.device_id AND NEW.group_id = OLD.group_id AND NEW.epoch = OLD.epoch THEN
+        RETURN NEW;  -- release_requested_at: what `admin device release-gap` sets
+    END IF;
+    IF TG_OP = 'DELETE' AND OLD.closed_at IS NOT NULL THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'an open gap holds parked records back until it fills: closing, changing or deleting it by hand would strand or reorder them'
+        USING ERRCODE = 'GR015',
+              HINT = 'georelay admin device release-gap --device D (or SET release_requested_at = now()): the worker releases them in order';
+END
+$$;
+CREATE TRIGGER device_gaps_guard BEFORE UPDATE OR DELETE ON device_gaps
+    FOR EACH ROW EXECUTE FUNCTION device_gaps_guard();
+CREATE TRIGGER device_gaps_guard_truncate BEFORE TRUNCATE ON device_gaps
+    FOR EACH STATEMENT EXECUTE FUNCTION device_gaps_guard();
