@@ -16,7 +16,7 @@
 --   to telemetry in seq order when the gap closes (by the worker only).
 ALTER TABLE routing_trail ADD COLUMN abandoned_at timestamptz;
 ALTER TABLE routing_groups ADD COLUMN abandon_after_s double precision
-    CHECK (abandon_after_s IS NULL OR abandon_after_s >= 60);
+    CHECK (abandon_after_s IS NULL OR abandon_after_s >= 1);
 
 CREATE TABLE device_gaps (
     device_id            text NOT NULL REFERENCES devices (id),

@@ -1397,3 +1397,64 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
             .unwrap();
     assert_eq!(filled, "filled");
 }
+
+/// With the group's abandon_after set, the worker gives up on an epoch it
+/// cannot read by itself, as `admin trail abandon` would: the device's
+/// stranded records still come first once sent again.
+#[tokio::test]
+async fn the_worker_gives_up_on_an_unreadable_epoch_after_the_groups_abandon_after() {
+    let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
+    let all = devices(&stack, 1).await;
+    let device = &all[0];
+    publish(&stack, 0, &all, 1..=3, 1).await;
+    sqlx::query(
+        "INSERT INTO device_acks (device_id, group_id, epoch, acked_through) VALUES ($1, $2, 1, 3)",
+    )
+    .bind(device.id.as_str())
+    .bind(stack.group_id)
+    .execute(stack.db.pool())
+    .await
+    .unwrap();
+    stack.regions[0].lose().unwrap();
+    stack.move_senders(1).await.unwrap();
+    publish(&stack, 1, &all, 4..=5, 2).await;
+    let set = admin(
+        &stack,
+        &["group", "set", "--name", "g", "--abandon-after", "1s"],
+    );
+    assert!(set.status.success(), "{set:?}");
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            parked(&stack, device.id.as_str()).await == vec![4, 5]
+        })
+        .await,
+        "the worker gave up on epoch 1 and parked 4 and 5: {:?}",
+        undrained(&stack).await
+    );
+    let actor: String =
+        sqlx::query_scalar("SELECT actor FROM failover_events WHERE kind = 'abandoned'")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert!(actor.starts_with("drain:"), "{actor}");
+    publish(&stack, 1, &all, 1..=3, 2).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            seqs_in_store_order(&stack, device.id.as_str()).await == vec![1, 2, 3, 4, 5]
+        })
+        .await,
+        "{:?}",
+        seqs_in_store_order(&stack, device.id.as_str()).await
+    );
+    let off = admin(
+        &stack,
+        &["group", "set", "--name", "g", "--abandon-after", "off"],
+    );
+    assert!(off.status.success(), "{off:?}");
+    let after: Option<f64> = sqlx::query_scalar("SELECT abandon_after_s FROM routing_groups")
+        .fetch_one(stack.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, None);
+}

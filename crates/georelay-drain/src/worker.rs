@@ -171,14 +171,41 @@ impl GroupWorker {
         // must not freeze the worker; what was in flight is read again. Far
         // above a slow but working step (every call in it has its own bound).
         let step_limit = config.step_limit;
-        let result = match tokio::time::timeout(step_limit, self.step(&lease, &position)).await {
-            Ok(result) => result,
-            Err(_) => {
+        // Blocked on an old epoch: an SRE (or abandon_after) may give it up
+        // at any moment; the devices with nothing stranded there must not
+        // wait for this attempt on a dead region to time out.
+        let old_epoch = position.drain_epoch < position.epoch;
+        let blocked_here = old_epoch
+            && self
+                .blocked
+                .as_ref()
+                .is_some_and(|b| b.epoch == position.drain_epoch);
+        let group_id = self.group_id;
+        let step = tokio::time::timeout(step_limit, self.step(&lease, &position));
+        let stepped = if blocked_here {
+            tokio::select! {
+                stepped = step => Some(stepped),
+                () = given_up(&shared.pool, group_id, position.drain_epoch, step_limit) => None,
+            }
+        } else {
+            Some(step.await)
+        };
+        let result = match stepped {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => {
                 self.shared.forget_consumers(&position.queue).await;
                 Err(StepError::Store(StoreError::TimedOut {
                     what: "a drain step",
                     limit: step_limit,
                 }))
+            }
+            None => {
+                // Whatever the step had read is unacked: read again.
+                self.shared.forget_consumers(&position.queue).await;
+                tracing::info!(group = %position.group, epoch = position.drain_epoch,
+                    "the epoch this worker was blocked on was given up: going on");
+                self.unblocked(&position).await;
+                return Duration::ZERO;
             }
         };
         if result.is_ok() && self.db_failing {
@@ -204,7 +231,15 @@ impl GroupWorker {
                 Duration::ZERO
             }
             Err(StepError::Store(e)) => self.db_error(e),
-            Err(StepError::Broker(e)) => self.blocked_on(&position, e).await,
+            Err(StepError::Broker(e)) => {
+                let pause = self.blocked_on(&position, e).await;
+                if old_epoch {
+                    // The back-off, unless the epoch is given up meanwhile.
+                    given_up(&shared.pool, self.group_id, position.drain_epoch, pause).await;
+                    return Duration::ZERO;
+                }
+                pause
+            }
         }
     }
 
@@ -906,6 +941,21 @@ impl GroupWorker {
                 drop(reset(ns, &dead.queue).await);
                 tracing::warn!(group = %pos.group, namespace = %name, error = %e, "cannot move the broker's dead-lettered messages yet; will try again");
             }
+        }
+    }
+}
+
+/// Returns once epoch `epoch` of the group is drained (given up, by an SRE
+/// or the group's abandon_after), or after `limit`; looks every 100 ms.
+async fn given_up(pool: &georelay_store::PgPool, group_id: i64, epoch: i64, limit: Duration) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100).min(until - Instant::now())).await;
+        if drain::epoch_drained(pool, group_id, epoch)
+            .await
+            .unwrap_or(false)
+        {
+            return;
         }
     }
 }

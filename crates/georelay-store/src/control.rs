@@ -471,7 +471,7 @@ pub async fn set_failover_enabled(
 }
 
 /// Sets how long the group's worker waits on an old epoch it cannot read
-/// before giving it up by itself (`None`: never; at least a minute).
+/// before giving it up by itself (`None`: never; at least a second).
 pub async fn set_abandon_after(
     pool: &PgPool,
     group: &str,

@@ -161,6 +161,18 @@ pub async fn position(pool: &PgPool, group_id: i64) -> Result<Option<Position>, 
     .await?)
 }
 
+/// Whether `epoch` of the group is drained (or given up).
+pub async fn epoch_drained(pool: &PgPool, group_id: i64, epoch: i64) -> Result<bool, StoreError> {
+    let drained: Option<bool> = sqlx::query_scalar(
+        "SELECT drained_at IS NOT NULL FROM routing_trail WHERE group_id = $1 AND epoch = $2",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .fetch_optional(pool)
+    .await?;
+    Ok(drained.unwrap_or(false))
+}
+
 /// The namespace the group's trail puts `epoch` on; `None` if the trail
 /// has no such epoch. Ingest publishes under an epoch only after its trail
 /// row committed, so for a message already received the answer is final.

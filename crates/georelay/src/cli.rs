@@ -600,7 +600,7 @@ pub struct GroupSet {
     #[arg(long, value_enum, group = "setting")]
     pub failover: Option<OnOff>,
     /// Give up on an old epoch its worker cannot read for this long (at
-    /// least 1m), as `admin trail abandon` would: devices with records
+    /// least 1s), as `admin trail abandon` would: devices with records
     /// stranded there wait for their agents to send them again, the others
     /// flow on. `off` (the default): only an SRE gives up on a region
     #[arg(long, value_parser = off_or_duration, group = "setting")]
