@@ -93,3 +93,18 @@ CREATE TRIGGER device_gaps_guard BEFORE UPDATE OR DELETE ON device_gaps
     FOR EACH ROW EXECUTE FUNCTION device_gaps_guard();
 CREATE TRIGGER device_gaps_guard_truncate BEFORE TRUNCATE ON device_gaps
     FOR EACH STATEMENT EXECUTE FUNCTION device_gaps_guard();
+
+-- Releasing a gap is audited, whoever does it (CLI, console or raw SQL).
+CREATE FUNCTION device_gaps_audit_release() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO failover_events (group_id, kind, epoch, actor, reason)
+    VALUES (NEW.group_id, 'gap_released', NEW.epoch, georelay_actor(),
+            format('device %s: seqs %s to %s stranded in epoch %s given up%s',
+                   NEW.device_id, NEW.after_seq + 1, NEW.through_seq, NEW.epoch,
+                   coalesce(': ' || georelay_reason(), '')));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER device_gaps_audit_release AFTER UPDATE OF release_requested_at ON device_gaps
+    FOR EACH ROW WHEN (OLD.release_requested_at IS NULL AND NEW.release_requested_at IS NOT NULL)
+    EXECUTE FUNCTION device_gaps_audit_release();

@@ -1198,6 +1198,16 @@ async fn a_device_learns_which_of_its_records_are_stored_and_nobody_else_does() 
     assert_eq!(all.1["complete"], true);
     let later = ask(&device, &device, 5, now, "?after=5".into()).await;
     assert_eq!(later.1["stored"], json!([[7, 8]]));
+    // An epoch of its group given up (a region lost for good) is named:
+    // what the device sent into it and is not stored, it sends again.
+    assert_eq!(all.1["abandoned"], json!([]));
+    sqlx::query("UPDATE routing_trail SET abandoned_at = now() WHERE group_id = $1 AND epoch = 1")
+        .bind(stack.group_id)
+        .execute(stack.db.pool())
+        .await
+        .unwrap();
+    let abandoned = ask(&device, &device, 0, now, String::new()).await;
+    assert_eq!(abandoned.1["abandoned"], json!([1]));
 
     // Signed with another device's key, for another `after`, too old, or
     // not at all: 401, the same answer as an unknown device.

@@ -12,6 +12,7 @@ use georelay_core::MasterKey;
 use georelay_store::control::{self, Group, Namespace, Process, TrailEpoch};
 use georelay_store::dead_letters::{self, ByReason, Letter};
 use georelay_store::doctor::{self, Problem};
+use georelay_store::gaps::{self, OpenGap};
 use georelay_store::overview::{self, DrainProgress, Event, Fleet, OpenBreaker, Seen};
 use georelay_store::{routing, PgPool, StoreError};
 use georelay_transport::{ErrorKind, Limits, NamespacePool};
@@ -58,6 +59,8 @@ pub struct Snapshot {
     pub newest_dead: Vec<Letter>,
     pub fleets: Vec<Fleet>,
     pub devices: Vec<Seen>,
+    /// Devices waiting for records stranded in an abandoned epoch.
+    pub stranded: Vec<OpenGap>,
 }
 
 /// Newest audit events a page shows.
@@ -101,6 +104,7 @@ impl Snapshot {
             .await?,
             fleets: overview::fleets(pool, silent_after).await?,
             devices: overview::devices(pool, silent_after, DEVICES).await?,
+            stranded: gaps::open(pool, None).await?,
         })
     }
 }

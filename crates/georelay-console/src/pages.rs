@@ -575,6 +575,7 @@ fn events(h: &mut String, snap: &Snapshot) {
 }
 
 fn devices(h: &mut String, snap: &Snapshot, now: DateTime<Utc>) {
+    stranded(h, snap, now);
     let rows: Vec<(String, Vec<String>)> = snap
         .fleets
         .iter()
@@ -646,6 +647,50 @@ fn devices(h: &mut String, snap: &Snapshot, now: DateTime<Utc>) {
         h,
         "devices",
         &["DEVICE", "GROUP", "ENABLED", "LAST SEEN", ""],
+        &rows,
+    );
+}
+
+/// Devices whose newer records are parked until records stranded in an
+/// abandoned epoch are sent again (or an SRE releases them).
+fn stranded(h: &mut String, snap: &Snapshot, now: DateTime<Utc>) {
+    h.push_str("<h2>stranded records (abandoned epochs)</h2>");
+    if snap.stranded.is_empty() {
+        h.push_str("<p id=\"stranded-none\" class=\"muted\">none: no device waits for records of a region given up</p>");
+        return;
+    }
+    let rows: Vec<(String, Vec<String>)> = snap
+        .stranded
+        .iter()
+        .map(|g| {
+            let state = if g.release_requested_at.is_some() {
+                "released: the worker stores the parked records".to_owned()
+            } else {
+                format!(
+                    "<span class=\"warn\">WAITING</span> for its agent to send them again; a device that never will: <code>georelay admin device release-gap --device {}</code>",
+                    esc(&g.device_id)
+                )
+            };
+            (
+                format!(" data-device=\"{}\"", esc(&g.device_id)),
+                vec![
+                    esc(&g.device_id),
+                    esc(&g.group),
+                    g.epoch.to_string(),
+                    format!("{}..={}", g.after_seq + 1, g.through_seq),
+                    format!("{} ({})", time(g.opened_at), ago(g.opened_at, now)),
+                    g.parked.to_string(),
+                    state,
+                ],
+            )
+        })
+        .collect();
+    table(
+        h,
+        "stranded",
+        &[
+            "DEVICE", "GROUP", "EPOCH", "SEQS", "SINCE", "PARKED", "STATE",
+        ],
         &rows,
     );
 }
@@ -795,6 +840,25 @@ mod tests {
         );
         assert!(!html.contains("action=\"/actions/move\""));
         assert!(html.contains("sign in to act"));
+    }
+
+    #[test]
+    fn a_device_waiting_for_stranded_records_is_shown_with_how_to_release_it() {
+        let mut snap = snapshot();
+        assert!(live(Page::Devices, &snap).contains("stranded-none"));
+        snap.stranded = vec![georelay_store::gaps::OpenGap {
+            group: "demo".to_owned(),
+            device_id: "plug-7".to_owned(),
+            epoch: 3,
+            after_seq: 10,
+            through_seq: 14,
+            opened_at: Utc::now(),
+            release_requested_at: None,
+            parked: 5,
+        }];
+        let html = live(Page::Devices, &snap);
+        assert!(html.contains("<td>11..=14</td>"), "{html}");
+        assert!(html.contains("release-gap --device plug-7"));
     }
 
     #[test]

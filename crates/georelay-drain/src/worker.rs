@@ -156,6 +156,11 @@ impl GroupWorker {
             metrics
                 .seal_held_by_ingest
                 .with_label_values(&[&position.group]);
+            metrics.open_gaps.with_label_values(&[&position.group]);
+            metrics.parked_records.with_label_values(&[&position.group]);
+            metrics
+                .oldest_gap_seconds
+                .with_label_values(&[&position.group]);
         }
         self.shared
             .metrics

@@ -176,8 +176,8 @@ pub async fn open(pool: &PgPool, group: Option<&str>) -> Result<Vec<OpenGap>, St
 /// Gives up waiting for the records stranded in `device`'s open gaps (of
 /// `epoch` only, if given): the device will never send them again (it
 /// died, or it keeps nothing it got a 202 for). The worker then stores its
-/// parked records in order, with those seqs missing for good. Recorded as a
-/// `gap_released` event per gap. Returns the gaps, as `(epoch, after_seq,
+/// parked records in order, with those seqs missing for good. A trigger
+/// records a `gap_released` event per gap (also for a raw SQL release). Returns the gaps, as `(epoch, after_seq,
 /// through_seq)`; `NotFound` if there is none open.
 pub async fn request_release(
     pool: &PgPool,
@@ -187,11 +187,12 @@ pub async fn request_release(
 ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
     let mut tx = pool.begin().await?;
     set_actor(&mut tx, actor).await?;
-    let gaps: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+    // A trigger records the gap_released event (migrations/0015).
+    let gaps: Vec<(i64, i64, i64)> = sqlx::query_as(
         "UPDATE device_gaps SET release_requested_at = now()
          WHERE device_id = $1 AND closed_at IS NULL AND release_requested_at IS NULL
            AND ($2::bigint IS NULL OR epoch = $2)
-         RETURNING group_id, epoch, after_seq, through_seq",
+         RETURNING epoch, after_seq, through_seq",
     )
     .bind(device)
     .bind(epoch)
@@ -203,21 +204,6 @@ pub async fn request_release(
             name: device.to_owned(),
         });
     }
-    for (group_id, epoch, after, through) in &gaps {
-        sqlx::query(
-            "INSERT INTO failover_events (group_id, kind, epoch, actor, reason)
-             VALUES ($1, 'gap_released', $2, georelay_actor(),
-                     format('device %s: seqs %s to %s stranded in epoch %s given up%s', $3::text, $4::bigint + 1, $5::bigint,
-                            $2::bigint, coalesce(': ' || georelay_reason(), '')))",
-        )
-        .bind(group_id)
-        .bind(epoch)
-        .bind(device)
-        .bind(after)
-        .bind(through)
-        .execute(&mut *tx)
-        .await?;
-    }
     tx.commit().await?;
-    Ok(gaps.into_iter().map(|(_, e, a, t)| (e, a, t)).collect())
+    Ok(gaps)
 }
