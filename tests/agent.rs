@@ -141,6 +141,48 @@ async fn readings_arrive_in_order_and_survive_a_backend_outage() {
     assert!(agent.finish());
 }
 
+/// A 202 means "queued", not "stored": the agent keeps each record, marked
+/// sent, until ingest's progress answer says it is stored, then lets it go.
+/// (Sending again what an abandoned epoch held: the region-lost drills.)
+#[tokio::test]
+async fn records_are_kept_after_their_202_until_they_are_stored() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let state = tempdir("kept");
+    let ingest = stack.ingest(INGEST_TEST_ARGS).unwrap();
+    let mut agent = Agent::start(&stack, &device, &ingest.url(), &state, &[]);
+    agent.send(1, 10);
+    let db = state.join("plug-1.db");
+    let sent = "SELECT count(*), 0 FROM outbox WHERE sent_epoch IS NOT NULL";
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            sqlite_rows(&db, sent).await.first().map(|r| r.0) == Some(10)
+        })
+        .await,
+        "all ten sent and kept: no worker stores them yet"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sqlite_rows(&db, sent).await[0].0,
+        10,
+        "still kept: not stored"
+    );
+    let _drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
+    wait_rows(&stack, "plug-1", 10).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            sqlite_rows(&db, "SELECT count(*), 0 FROM outbox")
+                .await
+                .first()
+                .map(|r| r.0)
+                == Some(0)
+        })
+        .await,
+        "stored, so let go"
+    );
+    assert!(agent.finish());
+}
+
 #[tokio::test]
 async fn kill_9_mid_backlog_loses_nothing_and_reuses_no_seq() {
     let stack = Stack::start(&["eu-west"]).await.unwrap();

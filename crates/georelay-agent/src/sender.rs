@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use rand::Rng as _;
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
@@ -172,6 +172,8 @@ pub struct Sender {
     config: SenderConfig,
     ledger: Option<Arc<Ledger>>,
     pub stats: Arc<Stats>,
+    /// The last progress request failed (warned once).
+    progress_failing: AtomicBool,
 }
 
 impl Sender {
@@ -190,6 +192,7 @@ impl Sender {
             config,
             ledger,
             stats: Arc::new(Stats::default()),
+            progress_failing: AtomicBool::new(false),
         })
     }
 
@@ -312,12 +315,12 @@ impl Sender {
             Ok(r) if r.status().is_success() => match r.json().await {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(error = %e, "the progress answer cannot be read; keeping the sent records");
+                    self.progress_failed(&format!("the answer cannot be read: {e}"));
                     return Ok(None);
                 }
             },
             Ok(r) => {
-                tracing::warn!(status = r.status().as_u16(), "ingest does not say which records are stored; keeping the sent records until it does");
+                self.progress_failed(&format!("ingest answered {}", r.status().as_u16()));
                 return Ok(None);
             }
             Err(e) => {
@@ -325,6 +328,9 @@ impl Sender {
                 return Ok(None);
             }
         };
+        if self.progress_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(device = %device, "ingest says which records are stored again");
+        }
         let (deleted, again) = self
             .buffer
             .confirm(&progress.stored, &progress.abandoned)
@@ -340,6 +346,15 @@ impl Sender {
             .peak_unconfirmed
             .fetch_max(left + deleted + again, Ordering::Relaxed);
         Ok(Some(left > 0))
+    }
+
+    /// Warns once until the progress answer comes again: the sent records
+    /// are kept (they take room in the buffer) until it does.
+    fn progress_failed(&self, why: &str) {
+        if !self.progress_failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(device = %self.buffer.device(), why,
+                "ingest does not say which records are stored: keeping the sent ones (they count against --max-buffer) until it does");
+        }
     }
 
     async fn post(&self, base: &str, records: &[SealedRecord]) -> Outcome {
