@@ -400,16 +400,23 @@ pub async fn requeue(path: &Path) -> Result<u64, BufferError> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn full_counts_what_waits_not_the_span_of_seqs() {
-        let dir = std::env::temp_dir().join(format!("georelay-buffer-{}", std::process::id()));
+    /// A new buffer of `max_records` in a directory of its own (removed by
+    /// the caller).
+    async fn fresh(name: &str, max_records: u64) -> (std::path::PathBuf, Buffer) {
+        let dir = std::env::temp_dir().join(format!("georelay-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("full.db");
+        let path = dir.join(format!("{name}.db"));
         let _ = std::fs::remove_file(&path);
-        let device = DeviceId::parse("buffer-test").unwrap();
-        let buffer = Buffer::open(&path, device, DeviceKey::generate(), 3, false)
+        let device = DeviceId::parse(name).unwrap();
+        let buffer = Buffer::open(&path, device, DeviceKey::generate(), max_records, false)
             .await
             .unwrap();
+        (dir, buffer)
+    }
+
+    #[tokio::test]
+    async fn full_counts_what_waits_not_the_span_of_seqs() {
+        let (dir, buffer) = fresh("full", 3).await;
         for n in 1..=3 {
             assert_eq!(buffer.push("{\"n\":1}", None).await.unwrap(), n);
         }
@@ -440,14 +447,7 @@ mod tests {
     /// again, in seq order; sent into another epoch wait.
     #[tokio::test]
     async fn what_was_queued_in_an_abandoned_epoch_and_is_not_stored_is_sent_again() {
-        let dir = std::env::temp_dir().join(format!("georelay-confirm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("confirm.db");
-        let _ = std::fs::remove_file(&path);
-        let device = DeviceId::parse("confirm-test").unwrap();
-        let buffer = Buffer::open(&path, device, DeviceKey::generate(), 100, false)
-            .await
-            .unwrap();
+        let (dir, buffer) = fresh("confirm", 100).await;
         for _ in 1..=8 {
             buffer.push("{\"n\":1}", None).await.unwrap();
         }
