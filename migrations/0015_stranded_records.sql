@@ -108,3 +108,13 @@ $$;
 CREATE TRIGGER device_gaps_audit_release AFTER UPDATE OF release_requested_at ON device_gaps
     FOR EACH ROW WHEN (OLD.release_requested_at IS NULL AND NEW.release_requested_at IS NOT NULL)
     EXECUTE FUNCTION device_gaps_audit_release();
+
+-- A record of a gap an SRE released that comes back after all (its region
+-- returned, or its device woke up): newer records of the device are stored,
+-- so storing it would reorder; it is kept here instead.
+--   gap_released  its seq is in a released gap and not stored
+ALTER TABLE dead_letters DROP CONSTRAINT dead_letters_reason_check;
+ALTER TABLE dead_letters ADD CONSTRAINT dead_letters_reason_check
+    CHECK (reason IN ('undecodable', 'unknown_device', 'bad_tag', 'not_json_object', 'seq_conflict',
+                      'wrong_epoch', 'key_unopenable', 'refused_by_database', 'unreadable',
+                      'broker_dead_lettered', 'gap_released'));

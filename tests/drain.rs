@@ -1396,6 +1396,30 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
             .await
             .unwrap();
     assert_eq!(filled, "filled");
+
+    // Given up is given up: if the released seqs come back after all (the
+    // region returns, the device wakes up), storing them would put them
+    // after 4..=7. They are kept as dead letters instead.
+    publish(&stack, 1, std::slice::from_ref(dead), 1..=3, 2).await;
+    publish(&stack, 1, std::slice::from_ref(dead), 8..=8, 2).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            seqs_in_store_order(&stack, dead.id.as_str()).await.len() == 5
+        })
+        .await
+    );
+    assert_eq!(
+        seqs_in_store_order(&stack, dead.id.as_str()).await,
+        vec![4, 5, 6, 7, 8]
+    );
+    let kept: Vec<i64> = sqlx::query_scalar(
+        "SELECT seq FROM dead_letters WHERE device_id = $1 AND reason = 'gap_released' ORDER BY seq",
+    )
+    .bind(dead.id.as_str())
+    .fetch_all(stack.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(kept, vec![1, 2, 3]);
 }
 
 /// With the group's abandon_after set, the worker gives up on an epoch it

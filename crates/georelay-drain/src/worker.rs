@@ -1113,6 +1113,13 @@ impl Shared {
             tracing::error!(group = %pos.group, device = %device, seq,
                 "the device reused a seq (and so a nonce) with a different payload: kept in dead_letters as seq_conflict; re-key the device");
         }
+        for (device, seq) in &stored.late {
+            m.dead_letters
+                .with_label_values(&[DeadLetterReason::GapReleased.as_str()])
+                .inc();
+            tracing::error!(group = %pos.group, device = %device, seq,
+                "a record of a gap an SRE released came back after all (its region returned, or the device woke up): newer records of the device are stored, so it is kept in dead_letters as gap_released instead of stored out of order");
+        }
         for d in &stored.refused {
             m.dead_letters.with_label_values(&[d.reason.as_str()]).inc();
             tracing::error!(group = %pos.group, device = ?d.device_id, seq = ?d.seq, detail = %d.detail,

@@ -354,10 +354,13 @@ pub enum DeadLetterReason {
     /// Read from the broker's own dead-letter sub-queue (Service Bus); the
     /// detail names the broker's reason.
     BrokerDeadLettered,
+    /// Its seq is in a gap an SRE released (given up) and it came back
+    /// after all: newer records of the device are stored.
+    GapReleased,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Undecodable,
         Self::UnknownDevice,
         Self::BadTag,
@@ -368,6 +371,7 @@ impl DeadLetterReason {
         Self::RefusedByDatabase,
         Self::Unreadable,
         Self::BrokerDeadLettered,
+        Self::GapReleased,
     ];
 
     /// The reason stored as `s`, if there is one.
@@ -388,6 +392,7 @@ impl DeadLetterReason {
             Self::RefusedByDatabase => "refused_by_database",
             Self::Unreadable => "unreadable",
             Self::BrokerDeadLettered => "broker_dead_lettered",
+            Self::GapReleased => "gap_released",
         }
     }
 }
@@ -417,6 +422,9 @@ pub struct Stored {
     /// Rows PostgreSQL refused one by one, dead-lettered as
     /// `refused_by_database` (the rest of the batch was stored).
     pub refused: Vec<DeadLetter>,
+    /// `(device_id, seq)` of rows in a gap an SRE released, not stored:
+    /// dead-lettered as `gap_released` (storing them would reorder).
+    pub late: Vec<(String, i64)>,
 }
 
 /// Stores `rows` (in order: `store_order` follows it), received from
@@ -467,12 +475,7 @@ async fn store_together(
             return Ok(None);
         };
         if inserted.inserted + inserted.parked == rows.len() as u64 {
-            return Ok(Some(Stored::new(
-                rows.len(),
-                inserted,
-                Vec::new(),
-                Vec::new(),
-            )));
+            return Ok(Some(Stored::new(rows.len(), inserted, Vec::new())));
         }
         // Committed already; the duplicates are looked at under the lease.
         // Lost in between: not acked, so the next holder reads them again
@@ -488,7 +491,7 @@ async fn store_together(
             rows: rows.len(),
             inserted,
         };
-        return done.commit(tx, rows, &[], Vec::new()).await.map(Some);
+        return done.commit(tx, rows, rows, &[], Vec::new()).await.map(Some);
     }
     let mut tx = pool.begin().await?;
     let inserted = if rows.is_empty() {
@@ -509,7 +512,9 @@ async fn store_together(
         rows: rows.len(),
         inserted,
     };
-    done.commit(tx, rows, dead, Vec::new()).await.map(Some)
+    done.commit(tx, rows, rows, dead, Vec::new())
+        .await
+        .map(Some)
 }
 
 /// [`store_batch`] for a batch PostgreSQL refused: one savepoint per row.
@@ -529,13 +534,16 @@ async fn store_one_by_one(
     let mut inserted = Inserted::default();
     let mut taken = Vec::with_capacity(rows.len());
     let mut refused = Vec::new();
-    for row in rows {
+    for (i, row) in rows.iter().enumerate() {
         sqlx::query("SAVEPOINT one_row").execute(&mut *tx).await?;
         let one = std::slice::from_ref(row);
         match insert_rows(&mut *tx, lease, lease_length, namespace_id, one).await {
             Ok(Some(n)) => {
                 inserted.inserted += n.inserted;
                 inserted.parked += n.parked;
+                if !n.late.is_empty() {
+                    inserted.late.push(i);
+                }
                 taken.push(row);
                 sqlx::query("RELEASE SAVEPOINT one_row")
                     .execute(&mut *tx)
@@ -565,7 +573,7 @@ async fn store_one_by_one(
         rows: rows.len(),
         inserted,
     };
-    done.commit(tx, &taken, dead, refused).await.map(Some)
+    done.commit(tx, rows, &taken, dead, refused).await.map(Some)
 }
 
 /// The end of every storing transaction, once the rows are in.
@@ -580,12 +588,14 @@ struct Done<'a> {
 }
 
 impl Done<'_> {
-    /// Records which of `taken` (rows the database took, inserted or there
-    /// already) conflict with what was stored, inserts the dead letters and
-    /// `refused`, and commits.
+    /// Records which of `taken` (rows of the batch `rows` the database
+    /// took, inserted or there already) conflict with what was stored,
+    /// keeps the late ones (in a released gap) not stored as dead letters,
+    /// inserts the dead letters and `refused`, and commits.
     async fn commit<R: Borrow<Row>>(
         self,
         mut tx: Transaction<'_, Postgres>,
+        rows: &[Row],
         taken: &[R],
         dead: &[DeadLetter],
         refused: Vec<DeadLetter>,
@@ -595,13 +605,65 @@ impl Done<'_> {
             conflicts =
                 record_conflicts(&mut tx, self.lease, self.namespace_id, self.epoch, taken).await?;
         }
+        let late: Vec<&Row> = self
+            .inserted
+            .late
+            .iter()
+            .filter_map(|&i| rows.get(i))
+            .collect();
+        let late = if late.is_empty() {
+            Vec::new()
+        } else {
+            record_late(&mut tx, self.lease, self.namespace_id, self.epoch, &late).await?
+        };
         for letters in [dead, &refused] {
             insert_dead_letters(&mut tx, self.lease, self.namespace_id, self.epoch, letters)
                 .await?;
         }
         tx.commit().await?;
-        Ok(Stored::new(self.rows, self.inserted, conflicts, refused))
+        let mut stored = Stored::new(self.rows, self.inserted, refused);
+        stored.conflicts = conflicts;
+        stored.late = late;
+        stored.duplicates = stored
+            .duplicates
+            .saturating_sub((stored.conflicts.len() + stored.late.len()) as u64);
+        Ok(stored)
     }
+}
+
+/// Rows in a gap an SRE released that are not stored: kept, sealed, as
+/// `gap_released` dead letters (the device's newer records are stored, so
+/// storing them would reorder). Returns `(device_id, seq)` of each.
+async fn record_late(
+    tx: &mut Transaction<'_, Postgres>,
+    lease: &LeaseToken,
+    namespace_id: i64,
+    epoch: i64,
+    rows: &[&Row],
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_ref()).collect();
+    Ok(sqlx::query(
+        "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
+         SELECT $4, $5, $6, u.d || '/' || u.s, u.d, u.s, $7,
+                'its seq is in a gap an SRE released (georelay admin device release-gap), and newer records of the device are stored: storing it now would reorder them', u.w
+         FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS u(d, s, w)
+         WHERE NOT EXISTS (SELECT 1 FROM telemetry t WHERE t.device_id = u.d AND t.seq = u.s)
+         RETURNING device_id, seq",
+    )
+    .bind(&devices)
+    .bind(&seqs)
+    .bind(&raws)
+    .bind(lease.group_id)
+    .bind(namespace_id)
+    .bind(epoch)
+    .bind(DeadLetterReason::GapReleased.as_str())
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
 }
 
 async fn insert_dead_letters(
@@ -632,20 +694,20 @@ async fn insert_dead_letters(
 }
 
 impl Stored {
-    fn new(
-        rows: usize,
-        inserted: Inserted,
-        conflicts: Vec<(String, i64)>,
-        refused: Vec<DeadLetter>,
-    ) -> Self {
-        let Inserted { inserted, parked } = inserted;
-        let not_duplicates = inserted + parked + conflicts.len() as u64 + refused.len() as u64;
+    /// What a batch of `rows` did, before conflicts and late rows are
+    /// looked at: the rest of the rows are duplicates.
+    fn new(rows: usize, inserted: Inserted, refused: Vec<DeadLetter>) -> Self {
+        let Inserted {
+            inserted, parked, ..
+        } = inserted;
+        let not_duplicates = inserted + parked + refused.len() as u64;
         Self {
             inserted,
             parked,
             duplicates: (rows as u64).saturating_sub(not_duplicates),
-            conflicts,
+            conflicts: Vec::new(),
             refused,
+            late: Vec::new(),
         }
     }
 }
@@ -656,8 +718,10 @@ impl Stored {
 ///
 /// A row of a device with an open gap (records stranded in an abandoned
 /// epoch, not stored yet) whose seq is above the gap goes to
-/// `parked_records` instead: [`release_gaps`] stores it once the gap
-/// closes. Rows in the gap (sent again) are stored as usual.
+/// `parked_records` instead: `gaps::release_gaps` stores it once the gap
+/// closes. Rows in the gap (sent again) are stored as usual. A row in a
+/// gap an SRE released is not stored (`late`: the caller keeps it as a
+/// dead letter unless it is a duplicate).
 async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     lease: &LeaseToken,
@@ -675,7 +739,7 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     let newest = received.iter().max().copied();
     // The lease row also carries the worker's progress for the console:
     // same row, same statement.
-    let (leased, inserted, held): (bool, i64, i64) = sqlx::query_as(
+    let (leased, inserted, held, late): (bool, i64, i64, Vec<i64>) = sqlx::query_as(
         "WITH lease AS (
              UPDATE drain_leases SET lease_until = clock_timestamp() + make_interval(secs => $10),
                     stored_total = stored_total + cardinality($1::text[]),
@@ -689,26 +753,33 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
              SELECT device_id, min(through_seq) AS through FROM device_gaps
              WHERE group_id = $7 AND closed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
              GROUP BY device_id
+         ), released AS (
+             -- Seqs an SRE gave up: one that comes back is not stored.
+             SELECT device_id, after_seq, through_seq FROM device_gaps
+             WHERE group_id = $7 AND closed_how = 'released' AND EXISTS (SELECT 1 FROM lease)
          ), input AS (
-             SELECT u.d, u.s, u.p, u.r, u.e, u.n, coalesce(u.s > g.through, false) AS held
+             SELECT u.d, u.s, u.p, u.r, u.e, u.n, coalesce(u.s > g.through, false) AS held,
+                    EXISTS (SELECT 1 FROM released x
+                            WHERE x.device_id = u.d AND u.s > x.after_seq AND u.s <= x.through_seq) AS late
              FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $6::bigint[])
                   WITH ORDINALITY AS u(d, s, p, r, e, n)
              LEFT JOIN gaps g ON g.device_id = u.d
              WHERE EXISTS (SELECT 1 FROM lease)
          ), parked AS (
              INSERT INTO parked_records (device_id, seq, group_id, payload, received_at, namespace_id, epoch)
-             SELECT d, s, $7, p::jsonb, r, $5, e FROM input WHERE held
+             SELECT d, s, $7, p::jsonb, r, $5, e FROM input WHERE held AND NOT late
              ON CONFLICT (device_id, seq) DO NOTHING
              RETURNING 1
          ), stored AS (
              INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
-             SELECT d, s, p::jsonb, r, $5, e FROM input WHERE NOT held
+             SELECT d, s, p::jsonb, r, $5, e FROM input WHERE NOT held AND NOT late
              ORDER BY n
              ON CONFLICT (device_id, seq) DO NOTHING
              RETURNING 1
          )
          SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored),
-                (SELECT count(*) FROM input WHERE held)",
+                (SELECT count(*) FROM input WHERE held AND NOT late),
+                coalesce((SELECT array_agg(n - 1) FROM input WHERE late), '{}')",
     )
     .bind(&devices)
     .bind(&seqs)
@@ -726,16 +797,19 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     Ok(leased.then_some(Inserted {
         inserted: inserted as u64,
         parked: held as u64,
+        late: late.into_iter().map(|i| i as usize).collect(),
     }))
 }
 
 /// What one insert did with its rows.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Inserted {
     /// New rows in `telemetry`.
     inserted: u64,
     /// Rows held back in `parked_records` (their device waits for a gap).
     parked: u64,
+    /// Indexes of rows in a gap an SRE released: not stored.
+    late: Vec<usize>,
 }
 
 /// A duplicate is normally a redelivery (same payload). A different payload
