@@ -1172,12 +1172,16 @@ impl Shared {
         pos: &Position,
         opened: &Opened,
     ) -> Result<Option<Stored>, StoreError> {
+        let source = drain::Source {
+            namespace_id: pos.drain_namespace_id,
+            epoch: pos.drain_epoch,
+            gaps: pos.gaps,
+        };
         drain::store_batch(
             &self.pool,
             lease,
             self.config.lease,
-            pos.drain_namespace_id,
-            pos.drain_epoch,
+            source,
             &opened.rows,
             &opened.dead,
         )

@@ -138,6 +138,9 @@ pub struct Position {
     pub drain_namespace_id: i64,
     /// Devices' gaps still open (records stranded in an abandoned epoch).
     pub open_gaps: i64,
+    /// Some device of the group has a gap, open or released: batches are
+    /// checked against them ([`Source::gaps`]).
+    pub gaps: bool,
     /// Give up on an old epoch that cannot be read for this long (the
     /// group's `abandon_after_s`; `None`: never by itself).
     pub abandon_after_s: Option<f64>,
@@ -149,6 +152,9 @@ pub async fn position(pool: &PgPool, group_id: i64) -> Result<Option<Position>, 
                 t.epoch AS drain_epoch, t.namespace_id AS drain_namespace_id,
                 (SELECT count(*) FROM device_gaps d
                  WHERE d.group_id = g.id AND d.closed_at IS NULL) AS open_gaps,
+                EXISTS (SELECT 1 FROM device_gaps d
+                        WHERE d.group_id = g.id
+                          AND (d.closed_at IS NULL OR d.closed_how = 'released')) AS gaps,
                 g.abandon_after_s
          FROM routing_groups g
          JOIN LATERAL (SELECT epoch, namespace_id FROM routing_trail
@@ -427,8 +433,21 @@ pub struct Stored {
     pub late: Vec<(String, i64)>,
 }
 
+/// Where a batch was read, and whether it must be checked against gaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    /// The namespace it was read from.
+    pub namespace_id: i64,
+    /// The epoch being drained (dead letters are filed under it).
+    pub epoch: i64,
+    /// Devices of the group have gaps, open or released
+    /// ([`Position::gaps`]): rows are checked against them (parked, or
+    /// kept as `gap_released`). Without, the insert is the plain one.
+    pub gaps: bool,
+}
+
 /// Stores `rows` (in order: `store_order` follows it), received from
-/// `namespace_id`, and `dead` (received while draining `epoch`), checking the
+/// `source.namespace_id`, and `dead` (received while draining `source.epoch`), checking the
 /// lease in the same transaction. `Ok(None)`: the lease is lost, nothing was
 /// written. Rows already stored are skipped (`ON CONFLICT DO NOTHING` on
 /// `(device_id, seq)`); a skipped row whose payload differs from the stored
@@ -447,14 +466,13 @@ pub async fn store_batch(
     pool: &PgPool,
     lease: &LeaseToken,
     lease_length: Duration,
-    namespace_id: i64,
-    epoch: i64,
+    source: Source,
     rows: &[Row],
     dead: &[DeadLetter],
 ) -> Result<Option<Stored>, StoreError> {
-    match store_together(pool, lease, lease_length, namespace_id, epoch, rows, dead).await {
+    match store_together(pool, lease, lease_length, source, rows, dead).await {
         Err(e) if e.refused_the_data() => {
-            store_one_by_one(pool, lease, lease_length, namespace_id, epoch, rows, dead).await
+            store_one_by_one(pool, lease, lease_length, source, rows, dead).await
         }
         other => other,
     }
@@ -464,14 +482,12 @@ async fn store_together(
     pool: &PgPool,
     lease: &LeaseToken,
     lease_length: Duration,
-    namespace_id: i64,
-    epoch: i64,
+    source: Source,
     rows: &[Row],
     dead: &[DeadLetter],
 ) -> Result<Option<Stored>, StoreError> {
     if dead.is_empty() && !rows.is_empty() {
-        let Some(inserted) = insert_rows(pool, lease, lease_length, namespace_id, rows).await?
-        else {
+        let Some(inserted) = insert_rows(pool, lease, lease_length, source, rows).await? else {
             return Ok(None);
         };
         if inserted.inserted + inserted.parked == rows.len() as u64 {
@@ -486,8 +502,7 @@ async fn store_together(
         }
         let done = Done {
             lease,
-            namespace_id,
-            epoch,
+            source,
             rows: rows.len(),
             inserted,
         };
@@ -500,15 +515,14 @@ async fn store_together(
         }
         Inserted::default()
     } else {
-        match insert_rows(&mut *tx, lease, lease_length, namespace_id, rows).await? {
+        match insert_rows(&mut *tx, lease, lease_length, source, rows).await? {
             Some(inserted) => inserted,
             None => return Ok(None),
         }
     };
     let done = Done {
         lease,
-        namespace_id,
-        epoch,
+        source,
         rows: rows.len(),
         inserted,
     };
@@ -522,8 +536,7 @@ async fn store_one_by_one(
     pool: &PgPool,
     lease: &LeaseToken,
     lease_length: Duration,
-    namespace_id: i64,
-    epoch: i64,
+    source: Source,
     rows: &[Row],
     dead: &[DeadLetter],
 ) -> Result<Option<Stored>, StoreError> {
@@ -537,7 +550,7 @@ async fn store_one_by_one(
     for (i, row) in rows.iter().enumerate() {
         sqlx::query("SAVEPOINT one_row").execute(&mut *tx).await?;
         let one = std::slice::from_ref(row);
-        match insert_rows(&mut *tx, lease, lease_length, namespace_id, one).await {
+        match insert_rows(&mut *tx, lease, lease_length, source, one).await {
             Ok(Some(n)) => {
                 inserted.inserted += n.inserted;
                 inserted.parked += n.parked;
@@ -568,8 +581,7 @@ async fn store_one_by_one(
     }
     let done = Done {
         lease,
-        namespace_id,
-        epoch,
+        source,
         rows: rows.len(),
         inserted,
     };
@@ -579,8 +591,7 @@ async fn store_one_by_one(
 /// The end of every storing transaction, once the rows are in.
 struct Done<'a> {
     lease: &'a LeaseToken,
-    namespace_id: i64,
-    epoch: i64,
+    source: Source,
     /// Rows in the batch.
     rows: usize,
     /// Rows inserted and parked (the rest were there already, or refused).
@@ -602,8 +613,7 @@ impl Done<'_> {
     ) -> Result<Stored, StoreError> {
         let mut conflicts = Vec::new();
         if self.inserted.inserted + self.inserted.parked < taken.len() as u64 {
-            conflicts =
-                record_conflicts(&mut tx, self.lease, self.namespace_id, self.epoch, taken).await?;
+            conflicts = record_conflicts(&mut tx, self.lease, self.source, taken).await?;
         }
         let late: Vec<&Row> = self
             .inserted
@@ -614,11 +624,10 @@ impl Done<'_> {
         let late = if late.is_empty() {
             Vec::new()
         } else {
-            record_late(&mut tx, self.lease, self.namespace_id, self.epoch, &late).await?
+            record_late(&mut tx, self.lease, self.source, &late).await?
         };
         for letters in [dead, &refused] {
-            insert_dead_letters(&mut tx, self.lease, self.namespace_id, self.epoch, letters)
-                .await?;
+            insert_dead_letters(&mut tx, self.lease, self.source, letters).await?;
         }
         tx.commit().await?;
         let mut stored = Stored::new(self.rows, self.inserted, refused);
@@ -637,8 +646,7 @@ impl Done<'_> {
 async fn record_late(
     tx: &mut Transaction<'_, Postgres>,
     lease: &LeaseToken,
-    namespace_id: i64,
-    epoch: i64,
+    source: Source,
     rows: &[&Row],
 ) -> Result<Vec<(String, i64)>, StoreError> {
     let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
@@ -656,8 +664,8 @@ async fn record_late(
     .bind(&seqs)
     .bind(&raws)
     .bind(lease.group_id)
-    .bind(namespace_id)
-    .bind(epoch)
+    .bind(source.namespace_id)
+    .bind(source.epoch)
     .bind(DeadLetterReason::GapReleased.as_str())
     .fetch_all(&mut **tx)
     .await?
@@ -669,8 +677,7 @@ async fn record_late(
 async fn insert_dead_letters(
     tx: &mut Transaction<'_, Postgres>,
     lease: &LeaseToken,
-    namespace_id: i64,
-    epoch: i64,
+    source: Source,
     dead: &[DeadLetter],
 ) -> Result<(), StoreError> {
     for d in dead {
@@ -679,8 +686,8 @@ async fn insert_dead_letters(
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(lease.group_id)
-        .bind(namespace_id)
-        .bind(epoch)
+        .bind(source.namespace_id)
+        .bind(source.epoch)
         .bind(&d.message_id)
         .bind(&d.device_id)
         .bind(d.seq)
@@ -712,34 +719,10 @@ impl Stored {
     }
 }
 
-/// Extends the lease and inserts `rows` in one statement; the rows go in
-/// only if the lease is still held (its row is locked by the same
-/// statement, so no one can take it over in between). `None`: lost.
-///
-/// A row of a device with an open gap (records stranded in an abandoned
-/// epoch, not stored yet) whose seq is above the gap goes to
-/// `parked_records` instead: `gaps::release_gaps` stores it once the gap
-/// closes. Rows in the gap (sent again) are stored as usual. A row in a
-/// gap an SRE released is not stored (`late`: the caller keeps it as a
-/// dead letter unless it is a duplicate).
-async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
-    exec: E,
-    lease: &LeaseToken,
-    lease_length: Duration,
-    namespace_id: i64,
-    rows: &[Row],
-) -> Result<Option<Inserted>, StoreError> {
-    let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
-    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
-    let received: Vec<DateTime<Utc>> = rows.iter().map(|r| r.received_at).collect();
-    let epochs: Vec<i64> = rows.iter().map(|r| r.epoch).collect();
-    // A data-modifying WITH runs once and to completion; the insert reads
-    // its result, so it runs after the lease row is locked and extended.
-    let newest = received.iter().max().copied();
-    // The lease row also carries the worker's progress for the console:
-    // same row, same statement.
-    let (leased, inserted, held, late): (bool, i64, i64, Vec<i64>) = sqlx::query_as(
+/// The lease CTE both inserts start with: it extends the lease row
+/// (locking it) and carries the worker's progress for the console.
+macro_rules! lease_cte {
+    () => {
         "WITH lease AS (
              UPDATE drain_leases SET lease_until = clock_timestamp() + make_interval(secs => $10),
                     stored_total = stored_total + cardinality($1::text[]),
@@ -747,7 +730,32 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
                     last_batch_lag = extract(epoch FROM clock_timestamp() - $11::timestamptz)
              WHERE group_id = $7 AND instance_id = $8 AND token = $9 AND lease_until > clock_timestamp()
              RETURNING 1
-         ), gaps AS (
+         )"
+    };
+}
+
+/// The insert of a group none of whose devices has a gap: the rows go to
+/// `telemetry` in order.
+const INSERT: &str = concat!(
+    lease_cte!(),
+    ", stored AS (
+         INSERT INTO telemetry (device_id, seq, payload, received_at, namespace_id, epoch)
+         SELECT d, s, p::jsonb, r, $5, e
+         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $6::bigint[])
+              WITH ORDINALITY AS u(d, s, p, r, e, n)
+         WHERE EXISTS (SELECT 1 FROM lease)
+         ORDER BY n
+         ON CONFLICT (device_id, seq) DO NOTHING
+         RETURNING 1
+     )
+     SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored), 0::bigint, '{}'::bigint[]"
+);
+
+/// The insert of a group with gaps: a row above an open gap of its device
+/// is parked, one in a released gap is not stored (its index returned).
+const INSERT_CHECKING_GAPS: &str = concat!(
+    lease_cte!(),
+    ", gaps AS (
              -- Devices waiting for records stranded in an abandoned epoch:
              -- what is newer than a gap waits in parked_records.
              SELECT device_id, min(through_seq) AS through FROM device_gaps
@@ -779,21 +787,55 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
          )
          SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored),
                 (SELECT count(*) FROM input WHERE held AND NOT late),
-                coalesce((SELECT array_agg(n - 1) FROM input WHERE late), '{}')",
-    )
-    .bind(&devices)
-    .bind(&seqs)
-    .bind(&payloads)
-    .bind(&received)
-    .bind(namespace_id)
-    .bind(&epochs)
-    .bind(lease.group_id)
-    .bind(lease.instance)
-    .bind(lease.token)
-    .bind(lease_length.as_secs_f64())
-    .bind(newest)
-    .fetch_one(exec)
-    .await?;
+                coalesce((SELECT array_agg(n - 1) FROM input WHERE late), '{}')"
+);
+
+/// Extends the lease and inserts `rows` in one statement; the rows go in
+/// only if the lease is still held (its row is locked by the same
+/// statement, so no one can take it over in between). `None`: lost.
+///
+/// A row of a device with an open gap (records stranded in an abandoned
+/// epoch, not stored yet) whose seq is above the gap goes to
+/// `parked_records` instead: `gaps::release_gaps` stores it once the gap
+/// closes. Rows in the gap (sent again) are stored as usual. A row in a
+/// gap an SRE released is not stored (`late`: the caller keeps it as a
+/// dead letter unless it is a duplicate).
+async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
+    exec: E,
+    lease: &LeaseToken,
+    lease_length: Duration,
+    source: Source,
+    rows: &[Row],
+) -> Result<Option<Inserted>, StoreError> {
+    let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+    let received: Vec<DateTime<Utc>> = rows.iter().map(|r| r.received_at).collect();
+    let epochs: Vec<i64> = rows.iter().map(|r| r.epoch).collect();
+    // A data-modifying WITH runs once and to completion; the insert reads
+    // its result, so it runs after the lease row is locked and extended.
+    let newest = received.iter().max().copied();
+    // The lease row also carries the worker's progress for the console:
+    // same row, same statement.
+    let sql = if source.gaps {
+        INSERT_CHECKING_GAPS
+    } else {
+        INSERT
+    };
+    let (leased, inserted, held, late): (bool, i64, i64, Vec<i64>) = sqlx::query_as(sql)
+        .bind(&devices)
+        .bind(&seqs)
+        .bind(&payloads)
+        .bind(&received)
+        .bind(source.namespace_id)
+        .bind(&epochs)
+        .bind(lease.group_id)
+        .bind(lease.instance)
+        .bind(lease.token)
+        .bind(lease_length.as_secs_f64())
+        .bind(newest)
+        .fetch_one(exec)
+        .await?;
     Ok(leased.then_some(Inserted {
         inserted: inserted as u64,
         parked: held as u64,
@@ -818,8 +860,7 @@ struct Inserted {
 async fn record_conflicts<R: Borrow<Row>>(
     tx: &mut Transaction<'_, Postgres>,
     lease: &LeaseToken,
-    namespace_id: i64,
-    epoch: i64,
+    source: Source,
     rows: &[R],
 ) -> Result<Vec<(String, i64)>, StoreError> {
     let rows = rows.iter().map(Borrow::borrow);
@@ -841,8 +882,8 @@ async fn record_conflicts<R: Borrow<Row>>(
     .bind(&payloads)
     .bind(&raws)
     .bind(lease.group_id)
-    .bind(namespace_id)
-    .bind(epoch)
+    .bind(source.namespace_id)
+    .bind(source.epoch)
     .bind(DeadLetterReason::SeqConflict.as_str())
     .fetch_all(&mut **tx)
     .await?
