@@ -5,6 +5,7 @@
 //!
 //!     cargo bench -p georelay-drain --bench drain
 //!     BENCH_RECORDS=200000 BENCH_RATE=20000 cargo bench -p georelay-drain --bench drain
+//!     BENCH_GAPS=1 cargo bench -p georelay-drain --bench drain   # the gap-checking insert
 //!
 //! Prints: raw multi-row INSERT rows/s (500-row statements into telemetry
 //! itself, emptied afterwards), drain rows/s from a full queue and its ratio to raw; then, with
@@ -96,6 +97,22 @@ async fn main() {
         .execute(db.pool())
         .await
         .unwrap();
+
+    if env("BENCH_GAPS", 0) == 1 {
+        // A released gap of another device of the group: the worker stores
+        // with the insert that checks rows against gaps.
+        let other = stack.device("bench-released").await.unwrap();
+        sqlx::query(
+            "INSERT INTO device_gaps (device_id, group_id, epoch, after_seq, through_seq, closed_at, closed_how)
+             VALUES ($1, $2, 1, 0, 10, now(), 'released')",
+        )
+        .bind(other.id.as_str())
+        .bind(stack.group_id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+        println!("(a device of the group has a released gap: the gap-checking insert)");
+    }
 
     // Fill the queue.
     let ns = Namespace::connect(&Triplet::nats(region.url()), Limits::default())
