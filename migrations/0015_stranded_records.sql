@@ -15,6 +15,12 @@
 -- parked_records: those held-back records, durable, in the database; moved
 --   to telemetry in seq order when the gap closes (by the worker only).
 ALTER TABLE routing_trail ADD COLUMN abandoned_at timestamptz;
+-- devices.sends_again: the device sends again, when asked, what it got an
+--   acknowledgement for (the georelay agent does). A Teltonika tracker
+--   deletes a record once acknowledged: the tracker front door sets it
+--   false. Its gaps are released at once when an epoch is given up (nobody
+--   can fill them), so its newer records are not held back.
+ALTER TABLE devices ADD COLUMN sends_again boolean NOT NULL DEFAULT true;
 ALTER TABLE routing_groups ADD COLUMN abandon_after_s double precision
     CHECK (abandon_after_s IS NULL OR abandon_after_s >= 1);
 

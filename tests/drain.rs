@@ -1249,15 +1249,19 @@ async fn parked(stack: &Stack, device: &str) -> Vec<i64> {
 #[tokio::test]
 async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_and_fill_in_order() {
     let mut stack = Stack::start(&["eu-west", "eu-north"]).await.unwrap();
-    let all = devices(&stack, 3).await;
-    let (refills, clean, dead) = (&all[0], &all[1], &all[2]);
+    let all = devices(&stack, 4).await;
+    let (refills, clean, dead, tracker) = (&all[0], &all[1], &all[2], &all[3]);
+    // A tracker deletes what was acknowledged (its front door says so).
+    georelay_store::gaps::mark_does_not_send_again(stack.db.pool(), tracker.id.as_str())
+        .await
+        .unwrap();
     let _worker = stack.drain(DRAIN_ARGS).unwrap();
     publish(&stack, 0, &all[..2], 1..=2, 1).await;
     wait_stored(&stack, 4, Duration::from_secs(30)).await;
     // What ingest acknowledged in epoch 1, as its heartbeat reports it: the
     // refilling device got 202s up to 5 and the dead one up to 3, but the
     // region is lost before the worker reads those.
-    for (device, through) in [(refills, 5), (clean, 2), (dead, 3)] {
+    for (device, through) in [(refills, 5), (clean, 2), (dead, 3), (tracker, 2)] {
         sqlx::query(
             "INSERT INTO device_acks (device_id, group_id, epoch, acked_through) VALUES ($1, $2, 1, $3)",
         )
@@ -1273,6 +1277,7 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
     publish(&stack, 1, std::slice::from_ref(refills), 6..=8, 2).await;
     publish(&stack, 1, std::slice::from_ref(clean), 3..=5, 2).await;
     publish(&stack, 1, std::slice::from_ref(dead), 4..=5, 2).await;
+    publish(&stack, 1, std::slice::from_ref(tracker), 3..=4, 2).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         stored(&stack).await,
@@ -1285,15 +1290,19 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
         &["trail", "abandon", "--group", "g", "--epoch", "1", "--yes"],
     );
     assert!(gave_up.status.success(), "{gave_up:?}");
+    let said = String::from_utf8_lossy(&gave_up.stdout);
     assert!(
-        String::from_utf8_lossy(&gave_up.stdout)
-            .contains("2 devices wait for records stranded there"),
+        said.contains("2 devices wait for records stranded there")
+            && said.contains("1 devices that do not send again"),
         "{gave_up:?}"
     );
-    // The device with nothing stranded flows; the others' records wait.
+    // The device with nothing stranded flows, and so does the tracker (its
+    // 1..=2 are given up: nobody can send them again); the others' records
+    // wait.
     assert!(
         wait_until(Duration::from_secs(20), || async {
             seqs_in_store_order(&stack, clean.id.as_str()).await.len() == 5
+                && seqs_in_store_order(&stack, tracker.id.as_str()).await == vec![3, 4]
                 && parked(&stack, refills.id.as_str()).await.len() == 3
                 && parked(&stack, dead.id.as_str()).await.len() == 2
         })
@@ -1376,7 +1385,8 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
     );
     let (how, reason): (String, Option<String>) = sqlx::query_as(
         "SELECT g.closed_how, e.reason FROM device_gaps g
-         JOIN failover_events e ON e.kind = 'gap_released' WHERE g.device_id = $1",
+         JOIN failover_events e ON e.kind = 'gap_released' AND e.reason LIKE 'device ' || g.device_id || ':%'
+         WHERE g.device_id = $1",
     )
     .bind(dead.id.as_str())
     .fetch_one(stack.db.pool())
@@ -1396,6 +1406,22 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
             .await
             .unwrap();
     assert_eq!(filled, "filled");
+    let (how, reason): (String, Option<String>) = sqlx::query_as(
+        "SELECT g.closed_how, e.reason FROM device_gaps g
+         JOIN failover_events e ON e.kind = 'gap_released' AND e.reason LIKE 'device ' || g.device_id || ':%'
+         WHERE g.device_id = $1",
+    )
+    .bind(tracker.id.as_str())
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(how, "released");
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("seqs 1 to 2") && r.contains("a tracker")),
+        "{reason:?}"
+    );
 
     // Given up is given up: if the released seqs come back after all (the
     // region returns, the device wakes up), storing them would put them

@@ -75,6 +75,14 @@ async fn tracker_packets_are_acknowledged_once_queued_and_stored_once_each() {
 
     let (mut tracker, accepted) = Tracker::connect(&addr, IMEI).await.unwrap();
     assert_eq!(accepted, 1, "a registered IMEI is accepted");
+    // A tracker deletes what was acknowledged: if a region holding some of
+    // it is ever given up, nothing waits for it to send that again.
+    let sends_again: bool = sqlx::query_scalar("SELECT sends_again FROM devices WHERE id = $1")
+        .bind(IMEI)
+        .fetch_one(stack.db.pool())
+        .await
+        .unwrap();
+    assert!(!sends_again);
     // Three records in one Codec 8 packet, two of them in the same ms.
     let first = packet(
         Codec::C8,

@@ -324,6 +324,9 @@ pub struct Abandoned {
     /// Devices with records stranded there (acknowledged, not stored):
     /// their newer records wait until the agents send those again.
     pub gaps: u64,
+    /// Devices with records stranded there that do not send again
+    /// (trackers): those records are given up, their newer ones flow.
+    pub given_up: u64,
 }
 
 /// Gives up on epoch `epoch` of `group` (its region is gone for good): marks
@@ -388,7 +391,7 @@ pub async fn abandon_epoch(
         what: "undrained epoch",
         name: format!("{epoch} of group {group}"),
     })?;
-    let gaps = crate::gaps::open_gaps(&mut tx, group_id, epoch).await?;
+    let (gaps, given_up) = crate::gaps::open_gaps(&mut tx, group_id, epoch).await?;
     let (to, namespace, worker_on): (i64, String, String) = sqlx::query_as(
         "WITH oldest AS (SELECT namespace_id FROM routing_trail
                          WHERE group_id = $1 AND drained_at IS NULL ORDER BY epoch LIMIT 1),
@@ -418,6 +421,7 @@ pub async fn abandon_epoch(
         namespace,
         worker_on,
         gaps,
+        given_up,
     })
 }
 

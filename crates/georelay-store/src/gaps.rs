@@ -16,6 +16,8 @@
 //!   when an SRE releases it ([`request_release`]: the device itself died).
 //!   [`release_gaps`] closes them and moves the parked records to
 //!   `telemetry` in seq order, in one transaction under the worker's lease.
+//!   A device that does not send again (a tracker deletes what was
+//!   acknowledged; `devices.sends_again`) has its gap released at once.
 //!
 //! Only the worker closes gaps and moves parked records (GR015 refuses
 //! anyone else; the worker says `georelay.releasing` in its transaction).
@@ -29,13 +31,16 @@ use crate::drain::{check_lease, LeaseToken};
 use crate::StoreError;
 
 /// Opens a gap for every device with records acknowledged in `epoch` of
-/// the group and not stored; returns how many. Part of giving the epoch up.
+/// the group and not stored. Part of giving the epoch up. The gaps of
+/// devices that do not send again (`devices.sends_again` false: trackers)
+/// are released at once, audited like an SRE's release: nobody can fill
+/// them. Returns `(gaps left to fill, gaps given up)`.
 pub(crate) async fn open_gaps(
     tx: &mut Transaction<'_, Postgres>,
     group_id: i64,
     epoch: i64,
-) -> Result<u64, StoreError> {
-    Ok(sqlx::query(
+) -> Result<(u64, u64), StoreError> {
+    let opened = sqlx::query(
         "INSERT INTO device_gaps (device_id, group_id, epoch, after_seq, through_seq)
          SELECT a.device_id, a.group_id, a.epoch, s.stored, a.acked_through
          FROM device_acks a
@@ -48,7 +53,49 @@ pub(crate) async fn open_gaps(
     .bind(epoch)
     .execute(&mut **tx)
     .await?
-    .rows_affected())
+    .rows_affected();
+    // The trigger's gap_released event says why, then the reason is the
+    // abandonment's again.
+    let reason: Option<String> =
+        sqlx::query_scalar("SELECT current_setting('georelay.reason', true)")
+            .fetch_one(&mut **tx)
+            .await?;
+    sqlx::query("SELECT set_config('georelay.reason', $1, true)")
+        .bind(DOES_NOT_SEND_AGAIN)
+        .execute(&mut **tx)
+        .await?;
+    let given_up = sqlx::query(
+        "UPDATE device_gaps g SET release_requested_at = now()
+         FROM devices d
+         WHERE d.id = g.device_id AND NOT d.sends_again
+           AND g.group_id = $1 AND g.epoch = $2 AND g.closed_at IS NULL
+           AND g.release_requested_at IS NULL",
+    )
+    .bind(group_id)
+    .bind(epoch)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    sqlx::query("SELECT set_config('georelay.reason', $1, true)")
+        .bind(reason.unwrap_or_default())
+        .execute(&mut **tx)
+        .await?;
+    Ok((opened - given_up, given_up))
+}
+
+/// Why a tracker's gap is given up at once.
+const DOES_NOT_SEND_AGAIN: &str =
+    "the device does not send again what was acknowledged (a tracker): nobody can fill the gap";
+
+/// Records that `device` does not send again what it got an
+/// acknowledgement for (a tracker): its gaps are given up at once. A write
+/// only the first time.
+pub async fn mark_does_not_send_again(pool: &PgPool, device: &str) -> Result<(), StoreError> {
+    sqlx::query("UPDATE devices SET sends_again = false WHERE id = $1 AND sends_again")
+        .bind(device)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// A gap [`release_gaps`] closed.

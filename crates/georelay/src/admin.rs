@@ -351,6 +351,12 @@ async fn abandon(pool: &georelay_store::PgPool, a: TrailAbandon) -> anyhow::Resu
         "epoch {} of group {} abandoned ({} held {held}); the worker drains {} now; {} devices wait for records stranded there (georelay admin status lists them)",
         a.epoch, a.group, done.namespace, done.worker_on, done.gaps
     );
+    if done.given_up > 0 {
+        println!(
+            "{} devices that do not send again (trackers) had records there: those are given up (gap_released events)",
+            done.given_up
+        );
+    }
     Ok(())
 }
 

@@ -388,6 +388,19 @@ impl<C: TrackerCodec> Connection<'_, C> {
                 return Closed::ControlPlaneUnavailable;
             }
         }
+        // A tracker deletes what was acknowledged: if a region holding some
+        // of it is given up, nobody can send it again (docs/architecture.md,
+        // "A region lost for good"). Best effort: the device is known.
+        let mark = georelay_store::gaps::mark_does_not_send_again(&self.app.pool, device.as_str());
+        match tokio::time::timeout(self.app.config.request_deadline, mark).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(device = %device, error = %e, "cannot mark the tracker as not sending again")
+            }
+            Err(_) => {
+                tracing::debug!(device = %device, "marking the tracker as not sending again timed out")
+            }
+        }
         if self
             .stream
             .write_all(&self.codec.handshake_reply(true))
