@@ -816,7 +816,7 @@ impl GroupWorker {
             {
                 tracing::error!(group = %pos.group, device = %g.device_id, epoch = g.epoch,
                     seqs = %format!("{}..={}", g.after_seq + 1, g.through_seq), waited = ?waited, parked = g.parked,
-                    "device waits for records stranded in an abandoned epoch: its newer records are parked until its agent sends those again (it does when it next reaches ingest); if it never will (the device died, or it keeps nothing after a 202, like a tracker), give them up: georelay admin device release-gap --device {}", g.device_id);
+                    "device waits for records stranded in an abandoned epoch: its newer records are parked until its agent sends those again (it does when it next reaches ingest); if it never will (the device died, or it is a plain HTTP client that keeps nothing after a 202), give them up: georelay admin device release-gap --device {}", g.device_id);
             }
         }
         self.gaps_counted = (!open.is_empty()).then(Instant::now);
