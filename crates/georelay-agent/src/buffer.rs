@@ -113,11 +113,14 @@ impl Buffer {
                 .execute(&pool)
                 .await?;
         }
-        sqlx::query(
+        // Both kinds are looked up by seq; the sent ones are few (about a
+        // second's worth) and counted every second: neither scans a backlog.
+        for index in [
             "CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_epoch IS NULL",
-        )
-        .execute(&pool)
-        .await?;
+            "CREATE INDEX IF NOT EXISTS outbox_sent ON outbox (seq) WHERE sent_epoch IS NOT NULL",
+        ] {
+            sqlx::query(index).execute(&pool).await?;
+        }
         Ok(Self {
             pool,
             device,
