@@ -124,3 +124,27 @@ ALTER TABLE dead_letters ADD CONSTRAINT dead_letters_reason_check
     CHECK (reason IN ('undecodable', 'unknown_device', 'bad_tag', 'not_json_object', 'seq_conflict',
                       'wrong_epoch', 'key_unopenable', 'refused_by_database', 'unreadable',
                       'broker_dead_lettered', 'gap_released'));
+
+-- GR014 also while the device waits for records stranded in an abandoned
+-- epoch of its group: its parked records are released by that group's
+-- worker, and would be stored after what it sends in the new group.
+CREATE FUNCTION devices_guard_group_gaps() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    open_gap record;
+BEGIN
+    IF NEW.group_id = OLD.group_id THEN
+        RETURN NEW;
+    END IF;
+    SELECT epoch, after_seq, through_seq INTO open_gap
+      FROM device_gaps WHERE device_id = OLD.id AND group_id = OLD.group_id AND closed_at IS NULL
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'device "%" waits for its records stranded in abandoned epoch % (seqs % to %) of its group: moved now, its parked records would be stored after its newer ones', OLD.id, open_gap.epoch, open_gap.after_seq + 1, open_gap.through_seq
+            USING ERRCODE = 'GR014',
+                  HINT = 'wait until its agent has sent them again (georelay admin status, STRANDED), or give them up: georelay admin device release-gap --device ' || OLD.id;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER devices_guard_group_gaps BEFORE UPDATE OF group_id ON devices
+    FOR EACH ROW EXECUTE FUNCTION devices_guard_group_gaps();

@@ -1335,6 +1335,33 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
         Some("GR015"),
         "{refused}"
     );
+    // Nor can the waiting device move to another group (its parked records
+    // are this group's worker's to release).
+    let actor = georelay_store::control::Actor {
+        actor: "test".into(),
+        reason: None,
+    };
+    let other =
+        georelay_store::control::add_group(stack.db.pool(), "h", "other", "eu-north", &actor)
+            .await
+            .unwrap();
+    georelay_store::control::set_device_enabled(stack.db.pool(), refills.id.as_str(), false)
+        .await
+        .unwrap();
+    let moved = sqlx::query("UPDATE devices SET group_id = $2 WHERE id = $1")
+        .bind(refills.id.as_str())
+        .bind(other)
+        .execute(stack.db.pool())
+        .await
+        .unwrap_err();
+    assert!(
+        moved.as_database_error().and_then(|e| e.code()).as_deref() == Some("GR014")
+            && moved.to_string().contains("waits for its records stranded"),
+        "{moved}"
+    );
+    georelay_store::control::set_device_enabled(stack.db.pool(), refills.id.as_str(), true)
+        .await
+        .unwrap();
 
     // The agent sends its stranded records again (into the current epoch):
     // they fill the gap and the parked ones follow, in order; newer ones
