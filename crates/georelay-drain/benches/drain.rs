@@ -7,7 +7,7 @@
 //!     BENCH_RECORDS=200000 BENCH_RATE=20000 cargo bench -p georelay-drain --bench drain
 //!     BENCH_GAPS=1 cargo bench -p georelay-drain --bench drain   # the gap-checking insert
 //!
-//! Prints: raw multi-row INSERT rows/s (500-row statements into telemetry
+//! Prints: raw multi-row INSERT rows/s (statements of the worker's batch size into telemetry
 //! itself, emptied afterwards), drain rows/s from a full queue and its ratio to raw; then, with
 //! records published at BENCH_RATE/s for BENCH_SECONDS, the queue depth each
 //! second and the p50/p99 of stored_at - received_at.
@@ -60,7 +60,8 @@ async fn main() {
     let per_device = (records / devices_n) as u64;
     let total = per_device as usize * devices_n;
 
-    // Raw PostgreSQL: the same rows, 500 a statement, into telemetry itself
+    // Raw PostgreSQL: the same rows, as many a statement as the worker
+    // stores in one batch, into telemetry itself
     // (same keys, checks and foreign keys), then emptied again.
     let rows: Vec<(String, i64, String)> = (1..=per_device)
         .flat_map(|s| {
@@ -74,7 +75,8 @@ async fn main() {
         })
         .collect();
     let started = Instant::now();
-    for chunk in rows.chunks(500) {
+    let batch = georelay_drain::Settings::default().batch_size;
+    for chunk in rows.chunks(batch) {
         let d: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
         let s: Vec<i64> = chunk.iter().map(|r| r.1).collect();
         let p: Vec<&str> = chunk.iter().map(|r| r.2.as_str()).collect();
@@ -92,7 +94,7 @@ async fn main() {
         .unwrap();
     }
     let raw_rate = total as f64 / started.elapsed().as_secs_f64();
-    println!("raw PostgreSQL insert (500-row statements) {raw_rate:>10.0} rows/s");
+    println!("raw PostgreSQL insert ({batch}-row statements) {raw_rate:>10.0} rows/s");
     sqlx::query("TRUNCATE telemetry")
         .execute(db.pool())
         .await
