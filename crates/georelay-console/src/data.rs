@@ -78,9 +78,11 @@ impl Snapshot {
         master: &MasterKey,
         silent_after: Duration,
     ) -> Result<Self, StoreError> {
+        // Before any read: everything committed before it is in the load.
+        let at = Utc::now();
         let (live, open) = overview::breakers(pool).await?;
         Ok(Self {
-            at: Some(Utc::now()),
+            at: Some(at),
             stale: None,
             problems: doctor::problems(pool, Some(master)).await?,
             groups: control::list_groups(pool).await?,
@@ -130,13 +132,21 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// Asks for a load now and waits (up to `within`) for it: after an
-    /// action, the next page shows its outcome.
+    /// Asks for a load now and waits (up to `within`) for one that began
+    /// after the ask: after an action, the next page shows its outcome. (A
+    /// load already under way when the action committed may not see it.)
     pub async fn refresh(&self, within: Duration) {
+        let asked = Utc::now();
         let mut rx = self.rx.clone();
-        rx.mark_unchanged();
         self.changed.notify_one();
-        let _ = tokio::time::timeout(within, rx.changed()).await;
+        let fresh = async {
+            while rx.borrow_and_update().at.is_none_or(|at| at < asked) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, fresh).await;
     }
 }
 
@@ -335,4 +345,44 @@ async fn measure(
         ((n.name.clone(), (*queue).to_owned()), depth)
     });
     Ok(join_all(asked).await.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After an action, a load that was already under way when it committed
+    /// does not count: the page waits for one that began after (the console
+    /// test saw the senders' old namespace once when it did).
+    #[tokio::test]
+    async fn refresh_waits_for_a_load_that_began_after_it_asked() {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let changed = Arc::new(Notify::new());
+        let snapshots = Snapshots {
+            rx,
+            changed: changed.clone(),
+        };
+        let asked = Utc::now();
+        let loader = tokio::spawn(async move {
+            changed.notified().await;
+            let under_way = Snapshot {
+                at: Some(asked - chrono::Duration::milliseconds(50)),
+                ..Snapshot::default()
+            };
+            tx.send_replace(Arc::new(under_way));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let fresh = Snapshot {
+                at: Some(Utc::now()),
+                ..Snapshot::default()
+            };
+            tx.send_replace(Arc::new(fresh));
+            tx
+        });
+        snapshots.refresh(Duration::from_secs(5)).await;
+        assert!(
+            snapshots.rx.borrow().at.is_some_and(|at| at >= asked),
+            "refresh returned with a load that began before it asked"
+        );
+        drop(loader.await.unwrap());
+    }
 }
