@@ -419,7 +419,7 @@ pub struct DeadLetter {
 pub struct Stored {
     pub inserted: u64,
     /// Rows held back in `parked_records`: their device waits for records
-    /// stranded in an abandoned epoch ([`release_gaps`]).
+    /// stranded in an abandoned epoch ([`crate::gaps::release_gaps`]).
     pub parked: u64,
     pub duplicates: u64,
     /// `(device_id, seq)` of duplicates whose payload differs from the
@@ -491,7 +491,13 @@ async fn store_together(
             return Ok(None);
         };
         if inserted.inserted + inserted.parked == rows.len() as u64 {
-            return Ok(Some(Stored::new(rows.len(), inserted, Vec::new())));
+            return Ok(Some(Stored::new(
+                rows.len(),
+                inserted,
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            )));
         }
         // Committed already; the duplicates are looked at under the lease.
         // Lost in between: not acked, so the next holder reads them again
@@ -503,10 +509,10 @@ async fn store_together(
         let done = Done {
             lease,
             source,
-            rows: rows.len(),
+            batch: rows,
             inserted,
         };
-        return done.commit(tx, rows, rows, &[], Vec::new()).await.map(Some);
+        return done.commit(tx, rows, &[], Vec::new()).await.map(Some);
     }
     let mut tx = pool.begin().await?;
     let inserted = if rows.is_empty() {
@@ -523,12 +529,10 @@ async fn store_together(
     let done = Done {
         lease,
         source,
-        rows: rows.len(),
+        batch: rows,
         inserted,
     };
-    done.commit(tx, rows, rows, dead, Vec::new())
-        .await
-        .map(Some)
+    done.commit(tx, rows, dead, Vec::new()).await.map(Some)
 }
 
 /// [`store_batch`] for a batch PostgreSQL refused: one savepoint per row.
@@ -582,96 +586,61 @@ async fn store_one_by_one(
     let done = Done {
         lease,
         source,
-        rows: rows.len(),
+        batch: rows,
         inserted,
     };
-    done.commit(tx, rows, &taken, dead, refused).await.map(Some)
+    done.commit(tx, &taken, dead, refused).await.map(Some)
 }
 
 /// The end of every storing transaction, once the rows are in.
 struct Done<'a> {
     lease: &'a LeaseToken,
     source: Source,
-    /// Rows in the batch.
-    rows: usize,
+    /// The batch's rows (`inserted.late` indexes them).
+    batch: &'a [Row],
     /// Rows inserted and parked (the rest were there already, or refused).
     inserted: Inserted,
 }
 
 impl Done<'_> {
-    /// Records which of `taken` (rows of the batch `rows` the database
-    /// took, inserted or there already) conflict with what was stored,
-    /// keeps the late ones (in a released gap) not stored as dead letters,
-    /// inserts the dead letters and `refused`, and commits.
+    /// Records which of `taken` (rows of the batch the database took,
+    /// inserted or there already) conflict with what was stored, keeps the
+    /// late ones (in a released gap) not stored as dead letters, inserts
+    /// the dead letters and `refused`, and commits.
     async fn commit<R: Borrow<Row>>(
         self,
         mut tx: Transaction<'_, Postgres>,
-        rows: &[Row],
         taken: &[R],
         dead: &[DeadLetter],
         refused: Vec<DeadLetter>,
     ) -> Result<Stored, StoreError> {
         let mut conflicts = Vec::new();
         if self.inserted.inserted + self.inserted.parked < taken.len() as u64 {
-            conflicts = record_conflicts(&mut tx, self.lease, self.source, taken).await?;
+            conflicts =
+                keep_aside(&mut tx, self.lease, self.source, taken, Aside::Conflict).await?;
         }
         let late: Vec<&Row> = self
             .inserted
             .late
             .iter()
-            .filter_map(|&i| rows.get(i))
+            .filter_map(|&i| self.batch.get(i))
             .collect();
-        let late = if late.is_empty() {
-            Vec::new()
-        } else {
-            record_late(&mut tx, self.lease, self.source, &late).await?
-        };
+        let mut kept_late = Vec::new();
+        if !late.is_empty() {
+            kept_late = keep_aside(&mut tx, self.lease, self.source, &late, Aside::Late).await?;
+        }
         for letters in [dead, &refused] {
             insert_dead_letters(&mut tx, self.lease, self.source, letters).await?;
         }
         tx.commit().await?;
-        let mut stored = Stored::new(self.rows, self.inserted, refused);
-        stored.conflicts = conflicts;
-        stored.late = late;
-        stored.duplicates = stored
-            .duplicates
-            .saturating_sub((stored.conflicts.len() + stored.late.len()) as u64);
-        Ok(stored)
+        Ok(Stored::new(
+            self.batch.len(),
+            self.inserted,
+            conflicts,
+            refused,
+            kept_late,
+        ))
     }
-}
-
-/// Rows in a gap an SRE released that are not stored: kept, sealed, as
-/// `gap_released` dead letters (the device's newer records are stored, so
-/// storing them would reorder). Returns `(device_id, seq)` of each.
-async fn record_late(
-    tx: &mut Transaction<'_, Postgres>,
-    lease: &LeaseToken,
-    source: Source,
-    rows: &[&Row],
-) -> Result<Vec<(String, i64)>, StoreError> {
-    let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
-    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_ref()).collect();
-    Ok(sqlx::query(
-        "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
-         SELECT $4, $5, $6, u.d || '/' || u.s, u.d, u.s, $7,
-                'its seq is in a gap an SRE released (georelay admin device release-gap), and newer records of the device are stored: storing it now would reorder them', u.w
-         FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS u(d, s, w)
-         WHERE NOT EXISTS (SELECT 1 FROM telemetry t WHERE t.device_id = u.d AND t.seq = u.s)
-         RETURNING device_id, seq",
-    )
-    .bind(&devices)
-    .bind(&seqs)
-    .bind(&raws)
-    .bind(lease.group_id)
-    .bind(source.namespace_id)
-    .bind(source.epoch)
-    .bind(DeadLetterReason::GapReleased.as_str())
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect())
 }
 
 async fn insert_dead_letters(
@@ -701,20 +670,26 @@ async fn insert_dead_letters(
 }
 
 impl Stored {
-    /// What a batch of `rows` did, before conflicts and late rows are
-    /// looked at: the rest of the rows are duplicates.
-    fn new(rows: usize, inserted: Inserted, refused: Vec<DeadLetter>) -> Self {
+    /// What a batch of `rows` did: the rows neither inserted, parked,
+    /// conflicting, refused nor late are duplicates.
+    fn new(
+        rows: usize,
+        inserted: Inserted,
+        conflicts: Vec<(String, i64)>,
+        refused: Vec<DeadLetter>,
+        late: Vec<(String, i64)>,
+    ) -> Self {
         let Inserted {
             inserted, parked, ..
         } = inserted;
-        let not_duplicates = inserted + parked + refused.len() as u64;
+        let set_aside = conflicts.len() + refused.len() + late.len();
         Self {
             inserted,
             parked,
-            duplicates: (rows as u64).saturating_sub(not_duplicates),
-            conflicts: Vec::new(),
+            duplicates: (rows as u64).saturating_sub(inserted + parked + set_aside as u64),
+            conflicts,
             refused,
-            late: Vec::new(),
+            late,
         }
     }
 }
@@ -854,42 +829,79 @@ struct Inserted {
     late: Vec<usize>,
 }
 
-/// A duplicate is normally a redelivery (same payload). A different payload
-/// under a stored `(device_id, seq)` means the device reused a seq: keep the
-/// newcomer, sealed, as a dead letter. Returns `(device_id, seq)` of each.
-async fn record_conflicts<R: Borrow<Row>>(
+/// Rows the database took but that are kept aside as dead letters, sealed.
+#[derive(Debug, Clone, Copy)]
+enum Aside {
+    /// A duplicate is normally a redelivery (same payload). A different
+    /// payload under a stored `(device_id, seq)` means the device reused a
+    /// seq: the newcomer is a `seq_conflict`.
+    Conflict,
+    /// A row in a gap an SRE released, not stored: the device's newer
+    /// records are, so storing it would reorder (`gap_released`).
+    Late,
+}
+
+impl Aside {
+    fn reason(self) -> DeadLetterReason {
+        match self {
+            Self::Conflict => DeadLetterReason::SeqConflict,
+            Self::Late => DeadLetterReason::GapReleased,
+        }
+    }
+
+    /// The detail, and which of the rows (`u(d, s, p, w)`) it takes.
+    fn sql(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Conflict => (
+                "seq already stored with a different payload: the device reused a seq (and a nonce); re-key it",
+                "EXISTS (SELECT 1 FROM telemetry t
+                         WHERE t.device_id = u.d AND t.seq = u.s AND t.payload <> u.p::jsonb)",
+            ),
+            Self::Late => (
+                "its seq is in a gap an SRE released (georelay admin device release-gap), and newer records of the device are stored: storing it now would reorder them",
+                "NOT EXISTS (SELECT 1 FROM telemetry t WHERE t.device_id = u.d AND t.seq = u.s)",
+            ),
+        }
+    }
+}
+
+/// Keeps those of `rows` that are `aside` as dead letters; returns
+/// `(device_id, seq)` of each.
+async fn keep_aside<R: Borrow<Row>>(
     tx: &mut Transaction<'_, Postgres>,
     lease: &LeaseToken,
     source: Source,
     rows: &[R],
+    aside: Aside,
 ) -> Result<Vec<(String, i64)>, StoreError> {
     let rows = rows.iter().map(Borrow::borrow);
     let devices: Vec<&str> = rows.clone().map(|r| r.device_id.as_str()).collect();
     let seqs: Vec<i64> = rows.clone().map(|r| r.seq).collect();
     let payloads: Vec<&str> = rows.clone().map(|r| r.payload.as_str()).collect();
     let raws: Vec<&[u8]> = rows.map(|r| r.raw.as_ref()).collect();
-    Ok(sqlx::query(
+    let (detail, which) = aside.sql();
+    let sql = format!(
         "INSERT INTO dead_letters (group_id, namespace_id, epoch, message_id, device_id, seq, reason, detail, raw)
-         SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, $8,
-                'seq already stored with a different payload: the device reused a seq (and a nonce); re-key it', u.w
+         SELECT $5, $6, $7, u.d || '/' || u.s, u.d, u.s, $8, $9, u.w
          FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) AS u(d, s, p, w)
-         JOIN telemetry t ON t.device_id = u.d AND t.seq = u.s
-         WHERE t.payload <> u.p::jsonb
-         RETURNING device_id, seq",
-    )
-    .bind(&devices)
-    .bind(&seqs)
-    .bind(&payloads)
-    .bind(&raws)
-    .bind(lease.group_id)
-    .bind(source.namespace_id)
-    .bind(source.epoch)
-    .bind(DeadLetterReason::SeqConflict.as_str())
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect())
+         WHERE {which}
+         RETURNING device_id, seq"
+    );
+    Ok(sqlx::query(&sql)
+        .bind(&devices)
+        .bind(&seqs)
+        .bind(&payloads)
+        .bind(&raws)
+        .bind(lease.group_id)
+        .bind(source.namespace_id)
+        .bind(source.epoch)
+        .bind(aside.reason().as_str())
+        .bind(detail)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 /// Marks `epoch` drained and moves the worker to the next epoch's namespace,
