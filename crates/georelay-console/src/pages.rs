@@ -677,7 +677,7 @@ fn stranded(h: &mut String, snap: &Snapshot, now: DateTime<Utc>) {
                     esc(&g.device_id),
                     esc(&g.group),
                     g.epoch.to_string(),
-                    format!("{}..={}", g.after_seq + 1, g.through_seq),
+                    georelay_store::gaps::seqs(g.after_seq, g.through_seq),
                     format!("{} ({})", time(g.opened_at), ago(g.opened_at, now)),
                     g.parked.to_string(),
                     state,

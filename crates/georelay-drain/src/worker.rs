@@ -754,11 +754,11 @@ impl GroupWorker {
                 for g in &released.closed {
                     if g.how == "filled" {
                         tracing::info!(group = %pos.group, device = %g.device_id, epoch = g.epoch,
-                            seqs = %format!("{}..={}", g.after_seq + 1, g.through_seq), open_for = ?g.open_for,
+                            seqs = %gaps::seqs(g.after_seq, g.through_seq), open_for = ?g.open_for,
                             "records stranded in an abandoned epoch are back (sent again): the device's parked records are stored after them, in order");
                     } else {
                         tracing::warn!(group = %pos.group, device = %g.device_id, epoch = g.epoch,
-                            seqs = %format!("{}..={}", g.after_seq + 1, g.through_seq), open_for = ?g.open_for,
+                            seqs = %gaps::seqs(g.after_seq, g.through_seq), open_for = ?g.open_for,
                             "gap released by an SRE: whatever of those seqs is not stored is given up; the device's parked records are stored in order");
                     }
                     self.gaps_reported.remove(&(g.device_id.clone(), g.epoch));
@@ -815,7 +815,7 @@ impl GroupWorker {
                 && self.gaps_reported.insert((g.device_id.clone(), g.epoch))
             {
                 tracing::error!(group = %pos.group, device = %g.device_id, epoch = g.epoch,
-                    seqs = %format!("{}..={}", g.after_seq + 1, g.through_seq), waited = ?waited, parked = g.parked,
+                    seqs = %gaps::seqs(g.after_seq, g.through_seq), waited = ?waited, parked = g.parked,
                     "device waits for records stranded in an abandoned epoch: its newer records are parked until its agent sends those again (it does when it next reaches ingest); if it never will (the device died, or it is a plain HTTP client that keeps nothing after a 202), give them up: georelay admin device release-gap --device {}", g.device_id);
             }
         }

@@ -98,6 +98,11 @@ pub async fn mark_does_not_send_again(pool: &PgPool, device: &str) -> Result<(),
     Ok(())
 }
 
+/// A gap's seqs as people read them: `first..=last`.
+pub fn seqs(after_seq: i64, through_seq: i64) -> String {
+    format!("{}..={}", after_seq + 1, through_seq)
+}
+
 /// A gap [`release_gaps`] closed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClosedGap {

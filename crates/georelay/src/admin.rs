@@ -185,10 +185,9 @@ pub async fn run(cmd: Admin) -> anyhow::Result<()> {
                     .await?;
             for (epoch, after, through) in gaps {
                 println!(
-                    "device {}: seqs {}..={} stranded in epoch {epoch} given up; the worker stores its parked records in order now",
+                    "device {}: seqs {} stranded in epoch {epoch} given up; the worker stores its parked records in order now",
                     r.device,
-                    after + 1,
-                    through
+                    georelay_store::gaps::seqs(after, through)
                 );
             }
         }
@@ -444,7 +443,7 @@ fn stranded_text(open: &[georelay_store::gaps::OpenGap]) -> String {
             g.group.clone(),
             g.device_id.clone(),
             g.epoch.to_string(),
-            format!("{}..={}", g.after_seq + 1, g.through_seq),
+            georelay_store::gaps::seqs(g.after_seq, g.through_seq),
             time(g.opened_at),
             g.parked.to_string(),
             if g.release_requested_at.is_some() {
