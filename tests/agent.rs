@@ -161,7 +161,24 @@ async fn records_are_kept_after_their_202_until_they_are_stored() {
         .await,
         "all ten sent and kept: no worker stores them yet"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The agent asks twice more which are stored, and keeps them all.
+    let asked = || async {
+        let text = ingest.metrics().await.unwrap();
+        text.lines()
+            .find(|l| {
+                l.starts_with(r#"georelay_ingest_requests_total{route="progress",status="200"}"#)
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = asked().await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            asked().await >= before + 2
+        })
+        .await,
+        "the agent asks ingest which records are stored"
+    );
     assert_eq!(
         sqlite_rows(&db, sent).await[0].0,
         10,

@@ -1231,6 +1231,19 @@ async fn seqs_in_store_order(stack: &Stack, device: &str) -> Vec<i64> {
         .unwrap()
 }
 
+/// How `device`'s gap closed, and the reason of its `gap_released` event.
+async fn gap_closed(stack: &Stack, device: &str) -> (String, Option<String>) {
+    sqlx::query_as(
+        "SELECT g.closed_how, e.reason FROM device_gaps g
+         JOIN failover_events e ON e.kind = 'gap_released' AND e.reason LIKE 'device ' || g.device_id || ':%'
+         WHERE g.device_id = $1",
+    )
+    .bind(device)
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap()
+}
+
 async fn parked(stack: &Stack, device: &str) -> Vec<i64> {
     sqlx::query_scalar("SELECT seq FROM parked_records WHERE device_id = $1 ORDER BY seq")
         .bind(device)
@@ -1278,7 +1291,19 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
     publish(&stack, 1, std::slice::from_ref(clean), 3..=5, 2).await;
     publish(&stack, 1, std::slice::from_ref(dead), 4..=5, 2).await;
     publish(&stack, 1, std::slice::from_ref(tracker), 3..=4, 2).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The worker has found epoch 1 unreadable (it says so on its lease row).
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM drain_leases WHERE blocked_since IS NOT NULL)",
+            )
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap()
+        })
+        .await,
+        "the worker reports itself blocked on epoch 1"
+    );
     assert_eq!(
         stored(&stack).await,
         4,
@@ -1410,15 +1435,7 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
         seqs_in_store_order(&stack, dead.id.as_str()).await,
         vec![4, 5, 6, 7]
     );
-    let (how, reason): (String, Option<String>) = sqlx::query_as(
-        "SELECT g.closed_how, e.reason FROM device_gaps g
-         JOIN failover_events e ON e.kind = 'gap_released' AND e.reason LIKE 'device ' || g.device_id || ':%'
-         WHERE g.device_id = $1",
-    )
-    .bind(dead.id.as_str())
-    .fetch_one(stack.db.pool())
-    .await
-    .unwrap();
+    let (how, reason) = gap_closed(&stack, dead.id.as_str()).await;
     assert_eq!(how, "released");
     assert!(
         reason
@@ -1433,15 +1450,7 @@ async fn records_stranded_in_an_abandoned_region_hold_back_only_their_devices_an
             .await
             .unwrap();
     assert_eq!(filled, "filled");
-    let (how, reason): (String, Option<String>) = sqlx::query_as(
-        "SELECT g.closed_how, e.reason FROM device_gaps g
-         JOIN failover_events e ON e.kind = 'gap_released' AND e.reason LIKE 'device ' || g.device_id || ':%'
-         WHERE g.device_id = $1",
-    )
-    .bind(tracker.id.as_str())
-    .fetch_one(stack.db.pool())
-    .await
-    .unwrap();
+    let (how, reason) = gap_closed(&stack, tracker.id.as_str()).await;
     assert_eq!(how, "released");
     assert!(
         reason

@@ -208,6 +208,7 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
         .map_or("unmatched", |p| match p.as_str() {
             "/v1/devices/{device_id}/telemetry" => "telemetry",
             "/v1/devices/{device_id}/telemetry/batch" => "batch",
+            "/v1/devices/{device_id}/progress" => "progress",
             "/healthz" => "healthz",
             "/readyz" => "readyz",
             "/metrics" => "metrics",
