@@ -41,7 +41,9 @@ impl Pooled {
         if self.ensured.lock().contains(queue) {
             return Ok(());
         }
-        self.namespace.ensure_queue(queue).await?;
+        // Boxed: creating a queue is a large future, and every publish's
+        // future would carry its size (and copy it on each spawn) otherwise.
+        Box::pin(self.namespace.ensure_queue(queue)).await?;
         self.ensured.lock().insert(queue.to_owned());
         Ok(())
     }

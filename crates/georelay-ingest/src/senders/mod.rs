@@ -512,3 +512,33 @@ impl Senders {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every record's publish runs as a spawned task, and a spawn copies
+    /// the future into the task: a cold path's large future (creating a
+    /// queue was 6 KiB of it) must not be carried by every publish.
+    #[tokio::test]
+    async fn a_publish_future_stays_small() {
+        let pool =
+            georelay_store::PgPool::connect_lazy("postgres://nobody@127.0.0.1/none").unwrap();
+        let senders = Senders::new(
+            SendersConfig {
+                limits: Limits::default(),
+                breaker: BreakerConfig::default(),
+                cooldown: Duration::from_secs(1),
+                lease: Duration::from_secs(5),
+            },
+            pool,
+            Arc::new(georelay_testkit::master_key().unwrap()),
+            uuid::Uuid::nil(),
+            Metrics::new().unwrap(),
+        );
+        let device = DeviceId::parse("plug-1").unwrap();
+        let publish = senders.deliver(1, &device, &[]);
+        let size = std::mem::size_of_val(&publish);
+        assert!(size <= 4096, "a publish's future is {size} bytes");
+    }
+}
