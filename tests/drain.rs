@@ -691,6 +691,64 @@ async fn a_reused_seq_with_another_payload_is_kept_as_a_seq_conflict() {
     );
 }
 
+/// The same, while the first copy waits in `parked_records` (its device
+/// waits for a record stranded in an abandoned epoch): the newcomer is
+/// kept as a `seq_conflict` too, not dropped unseen, and the first copy is
+/// the one stored once the gap fills.
+#[tokio::test]
+async fn a_reused_seq_whose_first_copy_is_parked_is_kept_as_a_seq_conflict() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    // Seq 1 was stranded in an abandoned epoch: newer seqs are parked.
+    sqlx::query(
+        "INSERT INTO device_gaps (device_id, group_id, epoch, after_seq, through_seq)
+         VALUES ('plug-1', $1, 0, 0, 1)",
+    )
+    .bind(stack.group_id)
+    .execute(stack.db.pool())
+    .await
+    .unwrap();
+    let ns = connect(&stack.regions[0].url()).await;
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    ns.publish(QUEUE, "plug-1/2", device.envelope(2, 1).encode())
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            parked(&stack, "plug-1").await == vec![2]
+        })
+        .await,
+        "seq 2 waits for the gap"
+    );
+    let mut reused = device.envelope(2, 1);
+    reused.record = device.seal(2, &serde_json::json!({"other": true}));
+    let items: Vec<(String, Bytes)> = vec![
+        ("plug-1/2-again".into(), device.envelope(2, 1).encode()),
+        ("plug-1/2-reused".into(), reused.encode()),
+        ("plug-1/1".into(), device.envelope(1, 1).encode()),
+    ];
+    ns.publish_batch(QUEUE, &items).await.unwrap();
+    wait_stored(&stack, 2, Duration::from_secs(30)).await;
+    let second: serde_json::Value =
+        sqlx::query_scalar("SELECT payload FROM telemetry WHERE device_id = 'plug-1' AND seq = 2")
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(second["reading"], 0.2, "the first copy is stored");
+    let dead: Vec<(String, i64, Vec<u8>)> =
+        sqlx::query_as("SELECT reason, seq, raw FROM dead_letters")
+            .fetch_all(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        dead.len(),
+        1,
+        "only the different payload is a conflict: {dead:?}"
+    );
+    assert_eq!((dead[0].0.as_str(), dead[0].1), ("seq_conflict", 2));
+    assert_eq!(dead[0].2, reused.encode().to_vec(), "kept sealed, as queued");
+}
+
 /// A Service Bus key regenerated on the service and set with `admin
 /// namespace set-key` reaches a running worker without a restart: its
 /// namespace pool reconnects when the namespace's triplet changes (it used

@@ -761,7 +761,7 @@ const INSERT_CHECKING_GAPS: &str = concat!(
              RETURNING 1
          )
          SELECT EXISTS (SELECT 1 FROM lease), (SELECT count(*) FROM stored),
-                (SELECT count(*) FROM input WHERE held AND NOT late),
+                (SELECT count(*) FROM parked),
                 coalesce((SELECT array_agg(n - 1) FROM input WHERE late), '{}')"
 );
 
@@ -823,7 +823,8 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
 struct Inserted {
     /// New rows in `telemetry`.
     inserted: u64,
-    /// Rows held back in `parked_records` (their device waits for a gap).
+    /// Rows newly held back in `parked_records` (their device waits for a
+    /// gap); one parked already is a duplicate, or a conflict.
     parked: u64,
     /// Indexes of rows in a gap an SRE released: not stored.
     late: Vec<usize>,
@@ -833,8 +834,8 @@ struct Inserted {
 #[derive(Debug, Clone, Copy)]
 enum Aside {
     /// A duplicate is normally a redelivery (same payload). A different
-    /// payload under a stored `(device_id, seq)` means the device reused a
-    /// seq: the newcomer is a `seq_conflict`.
+    /// payload under a stored or parked `(device_id, seq)` means the device
+    /// reused a seq: the newcomer is a `seq_conflict`.
     Conflict,
     /// A row in a gap an SRE released, not stored: the device's newer
     /// records are, so storing it would reorder (`gap_released`).
@@ -855,7 +856,9 @@ impl Aside {
             Self::Conflict => (
                 "seq already stored with a different payload: the device reused a seq (and a nonce); re-key it",
                 "EXISTS (SELECT 1 FROM telemetry t
-                         WHERE t.device_id = u.d AND t.seq = u.s AND t.payload <> u.p::jsonb)",
+                         WHERE t.device_id = u.d AND t.seq = u.s AND t.payload <> u.p::jsonb)
+                 OR EXISTS (SELECT 1 FROM parked_records p
+                            WHERE p.device_id = u.d AND p.seq = u.s AND p.payload <> u.p::jsonb)",
             ),
             Self::Late => (
                 "its seq is in a gap an SRE released (georelay admin device release-gap), and newer records of the device are stored: storing it now would reorder them",
