@@ -746,7 +746,11 @@ async fn a_reused_seq_whose_first_copy_is_parked_is_kept_as_a_seq_conflict() {
         "only the different payload is a conflict: {dead:?}"
     );
     assert_eq!((dead[0].0.as_str(), dead[0].1), ("seq_conflict", 2));
-    assert_eq!(dead[0].2, reused.encode().to_vec(), "kept sealed, as queued");
+    assert_eq!(
+        dead[0].2,
+        reused.encode().to_vec(),
+        "kept sealed, as queued"
+    );
 }
 
 /// A Service Bus key regenerated on the service and set with `admin
