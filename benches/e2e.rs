@@ -5,6 +5,8 @@
 //!     cargo build --release --bins && cargo bench --bench e2e
 //!     BENCH_RATES=1000,2000,4000 BENCH_STEP_SECONDS=10 BENCH_DEVICES=50 \
 //!       BENCH_AGENT_BUFFERED=1000000 cargo bench --bench e2e
+//!     BENCH_DEVICES=500 BENCH_RATES=500 BENCH_CONFIRM_AFTER=1s cargo bench --bench e2e
+//!       # the fleet's `agent simulate --confirm-after` (default: the agent's)
 //!
 //! Steps the fleet's total reading rate up through BENCH_RATES (readings per
 //! second across BENCH_DEVICES simulated plug computers, each with its own
@@ -159,6 +161,11 @@ async fn main() {
             .args(["--rate", &per_device.to_string()])
             .args(["--duration", &format!("{seconds}s")])
             .args(["--settle", "30s", "--max-backoff", "1s"])
+            .args(
+                std::env::var("BENCH_CONFIRM_AFTER")
+                    .map(|d| vec!["--confirm-after".to_owned(), d])
+                    .unwrap_or_default(),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();

@@ -150,7 +150,13 @@ async fn records_are_kept_after_their_202_until_they_are_stored() {
     let device = stack.device("plug-1").await.unwrap();
     let state = tempdir("kept");
     let ingest = stack.ingest(INGEST_TEST_ARGS).unwrap();
-    let mut agent = Agent::start(&stack, &device, &ingest.url(), &state, &[]);
+    let mut agent = Agent::start(
+        &stack,
+        &device,
+        &ingest.url(),
+        &state,
+        &["--confirm-after", "500ms"],
+    );
     agent.send(1, 10);
     let db = state.join("plug-1.db");
     let sent = "SELECT count(*), 0 FROM outbox WHERE sent_epoch IS NOT NULL";
@@ -162,19 +168,10 @@ async fn records_are_kept_after_their_202_until_they_are_stored() {
         "all ten sent and kept: no worker stores them yet"
     );
     // The agent asks twice more which are stored, and keeps them all.
-    let asked = || async {
-        let text = ingest.metrics().await.unwrap();
-        text.lines()
-            .find(|l| {
-                l.starts_with(r#"georelay_ingest_requests_total{route="progress",status="200"}"#)
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let before = asked().await;
+    let before = progress_asked(&ingest).await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            asked().await >= before + 2
+            progress_asked(&ingest).await >= before + 2
         })
         .await,
         "the agent asks ingest which records are stored"
@@ -197,6 +194,59 @@ async fn records_are_kept_after_their_202_until_they_are_stored() {
         .await,
         "stored, so let go"
     );
+    assert!(agent.finish());
+}
+
+/// Progress questions ingest answered.
+async fn progress_asked(ingest: &Service) -> u64 {
+    let text = ingest.metrics().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(r#"georelay_ingest_requests_total{route="progress",status="200"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// Each progress question costs ingest a request and PostgreSQL two reads:
+/// a device that keeps sending asks once its oldest sent record has waited
+/// `--confirm-after`, not every second (a reading a second would have
+/// doubled ingest's requests), then lets the stored ones go.
+#[tokio::test]
+async fn a_sending_device_asks_which_records_are_stored_only_once_they_have_waited() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let device = stack.device("plug-1").await.unwrap();
+    let state = tempdir("confirm-after");
+    let (ingest, _drain) = up(&stack);
+    let mut agent = Agent::start(
+        &stack,
+        &device,
+        &ingest.url(),
+        &state,
+        &["--confirm-after", "6s"],
+    );
+    // A reading every 250 ms for 3 s: stored as they come.
+    for n in 1..=12 {
+        agent.send(n, n);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_rows(&stack, "plug-1", 12).await;
+    assert_eq!(
+        progress_asked(&ingest).await,
+        0,
+        "no question while the oldest sent record has waited less than 6 s"
+    );
+    let db = state.join("plug-1.db");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            sqlite_rows(&db, "SELECT count(*), 0 FROM outbox")
+                .await
+                .first()
+                .map(|r| r.0)
+                == Some(0)
+        })
+        .await,
+        "asked, and the stored records let go"
+    );
+    assert!(progress_asked(&ingest).await >= 1);
     assert!(agent.finish());
 }
 

@@ -3,8 +3,13 @@
 //! jitter and honour `Retry-After`.
 //!
 //! A 202 means "queued in a region", not "stored": the record stays in the
-//! buffer, marked sent, and about once a second (while any is) the sender
-//! asks `GET /v1/devices/{id}/progress` which are stored and deletes those.
+//! buffer, marked sent, and the sender asks `GET /v1/devices/{id}/progress`
+//! which are stored and deletes those — once the oldest sent record has
+//! waited [`SenderConfig::confirm_after`] (10 s) or [`CONFIRM_BACKLOG`] are
+//! waiting, and about once a second while it finishes ([`Until::Stored`]).
+//! Each question costs ingest a request and PostgreSQL two reads: asked
+//! every second, a device sending a reading a second would double the
+//! requests ingest serves.
 //! If the answer lists the epoch a record was queued under as abandoned
 //! (its region lost for good), the record is sent again, in seq order,
 //! ahead of anything newer: the worker holds the device's newer records
@@ -41,9 +46,18 @@ pub struct SenderConfig {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub request_timeout: Duration,
-    /// How often to ask which sent records are stored, while any are.
+    /// Least time between two questions which sent records are stored;
+    /// how often they are asked while finishing ([`Until::Stored`]).
     pub confirm_every: Duration,
+    /// While sending goes on, how long the oldest sent record waits before
+    /// the sender asks (sooner when [`CONFIRM_BACKLOG`] are waiting).
+    pub confirm_after: Duration,
 }
+
+/// Sent records waiting to be confirmed that make the sender ask without
+/// waiting for [`SenderConfig::confirm_after`]: half of what one progress
+/// answer covers, so the buffer never fills with stored records.
+pub const CONFIRM_BACKLOG: u64 = 5_000;
 
 /// When [`Sender::run`] returns by itself (besides `stop`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +79,7 @@ impl Default for SenderConfig {
             backoff_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(15),
             confirm_every: Duration::from_secs(1),
+            confirm_after: Duration::from_secs(10),
         }
     }
 }
@@ -208,20 +223,27 @@ impl Sender {
         let mut url = 0usize;
         // While > 0: send one by one up to this seq (a refused batch).
         let mut single_until = 0u64;
-        // Records sent and not known stored: some (from an earlier run too).
-        let mut unconfirmed = self.buffer.unconfirmed().await? > 0;
+        // Records sent and not known stored (from an earlier run too: asked
+        // about at once), and since when the oldest of them waits.
+        let mut waiting = self.buffer.unconfirmed().await?;
+        let mut unconfirmed = waiting > 0;
+        let mut waiting_since: Option<Instant> = None;
         let mut confirmed_at: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
             if unconfirmed
-                && confirmed_at.is_none_or(|at| at.elapsed() >= self.config.confirm_every)
+                && self.confirm_due(until == Until::Stored, confirmed_at, waiting_since, waiting)
             {
                 confirmed_at = Some(Instant::now());
                 let base = &self.config.urls[url % self.config.urls.len()];
                 match self.confirm(base).await? {
-                    Some(left) => unconfirmed = left,
+                    Some(left) => {
+                        waiting = left;
+                        unconfirmed = left > 0;
+                        waiting_since = unconfirmed.then(Instant::now);
+                    }
                     None => url += 1,
                 }
             }
@@ -251,6 +273,8 @@ impl Sender {
                 Outcome::Accepted { namespace, epoch } => {
                     let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
                     self.buffer.accepted(&seqs, epoch).await?;
+                    waiting += seqs.len() as u64;
+                    waiting_since.get_or_insert_with(Instant::now);
                     if !unconfirmed {
                         unconfirmed = true;
                         // Stored within milliseconds, normally: ask soon.
@@ -292,13 +316,32 @@ impl Sender {
         }
     }
 
+    /// Whether to ask now which sent records are stored: never twice within
+    /// `confirm_every`; then while finishing, or once the oldest has waited
+    /// `confirm_after` (or was sent by an earlier run), or once
+    /// [`CONFIRM_BACKLOG`] are waiting.
+    fn confirm_due(
+        &self,
+        finishing: bool,
+        asked_at: Option<Instant>,
+        waiting_since: Option<Instant>,
+        waiting: u64,
+    ) -> bool {
+        if asked_at.is_some_and(|at| at.elapsed() < self.config.confirm_every) {
+            return false;
+        }
+        finishing
+            || waiting >= CONFIRM_BACKLOG
+            || waiting_since.is_none_or(|at| at.elapsed() >= self.config.confirm_after)
+    }
+
     /// Asks which sent records are stored; deletes those, and marks for
-    /// sending again those queued in an abandoned epoch. `Some(whether any
-    /// sent record is left)`, or `None` when the server did not answer
+    /// sending again those queued in an abandoned epoch. `Some(how many
+    /// sent records are left)`, or `None` when the server did not answer
     /// (they are kept; asked again later).
-    async fn confirm(&self, base: &str) -> Result<Option<bool>, BufferError> {
+    async fn confirm(&self, base: &str) -> Result<Option<u64>, BufferError> {
         let Some(oldest) = self.buffer.oldest_unconfirmed().await? else {
-            return Ok(Some(false));
+            return Ok(Some(0));
         };
         let device = self.buffer.device();
         let after = oldest - 1;
@@ -345,7 +388,7 @@ impl Sender {
         self.stats
             .peak_unconfirmed
             .fetch_max(left + deleted + again, Ordering::Relaxed);
-        Ok(Some(left > 0))
+        Ok(Some(left))
     }
 
     /// Warns once until the progress answer comes again: the sent records

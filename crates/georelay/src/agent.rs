@@ -126,7 +126,7 @@ fn files_ending(dir: &Path, extension: &str) -> anyhow::Result<Vec<std::path::Pa
     Ok(found)
 }
 
-fn sender(urls: Vec<String>) -> anyhow::Result<SenderConfig> {
+fn sender(urls: Vec<String>, confirm_after: std::time::Duration) -> anyhow::Result<SenderConfig> {
     let urls: Vec<String> = urls
         .into_iter()
         .map(|u| u.trim_end_matches('/').to_owned())
@@ -138,6 +138,7 @@ fn sender(urls: Vec<String>) -> anyhow::Result<SenderConfig> {
     }
     Ok(SenderConfig {
         urls,
+        confirm_after,
         ..SenderConfig::default()
     })
 }
@@ -191,7 +192,7 @@ async fn agent(args: AgentRunArgs) -> anyhow::Result<()> {
         AgentConfig {
             device,
             key,
-            sender: sender(args.urls)?,
+            sender: sender(args.urls, args.confirm_after)?,
             state_dir: args.state.state_dir,
             read_stdin: args.stdin,
             watch: args.watch,
@@ -248,7 +249,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             devices,
             sender: SenderConfig {
                 backoff_max: args.max_backoff.max(std::time::Duration::from_millis(200)),
-                ..sender(args.urls)?
+                ..sender(args.urls, args.confirm_after)?
             },
             state_dir: args.state_dir,
             rate: args.rate,

@@ -172,6 +172,10 @@ pub struct AgentRunArgs {
     /// Most records kept in the buffer; when full, input waits
     #[arg(long, env = "GEORELAY_MAX_BUFFER", default_value_t = 1_000_000)]
     pub max_buffer: u64,
+    /// How long a sent record waits before the agent asks whether it is
+    /// stored (100ms to 1h; sooner once 5,000 wait)
+    #[arg(long, env = "GEORELAY_CONFIRM_AFTER", default_value = "10s", value_parser = confirm_after)]
+    pub confirm_after: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +214,10 @@ pub struct SimulateArgs {
     /// Longest pause between retries (back-off doubles from 200 ms up to this)
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub max_backoff: Duration,
+    /// How long a sent record waits before its device asks whether it is
+    /// stored while readings go on (100ms to 1h; every second once they stop)
+    #[arg(long, default_value = "10s", value_parser = confirm_after)]
+    pub confirm_after: Duration,
 }
 
 /// Rollup worker settings; every flag can also come from the environment.
@@ -396,6 +404,16 @@ fn rate(s: &str) -> Result<f64, String> {
                 range.end()
             )
         })
+}
+
+/// `--confirm-after`: a [`duration`] from 100 ms to an hour.
+fn confirm_after(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if (Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("{s:?} must be from 100ms to 1h"))
+    }
 }
 
 /// "250ms", "2s", "1m", "1h" or plain seconds.
