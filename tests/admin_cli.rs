@@ -631,6 +631,25 @@ async fn nonsense_settings_are_refused_at_start_naming_the_setting() {
             "'--rate <RATE>': must be a number of readings a second from 0.001 to 1000000",
         );
     }
+    // A device asking about its records all the time, or never.
+    for after in ["0s", "2h"] {
+        cli.fails(
+            &[
+                "agent",
+                "run",
+                "--device",
+                "plug-1",
+                "--url",
+                "http://127.0.0.1:1",
+                "--state-dir",
+                "/nonexistent",
+                "--confirm-after",
+                after,
+            ],
+            2,
+            "must be from 100ms to 1h",
+        );
+    }
     // Set, but not UTF-8: said so, not "not set".
     use std::os::unix::ffi::OsStrExt as _;
     let out = georelay_command(&cli.db)
