@@ -184,17 +184,22 @@ async fn records_are_kept_after_their_202_until_they_are_stored() {
     let _drain = stack.drain(DRAIN_TEST_ARGS).unwrap();
     wait_rows(&stack, "plug-1", 10).await;
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            sqlite_rows(&db, "SELECT count(*), 0 FROM outbox")
-                .await
-                .first()
-                .map(|r| r.0)
-                == Some(0)
-        })
-        .await,
+        outbox_empties(&db, Duration::from_secs(10)).await,
         "stored, so let go"
     );
     assert!(agent.finish());
+}
+
+/// Whether the agent's buffer `db` holds no record within `within`.
+async fn outbox_empties(db: &Path, within: Duration) -> bool {
+    wait_until(within, || async {
+        sqlite_rows(db, "SELECT count(*), 0 FROM outbox")
+            .await
+            .first()
+            .map(|r| r.0)
+            == Some(0)
+    })
+    .await
 }
 
 /// Progress questions ingest answered.
@@ -236,14 +241,7 @@ async fn a_sending_device_asks_which_records_are_stored_only_once_they_have_wait
     );
     let db = state.join("plug-1.db");
     assert!(
-        wait_until(Duration::from_secs(15), || async {
-            sqlite_rows(&db, "SELECT count(*), 0 FROM outbox")
-                .await
-                .first()
-                .map(|r| r.0)
-                == Some(0)
-        })
-        .await,
+        outbox_empties(&db, Duration::from_secs(15)).await,
         "asked, and the stored records let go"
     );
     assert!(progress_asked(&ingest).await >= 1);
