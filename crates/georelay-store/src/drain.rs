@@ -854,7 +854,7 @@ impl Aside {
     fn sql(self) -> (&'static str, &'static str) {
         match self {
             Self::Conflict => (
-                "seq already stored with a different payload: the device reused a seq (and a nonce); re-key it",
+                "seq already stored (or parked, waiting for a gap) with a different payload: the device reused a seq (and a nonce); re-key it",
                 "EXISTS (SELECT 1 FROM telemetry t
                          WHERE t.device_id = u.d AND t.seq = u.s AND t.payload <> u.p::jsonb)
                  OR EXISTS (SELECT 1 FROM parked_records p
