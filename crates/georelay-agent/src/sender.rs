@@ -226,14 +226,13 @@ impl Sender {
         // Records sent and not known stored (from an earlier run too: asked
         // about at once), and since when the oldest of them waits.
         let mut waiting = self.buffer.unconfirmed().await?;
-        let mut unconfirmed = waiting > 0;
         let mut waiting_since: Option<Instant> = None;
         let mut confirmed_at: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
-            if unconfirmed
+            if waiting > 0
                 && self.confirm_due(until == Until::Stored, confirmed_at, waiting_since, waiting)
             {
                 confirmed_at = Some(Instant::now());
@@ -241,8 +240,7 @@ impl Sender {
                 match self.confirm(base).await? {
                     Some(left) => {
                         waiting = left;
-                        unconfirmed = left > 0;
-                        waiting_since = unconfirmed.then(Instant::now);
+                        waiting_since = (left > 0).then(Instant::now);
                     }
                     None => url += 1,
                 }
@@ -251,10 +249,10 @@ impl Sender {
             if pending.is_empty() {
                 match until {
                     Until::Sent => return Ok(()),
-                    Until::Stored if !unconfirmed => return Ok(()),
+                    Until::Stored if waiting == 0 => return Ok(()),
                     _ => {}
                 }
-                let idle = if unconfirmed {
+                let idle = if waiting > 0 {
                     self.config.confirm_every
                 } else {
                     Duration::from_secs(1)
@@ -273,13 +271,12 @@ impl Sender {
                 Outcome::Accepted { namespace, epoch } => {
                     let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
                     self.buffer.accepted(&seqs, epoch).await?;
-                    waiting += seqs.len() as u64;
-                    waiting_since.get_or_insert_with(Instant::now);
-                    if !unconfirmed {
-                        unconfirmed = true;
+                    if waiting == 0 {
                         // Stored within milliseconds, normally: ask soon.
                         confirmed_at = Some(Instant::now());
                     }
+                    waiting += seqs.len() as u64;
+                    waiting_since.get_or_insert_with(Instant::now);
                     self.stats
                         .accepted
                         .fetch_add(seqs.len() as u64, Ordering::Relaxed);
