@@ -4,6 +4,7 @@
 //! exactly what is where.
 
 use bytes::Bytes;
+use georelay_core::envelope;
 use georelay_testkit::{wait_until, Service, Stack, TestDevice, QUEUE};
 use georelay_transport::{Limits, Namespace, Triplet};
 use std::time::Duration;
@@ -489,7 +490,15 @@ async fn a_message_of_a_later_epoch_that_does_not_belong_here_does_not_end_the_e
         ("plug-1/1".into(), device.envelope(1, 1).encode()),
         ("plug-1/98".into(), device.envelope(98, 2).encode()),
         ("plug-1/99".into(), forged.encode()),
-        ("plug-1/2".into(), device.envelope(2, 1).encode()),
+        // A bundle is of one epoch: an envelope of a later one inside it
+        // does not end epoch 1 (seq 2 would follow seq 3 from B).
+        (
+            "bundle-1".into(),
+            envelope::bundle(&[
+                device.envelope(2, 1).encode(),
+                device.envelope(100, 3).encode(),
+            ]),
+        ),
         ("plug-1/4".into(), device.envelope(4, 3).encode()),
     ];
     a.publish_batch(QUEUE, &on_a).await.unwrap();
@@ -507,7 +516,81 @@ async fn a_message_of_a_later_epoch_that_does_not_belong_here_does_not_end_the_e
             .unwrap();
     assert_eq!(
         dead,
-        vec![("wrong_epoch".into(), 98), ("bad_tag".into(), 99)]
+        vec![
+            ("wrong_epoch".into(), 98),
+            ("bad_tag".into(), 99),
+            ("wrong_epoch".into(), 100)
+        ]
+    );
+}
+
+/// Ingest joins concurrent records into bundles: the worker stores each
+/// envelope of a bundle in order, and dead-letters a bad one alone (its own
+/// bytes, the bundle's id and its place) while the rest flow.
+#[tokio::test]
+async fn a_bundles_envelopes_are_stored_and_dead_lettered_one_by_one() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let good = stack.device("plug-good").await.unwrap();
+    let ns = connect(&stack.regions[0].url()).await;
+    let mut tampered = good.envelope(4, 1);
+    tampered.record.ciphertext[0] ^= 1;
+    let junk = Bytes::from_static(b"\x01not an envelope");
+    let cut_short = envelope::bundle(&[good.envelope(9, 1).encode()]).slice(..20);
+    let items: Vec<(String, Bytes)> = vec![
+        (
+            "b1".into(),
+            envelope::bundle(&[good.envelope(1, 1).encode(), good.envelope(2, 1).encode()]),
+        ),
+        (
+            "b2".into(),
+            envelope::bundle(&[
+                good.envelope(3, 1).encode(),
+                junk.clone(),
+                tampered.encode(),
+                good.envelope(5, 1).encode(),
+            ]),
+        ),
+        ("b3".into(), cut_short.clone()),
+        (
+            "b4".into(),
+            envelope::bundle(&[good.envelope(6, 1).encode()]),
+        ),
+    ];
+    ns.publish_batch(QUEUE, &items).await.unwrap();
+    let _worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 5, Duration::from_secs(30)).await;
+    assert_eq!(
+        seqs_in_store_order(&stack, "plug-good").await,
+        vec![1, 2, 3, 5, 6]
+    );
+    type Letter = (String, Option<String>, Option<i64>, Vec<u8>);
+    let dead: Vec<Letter> =
+        sqlx::query_as("SELECT reason, message_id, seq, raw FROM dead_letters ORDER BY id")
+            .fetch_all(stack.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        dead,
+        vec![
+            (
+                "undecodable".into(),
+                Some("b2#2".into()),
+                None,
+                junk.to_vec()
+            ),
+            (
+                "bad_tag".into(),
+                Some("b2#3".into()),
+                Some(4),
+                tampered.encode().to_vec()
+            ),
+            (
+                "undecodable".into(),
+                Some("b3".into()),
+                None,
+                cut_short.to_vec()
+            ),
+        ]
     );
 }
 

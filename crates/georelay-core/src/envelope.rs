@@ -17,6 +17,21 @@
 //! [18..18+n] device id
 //! then      seq (u64), nonce (12 bytes), ciphertext with its 16-byte tag
 //! ```
+//!
+//! A queue message is one envelope, or a **bundle** of them: ingest joins
+//! the records of concurrent single-record requests to one queue and epoch
+//! into one broker message, so the broker stores and acks one message for
+//! many records ([`bundle`], [`unbundle`]):
+//!
+//! ```text
+//! [0]       format (2: a bundle)
+//! [1..3]    count n (u16, 1..=MAX_BUNDLE)
+//! then n ×  length (u32) and a format-1 envelope of that length
+//! ```
+//!
+//! Each envelope of a bundle is stored, duplicate-checked and dead-lettered
+//! on its own; a bundle whose framing does not parse is one `undecodable`
+//! dead letter.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -24,6 +39,13 @@ use crate::ids::{DeviceId, MAX_DEVICE_ID_LEN, MAX_SEQ};
 use crate::record::{SealedRecord, NONCE_LEN, TAG_LEN};
 
 const FORMAT_V1: u8 = 1;
+const FORMAT_BUNDLE: u8 = 2;
+/// The most envelopes one bundle carries.
+pub const MAX_BUNDLE: usize = 64;
+/// A bundle's bytes besides its envelopes: format and count, then a length
+/// per envelope ([`bundle_len`]).
+const BUNDLE_HEAD: usize = 1 + 2;
+const PART_HEAD: usize = 4;
 const FIXED_LEN: usize = 1 + 8 + 8 + 1 + 8 + NONCE_LEN + TAG_LEN;
 
 /// Why a queue message cannot be read as an envelope: the worker dead-letters
@@ -40,6 +62,8 @@ pub enum EnvelopeError {
     Range,
     #[error("envelope received_at ({0} µs since 1970) is outside 1970..=9999")]
     ReceivedAt(i64),
+    #[error("bundle framing does not parse: {0}")]
+    Bundle(&'static str),
 }
 
 /// `received_at` as ingest stamps it (its clock) is after 1970 and before
@@ -132,6 +156,61 @@ pub fn encode(
     out.freeze()
 }
 
+/// The size of a bundle of envelopes of these lengths.
+pub fn bundle_len(envelope_lens: impl IntoIterator<Item = usize>) -> usize {
+    BUNDLE_HEAD
+        + envelope_lens
+            .into_iter()
+            .map(|n| PART_HEAD + n)
+            .sum::<usize>()
+}
+
+/// One queue message carrying `envelopes` (1..=[`MAX_BUNDLE`] encoded
+/// envelopes, in the order the worker is to store them).
+pub fn bundle(envelopes: &[Bytes]) -> Bytes {
+    assert!(
+        (1..=MAX_BUNDLE).contains(&envelopes.len()),
+        "a bundle carries 1..={MAX_BUNDLE} envelopes"
+    );
+    let mut out = BytesMut::with_capacity(bundle_len(envelopes.iter().map(Bytes::len)));
+    out.put_u8(FORMAT_BUNDLE);
+    out.put_u16(envelopes.len() as u16);
+    for e in envelopes {
+        // An envelope is far below 4 GiB: no broker carries that.
+        out.put_u32(e.len() as u32);
+        out.put_slice(e);
+    }
+    out.freeze()
+}
+
+/// The envelopes a queue message carries, in order, each still encoded
+/// (slices of `message`, not copies): the message itself if it is one
+/// envelope, or those of a bundle. `Err` when a bundle's framing does not
+/// parse: the message as a whole is `undecodable`. An envelope inside is
+/// not checked here; [`Envelope::decode`] judges each on its own.
+pub fn unbundle(message: &Bytes) -> Result<Vec<Bytes>, EnvelopeError> {
+    if message.first() != Some(&FORMAT_BUNDLE) {
+        return Ok(vec![message.clone()]);
+    }
+    let mut r = Reader(&message[1..]);
+    let count = usize::from(u16::from_be_bytes(r.array()?));
+    if !(1..=MAX_BUNDLE).contains(&count) {
+        return Err(EnvelopeError::Bundle("count outside 1..=64"));
+    }
+    let mut parts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = u32::from_be_bytes(r.array()?) as usize;
+        let start = message.len() - r.0.len();
+        r.take(len)
+            .map_err(|_| EnvelopeError::Bundle("an envelope runs past the end"))?;
+        parts.push(message.slice(start..start + len));
+    }
+    if !r.0.is_empty() {
+        return Err(EnvelopeError::Bundle("bytes after the last envelope"));
+    }
+    Ok(parts)
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -214,6 +293,50 @@ mod tests {
         let mut e = envelope();
         e.record.seq = 0;
         assert_eq!(Envelope::decode(&e.encode()), Err(EnvelopeError::Range));
+    }
+
+    #[test]
+    fn a_bundle_gives_back_its_envelopes_in_order() {
+        let a = envelope().encode();
+        let mut e = envelope();
+        e.record.seq = 43;
+        let b = e.encode();
+        let message = bundle(&[a.clone(), b.clone()]);
+        assert_eq!(message.len(), bundle_len([a.len(), b.len()]));
+        assert_eq!(unbundle(&message).unwrap(), vec![a.clone(), b]);
+        // A lone envelope is its own message.
+        assert_eq!(unbundle(&a).unwrap(), vec![a]);
+    }
+
+    #[test]
+    fn a_bundle_whose_framing_does_not_parse_is_refused() {
+        let a = envelope().encode();
+        let message = bundle(&[a.clone(), a.clone()]).to_vec();
+        // Cut anywhere inside: an envelope runs past the end, or the count
+        // or a length is missing.
+        for n in 1..message.len() {
+            let cut = Bytes::copy_from_slice(&message[..n]);
+            assert!(unbundle(&cut).is_err(), "prefix of {n} bytes");
+        }
+        let mut longer = message.clone();
+        longer.push(0);
+        assert_eq!(
+            unbundle(&Bytes::from(longer)),
+            Err(EnvelopeError::Bundle("bytes after the last envelope"))
+        );
+        for count in [0u16, 65] {
+            let mut bad = message.clone();
+            bad[1..3].copy_from_slice(&count.to_be_bytes());
+            assert_eq!(
+                unbundle(&Bytes::from(bad)),
+                Err(EnvelopeError::Bundle("count outside 1..=64"))
+            );
+        }
+        // An envelope inside that is itself bad is left to `decode`.
+        let junk = Bytes::from_static(b"junk");
+        let parts = unbundle(&bundle(&[junk.clone(), a])).unwrap();
+        assert_eq!(parts[0], junk);
+        assert!(Envelope::decode(&parts[0]).is_err());
     }
 
     /// A `received_at` PostgreSQL cannot store would hold up its whole batch.

@@ -12,8 +12,9 @@
 //! read, nothing newer is stored; the worker retries with back-off and says
 //! how long it has been blocked.
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use georelay_core::{Envelope, EnvelopeError, RecordError};
+use georelay_core::{envelope, Envelope, EnvelopeError, RecordError};
 use georelay_store::control::Actor;
 use georelay_store::drain::{
     self, DeadLetter, DeadLetterReason, LeaseToken, Position, Row, Stored,
@@ -1012,9 +1013,7 @@ async fn read(
     let mut dead = Vec::new();
     let mut homes = Vec::new();
     let mut cut = batch.len();
-    for (i, d) in batch.iter().enumerate() {
-        // Decoded once: for the placing and for opening.
-        let envelope = Envelope::decode(&d.payload);
+    'messages: for (i, d) in batch.iter().enumerate() {
         // Set aside whatever it holds: the broker gave up on it, or the
         // message itself cannot be read as usual.
         let aside = match (&d.dead_lettered, &d.unreadable) {
@@ -1028,35 +1027,64 @@ async fn read(
             )),
             (None, None) => None,
         };
-        if let Some((reason, detail)) = aside {
-            let claimed = envelope.as_ref().ok();
-            dead.push(letter(
-                d,
-                reason,
-                detail,
-                claimed.map(|e| e.device.to_string()),
-                claimed.and_then(|e| i64::try_from(e.record.seq).ok()),
-            ));
-            continue;
-        }
-        let place = match &envelope {
-            Ok(e) => shared.place(pos, e.epoch as i64, &mut homes).await?,
-            Err(_) => Place::Here,
-        };
-        match (place, shared.open(d, envelope).await?) {
-            (Place::Here, Ok(row)) => rows.push(row),
-            (Place::Later, Ok(_)) => {
-                cut = i;
-                break;
+        let parts = match envelope::unbundle(&d.payload) {
+            Ok(parts) => parts,
+            Err(e) => {
+                let (reason, detail) =
+                    aside.unwrap_or((DeadLetterReason::Undecodable, e.to_string()));
+                dead.push(letter(&Part::whole(d), reason, detail, None, None));
+                continue;
             }
-            (Place::Wrong(detail), Ok(row)) => dead.push(letter(
-                d,
-                DeadLetterReason::WrongEpoch,
-                detail,
-                Some(row.device_id),
-                Some(row.seq),
-            )),
-            (_, Err(letter)) => dead.push(letter),
+        };
+        let of = parts.len();
+        for (index, raw) in parts.into_iter().enumerate() {
+            let part = Part {
+                delivery: d,
+                index,
+                of,
+                raw,
+            };
+            // Decoded once: for the placing and for opening.
+            let envelope = Envelope::decode(&part.raw);
+            if let Some((reason, detail)) = &aside {
+                let claimed = envelope.as_ref().ok();
+                dead.push(letter(
+                    &part,
+                    *reason,
+                    detail.clone(),
+                    claimed.map(|e| e.device.to_string()),
+                    claimed.and_then(|e| i64::try_from(e.record.seq).ok()),
+                ));
+                continue;
+            }
+            let place = match &envelope {
+                Ok(e) => shared.place(pos, e.epoch as i64, &mut homes).await?,
+                Err(_) => Place::Here,
+            };
+            // Ingest bundles one epoch's records: only a message's first
+            // envelope can end the epoch being drained.
+            let place = match place {
+                Place::Later if index > 0 => Place::Wrong(
+                    "a bundle whose envelopes name different epochs (ingest never makes one)"
+                        .into(),
+                ),
+                place => place,
+            };
+            match (place, shared.open(&part, envelope).await?) {
+                (Place::Here, Ok(row)) => rows.push(row),
+                (Place::Later, Ok(_)) => {
+                    cut = i;
+                    break 'messages;
+                }
+                (Place::Wrong(detail), Ok(row)) => dead.push(letter(
+                    &part,
+                    DeadLetterReason::WrongEpoch,
+                    detail,
+                    Some(row.device_id),
+                    Some(row.seq),
+                )),
+                (_, Err(letter)) => dead.push(letter),
+            }
         }
     }
     let later = batch.split_off(cut);
@@ -1074,22 +1102,53 @@ enum Place {
     Wrong(String),
 }
 
-/// A dead letter for delivery `d`. A message id is kept as text PostgreSQL
-/// can store (a NUL byte would refuse the dead letter itself).
+/// One envelope of a queue message: the message itself, or the `index`th
+/// of the `of` envelopes of its bundle.
+struct Part<'a> {
+    delivery: &'a Delivery,
+    index: usize,
+    of: usize,
+    raw: Bytes,
+}
+
+impl<'a> Part<'a> {
+    /// The whole message, as one.
+    fn whole(delivery: &'a Delivery) -> Self {
+        Self {
+            delivery,
+            index: 0,
+            of: 1,
+            raw: delivery.payload.clone(),
+        }
+    }
+
+    /// The message's id, and for a bundle's envelope its place in it
+    /// (`"{id}#2"`), kept as text PostgreSQL can store (a NUL byte would
+    /// refuse the dead letter itself).
+    fn message_id(&self) -> Option<String> {
+        let id = self.delivery.id.as_ref()?.replace('\0', "\u{FFFD}");
+        Some(match self.of {
+            1 => id,
+            _ => format!("{id}#{}", self.index + 1),
+        })
+    }
+}
+
+/// A dead letter for `part`, keeping its envelope's bytes.
 fn letter(
-    d: &Delivery,
+    part: &Part<'_>,
     reason: DeadLetterReason,
     detail: String,
     device: Option<String>,
     seq: Option<i64>,
 ) -> DeadLetter {
     DeadLetter {
-        message_id: d.id.as_ref().map(|id| id.replace('\0', "\u{FFFD}")),
+        message_id: part.message_id(),
         device_id: device,
         seq,
         reason,
         detail,
-        raw: d.payload.clone(),
+        raw: part.raw.clone(),
     }
 }
 
@@ -1226,7 +1285,7 @@ impl Shared {
     /// `Err` only for a database outage (not the message's fault).
     async fn open(
         &self,
-        d: &Delivery,
+        d: &Part<'_>,
         envelope: Result<Envelope, EnvelopeError>,
     ) -> Result<Result<Row, DeadLetter>, StoreError> {
         let envelope = match envelope {
@@ -1270,7 +1329,7 @@ impl Shared {
                 device_id: device,
                 seq: seq.unwrap_or(i64::MAX),
                 epoch: i64::try_from(envelope.epoch).unwrap_or(i64::MAX),
-                raw: d.payload.clone(),
+                raw: d.raw.clone(),
                 payload,
                 received_at: DateTime::from_timestamp_micros(envelope.received_at_micros)
                     .unwrap_or_else(Utc::now),
