@@ -4,7 +4,7 @@
 //! failover bit, exhaustion, raw SQL moves, and two instances on one group.
 
 use base64::Engine as _;
-use georelay_core::Envelope;
+use georelay_core::{envelope, Envelope};
 use georelay_testkit::{wait_until, Stack, TestDevice, QUEUE};
 use georelay_transport::{Limits, Namespace, Triplet};
 use serde_json::{json, Value};
@@ -85,7 +85,8 @@ async fn queue_reader(url: &str) -> Namespace {
     ns
 }
 
-/// Reads up to `n` envelopes from a region's queue (acking them).
+/// Reads up to `n` envelopes from a region's queue (acking them), those of
+/// bundles one by one.
 async fn drain_queue(url: &str, n: usize) -> Vec<Envelope> {
     let ns = queue_reader(url).await;
     let mut out = Vec::new();
@@ -97,7 +98,11 @@ async fn drain_queue(url: &str, n: usize) -> Vec<Envelope> {
         if batch.is_empty() {
             break;
         }
-        out.extend(batch.iter().map(|d| Envelope::decode(&d.payload).unwrap()));
+        for d in &batch {
+            for e in envelope::unbundle(&d.payload).unwrap() {
+                out.push(Envelope::decode(&e).unwrap());
+            }
+        }
         ns.ack(batch).await.unwrap();
     }
     out

@@ -9,6 +9,8 @@
 //! - [`failover`]: a publish whose breaker trips runs the failover
 //!   transaction (one per group at a time here) and adopts its outcome.
 //! - [`lease`]: the instance's lease; past it, records are refused.
+//! - [`bundles`]: single-record publishes to one queue, joined into
+//!   bundles while the bundle before them is at the broker.
 //!
 //! [`Senders::deliver`] ties them together: publish to the group's route;
 //! on a trip, fail over and re-publish the waiting records to the new
@@ -16,6 +18,7 @@
 //! are [`RouteError`]s: what went wrong for routing, not HTTP; the HTTP edge
 //! maps them to answers (`crate::error`).
 
+mod bundles;
 mod failover;
 mod flights;
 mod lease;
@@ -419,7 +422,21 @@ impl Senders {
             }
             self.record_publishing(target).await?;
             let started = Instant::now();
-            let result = conn.namespace().publish_batch(queue, items).await;
+            let result = match items {
+                [(id, envelope)] => rt
+                    .lanes
+                    .publish(
+                        conn,
+                        queue,
+                        target.epoch as u64,
+                        id.clone(),
+                        envelope.clone(),
+                        self.config.limits.publish_deadline,
+                    )
+                    .await
+                    .map_err(|e| (0, e)),
+                items => conn.namespace().publish_batch(queue, items).await,
+            };
             let elapsed = started.elapsed();
             rt.publish_seconds.observe(elapsed.as_secs_f64());
             match result {

@@ -11,6 +11,7 @@ use prometheus::Histogram;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::bundles::Lanes;
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::metrics::Metrics;
 
@@ -24,6 +25,8 @@ pub struct NsRuntime {
     pub breaker: Mutex<Breaker>,
     /// This namespace's publish latency histogram (label looked up once).
     pub publish_seconds: Histogram,
+    /// Single-record publishes, joined per queue into bundles.
+    pub lanes: Arc<Lanes>,
 }
 
 impl NsRuntime {
@@ -127,6 +130,7 @@ impl Namespaces {
                 .metrics
                 .publish_seconds
                 .with_label_values(&[&info.name]),
+            lanes: Arc::default(),
         });
         runtimes.insert(info.id, rt.clone());
         rt
