@@ -183,6 +183,27 @@ pub fn bundle(envelopes: &[Bytes]) -> Bytes {
     out.freeze()
 }
 
+/// A bundle's broker message id: `bundle/` and 128 bits of SHA-256 over its
+/// envelopes' message ids (`SealedRecord::message_id`, which name each
+/// record's content). The same records bundled again get the same id, and
+/// the broker drops the copy; other content never shares an id, so the
+/// broker's duplicate window never hides a record behind another bundle.
+pub fn bundle_id<'a>(ids: impl IntoIterator<Item = &'a str>) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write as _;
+    let mut hash = Sha256::new();
+    for id in ids {
+        hash.update((id.len() as u64).to_be_bytes());
+        hash.update(id.as_bytes());
+    }
+    let mut out = String::from("bundle/");
+    for byte in &hash.finalize()[..16] {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
 /// The envelopes a queue message carries, in order, each still encoded
 /// (slices of `message`, not copies): the message itself if it is one
 /// envelope, or those of a bundle. `Err` when a bundle's framing does not
@@ -306,6 +327,21 @@ mod tests {
         assert_eq!(unbundle(&message).unwrap(), vec![a.clone(), b]);
         // A lone envelope is its own message.
         assert_eq!(unbundle(&a).unwrap(), vec![a]);
+    }
+
+    #[test]
+    fn a_bundle_id_names_exactly_its_records() {
+        let id = bundle_id(["plug-1/1/aa", "plug-1/2/bb"]);
+        assert_eq!(id, bundle_id(["plug-1/1/aa", "plug-1/2/bb"]));
+        assert_eq!(id.len(), "bundle/".len() + 32);
+        for other in [
+            bundle_id(["plug-1/1/aa", "plug-1/2/bc"]),
+            bundle_id(["plug-1/2/bb", "plug-1/1/aa"]),
+            bundle_id(["plug-1/1/aa"]),
+            bundle_id(["plug-1/1/aaplug-1/2/bb"]),
+        ] {
+            assert_ne!(id, other);
+        }
     }
 
     #[test]

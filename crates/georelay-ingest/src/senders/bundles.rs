@@ -1,30 +1,35 @@
-//! Single-record publishes to one queue, joined into bundles
-//! (`georelay_core::envelope::bundle`).
+//! Records joined into bundles (`georelay_core::envelope::bundle`).
 //!
 //! Every broker message costs the broker a store and an ack, whatever its
-//! size; with one message per record that, not georelay, bounds
-//! single-record ingest. So each queue has a lane: one bundle of it is at
-//! the broker at a time, and the records that arrive meanwhile wait and go
-//! together in the next. A lone record goes at once, as itself (its own
-//! message id, so the broker drops a re-publish); under load a bundle
-//! carries the records of up to [`MAX_BUNDLE`] concurrent requests. No
-//! timer: nothing waits longer than the publish before it.
+//! size; with one message per record that, not georelay, bounds ingest. So:
 //!
-//! A bundle holds records of one epoch (the worker ends an epoch only at a
-//! message's first envelope), in arrival order, and no more bytes than the
-//! namespace carries. Its id is unique (`bundle/{lane}/{n}`), never reused:
-//! a bundle is not re-published; a device re-sends a record whose request
-//! failed, and the worker drops a copy by `(device_id, seq)`.
+//! - **A batch request** is packed into as few messages as fit ([`pack`]).
+//! - **Single-record requests** to one queue share a lane ([`Lanes`]): one
+//!   message of it is at the broker at a time, and the records that arrive
+//!   meanwhile wait and go together in the next. A lone record goes at once;
+//!   under load a bundle carries the records of up to [`MAX_BUNDLE`]
+//!   concurrent requests. No timer: nothing waits longer than the publish
+//!   before it.
 //!
-//! Each request waits for its bundle's outcome at most the publish deadline
-//! from when it joined; one that gave up is left out of later bundles.
+//! A message of one record is that record's envelope under its own id. A
+//! bundle holds records of one epoch (the worker ends an epoch only at a
+//! message's first envelope), in order, and no more bytes than the
+//! namespace carries (unknown yet: no bundles); its id names its records
+//! ([`envelope::bundle_id`]), so the broker drops only a true copy. A device
+//! re-sends a record whose request failed, maybe in another bundle: the
+//! worker drops the copy by `(device_id, seq)`.
+//!
+//! A request waits at most the publish deadline for its record to be taken
+//! into a lane's message, and then gives up and is left out. Once taken, it
+//! waits for that message's answer (bounded by the deadline in the
+//! transport): until then its record may still land, so the request keeps
+//! holding its flight ticket, which keeps its epoch from being sealed.
 
 use bytes::Bytes;
 use georelay_core::envelope::{self, MAX_BUNDLE};
 use georelay_transport::{ErrorKind, Pooled, TransportError};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -32,11 +37,8 @@ use tokio::sync::oneshot;
 type Outcome = Result<(), TransportError>;
 
 /// The lanes of one namespace connection, by queue.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Lanes {
-    /// Makes bundle ids unique across lanes, connections and processes.
-    prefix: uuid::Uuid,
-    bundles: AtomicU64,
     lanes: Mutex<HashMap<Box<str>, Arc<Lane>>>,
 }
 
@@ -49,26 +51,19 @@ struct Lane {
 #[derive(Debug, Default)]
 struct State {
     waiting: VecDeque<Waiting>,
+    /// Numbers the records that join, so one can find itself.
+    joined: u64,
     /// A task is publishing this lane's bundles.
     running: bool,
 }
 
 #[derive(Debug)]
 struct Waiting {
+    number: u64,
     epoch: u64,
     id: String,
     envelope: Bytes,
     done: oneshot::Sender<Outcome>,
-}
-
-impl Default for Lanes {
-    fn default() -> Self {
-        Self {
-            prefix: uuid::Uuid::new_v4(),
-            bundles: AtomicU64::new(0),
-            lanes: Mutex::default(),
-        }
-    }
 }
 
 impl Lanes {
@@ -76,7 +71,7 @@ impl Lanes {
     /// under `epoch`) to `queue` on `conn`, alone or in a bundle. `Ok` once
     /// the broker has it durably; a timeout after `deadline`.
     pub async fn publish(
-        self: &Arc<Self>,
+        &self,
         conn: &Pooled,
         queue: &str,
         epoch: u64,
@@ -95,88 +90,126 @@ impl Lanes {
                 })
             })
             .clone();
-        let (done, outcome) = oneshot::channel();
-        let start = {
+        let (done, mut outcome) = oneshot::channel();
+        let (number, start) = {
             let mut state = lane.state.lock();
+            let number = state.joined;
+            state.joined += 1;
             state.waiting.push_back(Waiting {
+                number,
                 epoch,
                 id,
                 envelope,
                 done,
             });
-            !std::mem::replace(&mut state.running, true)
+            (number, !std::mem::replace(&mut state.running, true))
         };
         if start {
-            tokio::spawn(self.clone().run(lane, conn.clone()));
+            tokio::spawn(run(lane.clone(), conn.clone()));
         }
-        match tokio::time::timeout(deadline, outcome).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(TransportError::new(
-                ErrorKind::Unreachable,
-                "the publish was abandoned",
-            )),
-            Err(_) => Err(TransportError::new(
+        if let Ok(answer) = tokio::time::timeout(deadline, &mut outcome).await {
+            return answered(answer);
+        }
+        let left_out = {
+            let mut state = lane.state.lock();
+            let at = state.waiting.iter().position(|w| w.number == number);
+            at.and_then(|at| state.waiting.remove(at)).is_some()
+        };
+        match left_out {
+            true => Err(TransportError::new(
                 ErrorKind::Timeout,
-                format!("publish: no answer within {deadline:?}"),
+                format!("publish: not sent within {deadline:?}: the queue's publishes before it were slow"),
             )),
+            // In a bundle at the broker now: it may still land.
+            false => answered(outcome.await),
         }
     }
+}
 
-    /// Publishes `lane`'s bundles one after another until nothing waits.
-    async fn run(self: Arc<Self>, lane: Arc<Lane>, conn: Pooled) {
-        let ns = conn.namespace();
-        while let Some(bundle) = lane.next(ns.max_payload()) {
-            let outcome = match bundle.as_slice() {
-                [one] => ns.publish(&lane.queue, &one.id, one.envelope.clone()).await,
-                many => {
-                    let envelopes: Vec<Bytes> = many.iter().map(|w| w.envelope.clone()).collect();
-                    let n = self.bundles.fetch_add(1, Ordering::Relaxed);
-                    let id = format!("bundle/{}/{n}", self.prefix.simple());
-                    ns.publish(&lane.queue, &id, envelope::bundle(&envelopes))
-                        .await
-                }
-            };
-            for w in bundle {
-                // A request that gave up meanwhile no longer listens.
-                let _ = w.done.send(outcome.clone());
-            }
+/// Publishes `lane`'s messages one after another until nothing waits.
+async fn run(lane: Arc<Lane>, conn: Pooled) {
+    let ns = conn.namespace();
+    while let Some(taken) = lane.next(ns.max_payload()) {
+        let records: Vec<_> = taken.iter().map(|w| (&w.id, &w.envelope)).collect();
+        let (id, message) = message(&records);
+        let outcome = ns.publish(&lane.queue, &id, message).await;
+        for w in taken {
+            // Only a request whose task was dropped no longer listens.
+            let _ = w.done.send(outcome.clone());
         }
     }
 }
 
 impl Lane {
-    /// The next bundle: the oldest waiting record and those behind it of
-    /// the same epoch, up to [`MAX_BUNDLE`] and `max_payload` bytes (a
-    /// namespace whose limit is not known yet gets lone records). `None`,
-    /// and the lane's task ends, when nothing waits.
+    /// The next message's records: the oldest waiting and those behind it
+    /// of the same epoch that fit ([`fitting`]). `None`, and the lane's
+    /// task ends, when nothing waits.
     fn next(&self, max_payload: Option<usize>) -> Option<Vec<Waiting>> {
         let mut state = self.state.lock();
-        state.waiting.retain(|w| !w.done.is_closed());
-        let Some(first) = state.waiting.pop_front() else {
+        let Some(epoch) = state.waiting.front().map(|w| w.epoch) else {
             state.running = false;
             return None;
         };
-        let max = max_payload.unwrap_or(0);
-        let mut bundle = vec![first];
-        while bundle.len() < MAX_BUNDLE {
-            match state.waiting.pop_front() {
-                Some(w)
-                    if w.epoch == bundle[0].epoch && {
-                        let lens = bundle.iter().chain([&w]).map(|w| w.envelope.len());
-                        envelope::bundle_len(lens) <= max
-                    } =>
-                {
-                    bundle.push(w)
-                }
-                Some(w) => {
-                    state.waiting.push_front(w);
-                    break;
-                }
-                None => break,
-            }
-        }
-        Some(bundle)
+        let same_epoch = state.waiting.iter().take_while(|w| w.epoch == epoch);
+        let n = fitting(same_epoch.map(|w| w.envelope.len()), max_payload);
+        Some(state.waiting.drain(..n).collect())
     }
+}
+
+/// How many of these envelopes, from the first, go in one message: the
+/// first always; more while the bundle stays within [`MAX_BUNDLE`]
+/// envelopes and `max_payload` bytes.
+fn fitting(lens: impl Iterator<Item = usize>, max_payload: Option<usize>) -> usize {
+    let max = max_payload.unwrap_or(0);
+    let mut taken = Vec::with_capacity(MAX_BUNDLE);
+    for len in lens.take(MAX_BUNDLE) {
+        taken.push(len);
+        if taken.len() > 1 && envelope::bundle_len(taken.iter().copied()) > max {
+            taken.pop();
+            break;
+        }
+    }
+    taken.len()
+}
+
+/// The broker message of records `(message id, envelope)`: a lone record's
+/// envelope under its id, or their bundle under its id.
+fn message(records: &[(&String, &Bytes)]) -> (String, Bytes) {
+    match records {
+        [(id, envelope)] => ((*id).clone(), (*envelope).clone()),
+        _ => {
+            let envelopes: Vec<Bytes> = records.iter().map(|(_, e)| (*e).clone()).collect();
+            let id = envelope::bundle_id(records.iter().map(|(id, _)| id.as_str()));
+            (id, envelope::bundle(&envelopes))
+        }
+    }
+}
+
+/// A batch's records `(message id, envelope)`, in order, packed into as
+/// few messages as fit; with the index of each message's first record.
+pub fn pack(
+    items: &[(String, Bytes)],
+    max_payload: Option<usize>,
+) -> (Vec<(String, Bytes)>, Vec<usize>) {
+    let (mut messages, mut firsts) = (Vec::new(), Vec::new());
+    let mut at = 0;
+    while at < items.len() {
+        let n = fitting(items[at..].iter().map(|(_, e)| e.len()), max_payload);
+        let records: Vec<_> = items[at..at + n].iter().map(|(id, e)| (id, e)).collect();
+        messages.push(message(&records));
+        firsts.push(at);
+        at += n;
+    }
+    (messages, firsts)
+}
+
+fn answered(answer: Result<Outcome, oneshot::error::RecvError>) -> Outcome {
+    answer.unwrap_or_else(|_| {
+        Err(TransportError::new(
+            ErrorKind::Unreachable,
+            "the publish was abandoned",
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -188,14 +221,42 @@ mod tests {
 
     const QUEUE: &str = "bundles";
 
+    #[test]
+    fn a_batch_is_packed_into_as_few_messages_as_fit() {
+        let items: Vec<(String, Bytes)> = (0..150)
+            .map(|i| (format!("plug-1/{i}/ab"), Bytes::from(vec![i as u8; 100])))
+            .collect();
+        // A namespace whose limit is not known yet: one message a record.
+        let (messages, firsts) = pack(&items, None);
+        assert_eq!(messages, items);
+        assert_eq!(firsts, (0..150).collect::<Vec<_>>());
+        // At most 64 a bundle, in order.
+        let (messages, firsts) = pack(&items, Some(1 << 20));
+        assert_eq!(firsts, vec![0, 64, 128]);
+        let unpacked: Vec<Bytes> = messages
+            .iter()
+            .flat_map(|(_, m)| envelope::unbundle(m).unwrap())
+            .collect();
+        let envelopes: Vec<Bytes> = items.iter().map(|(_, e)| e.clone()).collect();
+        assert_eq!(unpacked, envelopes);
+        let ids: Vec<&str> = items[..64].iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(messages[0].0, envelope::bundle_id(ids));
+        // Within the namespace's bytes: a bundle of three is 3 + 3 × 104;
+        // the one left over goes alone, under its own id.
+        let (messages, firsts) = pack(&items[..7], Some(315));
+        assert_eq!(firsts, vec![0, 3, 6]);
+        assert_eq!(messages[2], items[6]);
+    }
+
     /// Records that arrive while a publish is at the broker go together in
     /// the next message, in arrival order, one epoch per message; a record
-    /// whose request gave up meanwhile is not published at all.
+    /// whose request gave up before it was taken is not published at all,
+    /// and one already at the broker is waited for past the deadline.
     #[tokio::test]
     async fn records_that_wait_for_the_broker_go_together_one_epoch_per_message() {
         let region = NatsRegion::start("eu-west").unwrap();
         let pool = NamespacePool::new(Limits::default());
-        let conn = pool.get(1, &Triplet::nats(&region.url())).await.unwrap();
+        let conn = pool.get(1, &Triplet::nats(region.url())).await.unwrap();
         assert!(
             conn.namespace()
                 .wait_connected(Duration::from_secs(5))
@@ -216,7 +277,7 @@ mod tests {
         };
         let long = Duration::from_secs(10);
         region.pause().unwrap();
-        let first = publish(1, 1, long);
+        let first = publish(1, 1, Duration::from_millis(100));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut rest = vec![publish(2, 1, long), publish(3, 1, long)];
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -229,7 +290,7 @@ mod tests {
             gives_up.await.unwrap().map_err(|e| e.kind()),
             Err(ErrorKind::Timeout)
         );
-        first.await.unwrap().unwrap();
+        assert!(first.await.unwrap().is_ok(), "taken, then answered late");
         for r in rest {
             r.await.unwrap().unwrap();
         }

@@ -435,7 +435,11 @@ impl Senders {
                     )
                     .await
                     .map_err(|e| (0, e)),
-                items => conn.namespace().publish_batch(queue, items).await,
+                items => {
+                    let (messages, firsts) = bundles::pack(items, conn.namespace().max_payload());
+                    let result = conn.namespace().publish_batch(queue, &messages).await;
+                    result.map_err(|(at, e)| (firsts[at], e))
+                }
             };
             let elapsed = started.elapsed();
             rt.publish_seconds.observe(elapsed.as_secs_f64());
