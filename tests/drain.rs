@@ -524,6 +524,37 @@ async fn a_message_of_a_later_epoch_that_does_not_belong_here_does_not_end_the_e
     );
 }
 
+/// A batch is about `--batch-size` records, bundled or not: the worker asks
+/// for fewer messages when they carry bundles (it used to take 500
+/// messages of 64 records, 32,000 records in one transaction).
+#[tokio::test]
+async fn a_backlog_of_bundles_is_stored_in_batches_of_about_the_batch_size() {
+    let stack = Stack::start(&["eu-west"]).await.unwrap();
+    let devices = devices(&stack, 4).await;
+    let ns = connect(&stack.regions[0].url()).await;
+    let mut items: Vec<(String, Bytes)> = Vec::new();
+    for d in &devices {
+        for first in (1..=640).step_by(64) {
+            let envelopes: Vec<Bytes> = (first..first + 64)
+                .map(|seq| d.envelope(seq, 1).encode())
+                .collect();
+            items.push((format!("{}/{first}", d.id), envelope::bundle(&envelopes)));
+        }
+    }
+    ns.publish_batch(QUEUE, &items).await.unwrap();
+    let worker = stack.drain(DRAIN_ARGS).unwrap();
+    wait_stored(&stack, 4 * 640, Duration::from_secs(60)).await;
+    assert_in_order(&stack, 640).await;
+    let batches = metric(&worker, "georelay_drain_batch_size_records_count").await;
+    let within = metric(
+        &worker,
+        "georelay_drain_batch_size_records_bucket{le=\"500\"}",
+    )
+    .await;
+    assert!(batches >= 6.0, "{batches} batches");
+    assert_eq!(within, batches, "every batch holds at most 500 records");
+}
+
 /// Ingest joins concurrent records into bundles: the worker stores each
 /// envelope of a bundle in order, and dead-letters a bad one alone (its own
 /// bytes, the bundle's id and its place) while the rest flow.

@@ -85,6 +85,10 @@ pub struct GroupWorker {
     gaps_counted: Option<Instant>,
     /// Open gaps (device, epoch) already reported at ERROR as long open.
     gaps_reported: HashSet<(String, i64)>,
+    /// Records per queue message in the last batch read (ingest bundles up
+    /// to 64): a read asks for `batch_size` / this many messages, so a
+    /// batch holds about `batch_size` records, not 64 times that.
+    per_message: usize,
 }
 
 impl GroupWorker {
@@ -103,6 +107,21 @@ impl GroupWorker {
             boundary: None,
             gaps_counted: None,
             gaps_reported: HashSet::new(),
+            // Until a batch says otherwise, as if every message were a
+            // full bundle: a backlog of bundles after a restart is not read
+            // 500 messages at a time.
+            per_message: envelope::MAX_BUNDLE,
+        }
+    }
+
+    /// How many messages the next read asks for.
+    fn receive_max(&self) -> usize {
+        (self.shared.config.batch_size / self.per_message).max(1)
+    }
+
+    fn note_read(&mut self, opened: &Opened) {
+        if !opened.batch.is_empty() {
+            self.per_message = opened.records().div_ceil(opened.batch.len()).max(1);
         }
     }
 
@@ -383,8 +402,11 @@ impl GroupWorker {
         let reached_later_epoch = if old_epoch && self.boundary == Some(here) {
             true
         } else {
-            let (first, later) = match read(&shared, ns, pos, wait).await {
-                Ok(read) => read,
+            let (first, later) = match read(&shared, ns, pos, wait, self.receive_max()).await {
+                Ok(read) => {
+                    self.note_read(&read.0);
+                    read
+                }
                 Err(e) => {
                     reset(ns, &pos.queue).await?;
                     return Err(e);
@@ -560,12 +582,11 @@ impl GroupWorker {
         let mut ack_failed = false;
         let mut messages = 0;
         loop {
-            let go_on = later.is_empty()
-                && current.batch.len() >= config.batch_size
-                && Instant::now() < until;
+            let go_on = later.is_empty() && current.full() && Instant::now() < until;
+            let max = self.receive_max();
             let read_next = async {
                 match go_on {
-                    true => Some(read(&shared, ns, pos, config.receive_wait).await),
+                    true => Some(read(&shared, ns, pos, config.receive_wait, max).await),
                     false => None,
                 }
             };
@@ -608,6 +629,7 @@ impl GroupWorker {
             }
             match next {
                 Some(Ok((opened, rest))) if !opened.batch.is_empty() => {
+                    self.note_read(&opened);
                     current = opened;
                     later = rest;
                 }
@@ -877,21 +899,28 @@ impl GroupWorker {
                 drain_namespace_id: namespace_id,
                 ..pos.clone()
             };
-            let (opened, later) =
-                match read(&self.shared, ns, &leftover, Duration::from_millis(50)).await {
-                    Ok((opened, later)) if opened.batch.is_empty() => {
-                        if !later.is_empty() {
-                            drop(reset(ns, &pos.queue).await);
-                        }
-                        continue;
-                    }
-                    Ok(read) => read,
-                    Err(e) => {
+            let (opened, later) = match read(
+                &self.shared,
+                ns,
+                &leftover,
+                Duration::from_millis(50),
+                self.receive_max(),
+            )
+            .await
+            {
+                Ok((opened, later)) if opened.batch.is_empty() => {
+                    if !later.is_empty() {
                         drop(reset(ns, &pos.queue).await);
-                        tracing::debug!(error = %e, "leftover sweep failed; will try again");
-                        continue;
                     }
-                };
+                    continue;
+                }
+                Ok(read) => read,
+                Err(e) => {
+                    drop(reset(ns, &pos.queue).await);
+                    tracing::debug!(error = %e, "leftover sweep failed; will try again");
+                    continue;
+                }
+            };
             match self.store_run(lease, &leftover, ns, opened, later).await {
                 Ok(run) => {
                     tracing::info!(group = %pos.group, namespace = %self.shared.namespace_name(namespace_id), count = run.messages, "swept leftovers from a drained namespace")
@@ -936,7 +965,15 @@ impl GroupWorker {
                 queue,
                 ..pos.clone()
             };
-            let result = match read(&self.shared, ns, &dead, Duration::from_millis(50)).await {
+            let result = match read(
+                &self.shared,
+                ns,
+                &dead,
+                Duration::from_millis(50),
+                self.receive_max(),
+            )
+            .await
+            {
                 Ok((opened, later)) if !opened.batch.is_empty() => {
                     self.store_run(lease, &dead, ns, opened, later).await
                 }
@@ -985,9 +1022,23 @@ struct Opened {
     batch: Vec<Delivery>,
     rows: Vec<Row>,
     dead: Vec<DeadLetter>,
+    /// How many messages the read asked for.
+    asked: usize,
 }
 
-/// Receives up to a batch of the epoch being drained, cuts it at the first
+impl Opened {
+    /// The read got all it asked for: more may be waiting.
+    fn full(&self) -> bool {
+        self.batch.len() >= self.asked
+    }
+
+    /// Records the batch carried: rows and dead letters.
+    fn records(&self) -> usize {
+        self.rows.len() + self.dead.len()
+    }
+}
+
+/// Receives up to `max` messages of the epoch being drained, cuts them at the first
 /// message of a later epoch on the same namespace (a namespace can appear
 /// twice in a trail, A → B → A) and opens what comes before. Returns the
 /// opened batch and the later messages, which the caller gives back once
@@ -1004,9 +1055,10 @@ async fn read(
     ns: &Namespace,
     pos: &Position,
     wait: Duration,
+    max: usize,
 ) -> Result<(Opened, Vec<Delivery>), StepError> {
     let mut batch = ns
-        .receive(&pos.queue, shared.config.batch_size, wait)
+        .receive(&pos.queue, max, wait)
         .await
         .map_err(StepError::Broker)?;
     let mut rows = Vec::with_capacity(batch.len());
@@ -1088,7 +1140,13 @@ async fn read(
         }
     }
     let later = batch.split_off(cut);
-    Ok((Opened { batch, rows, dead }, later))
+    let opened = Opened {
+        batch,
+        rows,
+        dead,
+        asked: max,
+    };
+    Ok((opened, later))
 }
 
 /// Where a message read while draining a position belongs.
@@ -1164,7 +1222,7 @@ impl Shared {
         let m = &self.metrics;
         m.rows_stored.inc_by(stored.inserted);
         m.duplicates.inc_by(stored.duplicates);
-        m.batch_size.observe(opened.batch.len() as f64);
+        m.batch_size.observe(opened.records() as f64);
         for (device, seq) in &stored.conflicts {
             m.dead_letters
                 .with_label_values(&[DeadLetterReason::SeqConflict.as_str()])
