@@ -52,7 +52,8 @@ const SILENT_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 /// [`Config`] is derived from it by [`Config::new`].
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Most records stored in one transaction (`--batch-size`).
+    /// About this many records stored in one transaction (`--batch-size`;
+    /// a read asks for fewer messages when they carry bundles).
     pub batch_size: usize,
     /// Drain lease length (`--lease`).
     pub lease: Duration,

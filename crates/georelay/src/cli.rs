@@ -264,7 +264,7 @@ pub struct DrainArgs {
     /// Address for /healthz and /metrics (port 0 picks a free one; the address is printed)
     #[arg(long, env = "GEORELAY_DRAIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub listen: String,
-    /// Most records stored in one transaction
+    /// About this many records stored in one transaction (reads ask for fewer messages when they carry bundles)
     #[arg(long, env = "GEORELAY_DRAIN_BATCH", default_value_t = 500)]
     pub batch_size: usize,
     /// Drain lease length; a standby takes over this long after the holder died
