@@ -6,6 +6,10 @@
 //!     cargo bench -p georelay-drain --bench drain
 //!     BENCH_RECORDS=200000 BENCH_RATE=20000 cargo bench -p georelay-drain --bench drain
 //!     BENCH_GAPS=1 cargo bench -p georelay-drain --bench drain   # the gap-checking insert
+//!     BENCH_BUNDLE=1 cargo bench -p georelay-drain --bench drain  # one message per record
+//!
+//! The queue holds what ingest makes of agents' batch requests: each
+//! device's records in bundles of BENCH_BUNDLE (64; 1: one message each).
 //!
 //! Prints, for each of BENCH_ROUNDS rounds (3): raw multi-row INSERT rows/s (statements of the
 //! worker's batch size into telemetry itself, emptied afterwards), drain rows/s from a full queue
@@ -15,8 +19,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
-use georelay_core::MasterKey;
-use georelay_testkit::{master_key_b64, Stack, TestDb, QUEUE};
+use georelay_core::{envelope, MasterKey};
+use georelay_testkit::{master_key_b64, Stack, TestDb, TestDevice, QUEUE};
 use georelay_transport::{Limits, Namespace, Triplet};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +41,35 @@ async fn stored(db: &TestDb, device: &str, seq: i64) -> bool {
         .unwrap()
 }
 
+/// The queue messages ingest makes of `seqs` of each device sent in
+/// batches: per device, bundles of `bundle` consecutive records (devices
+/// interleaved), or one message per record when `bundle` is 1.
+fn messages(
+    devices: &[TestDevice],
+    seqs: std::ops::RangeInclusive<u64>,
+    bundle: usize,
+) -> Vec<(String, Bytes)> {
+    let seqs: Vec<u64> = seqs.collect();
+    let mut out = Vec::new();
+    for chunk in seqs.chunks(bundle) {
+        for d in devices {
+            let records: Vec<(String, Bytes)> = chunk
+                .iter()
+                .map(|&s| (d.id.record_id(s), d.envelope(s, 1).encode()))
+                .collect();
+            match records.as_slice() {
+                [one] => out.push(one.clone()),
+                _ => {
+                    let id = envelope::bundle_id(records.iter().map(|(id, _)| id.as_str()));
+                    let envelopes: Vec<Bytes> = records.into_iter().map(|(_, e)| e).collect();
+                    out.push((id, envelope::bundle(&envelopes)));
+                }
+            }
+        }
+    }
+    out
+}
+
 async fn count(db: &TestDb) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM telemetry")
         .fetch_one(db.pool())
@@ -50,7 +83,8 @@ async fn main() {
     let devices_n = env("BENCH_DEVICES", 50);
     let rate = env("BENCH_RATE", 15_000);
     let seconds = env("BENCH_SECONDS", 10);
-    println!("drain benchmark: {records} records from {devices_n} devices; then {rate} records/s for {seconds} s");
+    let bundle = env("BENCH_BUNDLE", envelope::MAX_BUNDLE).clamp(1, envelope::MAX_BUNDLE);
+    println!("drain benchmark: {records} records from {devices_n} devices, {bundle} a queue message; then {rate} records/s for {seconds} s");
 
     let stack = Stack::start(&["bench"]).await.unwrap();
     let (db, region, ns_id) = (&stack.db, &stack.regions[0], stack.namespace_ids[0]);
@@ -154,14 +188,7 @@ async fn main() {
             .unwrap();
 
         // Fill the queue, then drain it.
-        let items: Vec<(String, Bytes)> = seqs
-            .clone()
-            .flat_map(|s| {
-                devices
-                    .iter()
-                    .map(move |d| (d.id.record_id(s), d.envelope(s, 1).encode()))
-            })
-            .collect();
+        let items = messages(&devices, seqs.clone(), bundle);
         for chunk in items.chunks(1000) {
             ns.publish_batch(QUEUE, chunk).await.unwrap();
         }
@@ -214,14 +241,11 @@ async fn main() {
     let end = Instant::now() + Duration::from_secs(seconds as u64);
     let mut published = 0usize;
     while Instant::now() < end {
-        let mut batch = Vec::with_capacity(per_tick);
-        while batch.len() < per_tick {
-            seq += 1;
-            for d in &devices {
-                batch.push((d.id.record_id(seq), d.envelope(seq, 1).encode()));
-            }
-        }
-        published += batch.len();
+        // Each device's records of this tick, in one request.
+        let per_device = per_tick.div_ceil(devices.len()) as u64;
+        let batch = messages(&devices, seq + 1..=seq + per_device, bundle);
+        seq += per_device;
+        published += per_device as usize * devices.len();
         for chunk in batch.chunks(1000) {
             ns.publish_batch(QUEUE, chunk).await.unwrap();
         }
