@@ -11,8 +11,9 @@
 //! that answers after the broker: one unpipelined publish a request),
 //! single-record ingest, batch ingest (BENCH_BATCH records a request), and
 //! raw async-nats publishes of envelopes of the same size (window of
-//! BENCH_WINDOW in flight); then single/bare, single/(bare + publish) and
-//! batch/raw. Every publish has a message id of its own: a repeated id is a
+//! BENCH_WINDOW in flight), one a message and in bundles of 64 (as ingest
+//! packs a batch); then single/bare, single/(bare + publish), batch/raw
+//! and batch/(raw bundles). Every publish has a message id of its own: a repeated id is a
 //! duplicate JetStream drops without storing it, which would flatter the
 //! raw figure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -21,7 +22,7 @@ use async_nats::jetstream::context::Publish;
 use axum::routing::post;
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
-use georelay_core::{Envelope, MasterKey};
+use georelay_core::{envelope, Envelope, MasterKey};
 use georelay_testkit::{master_key_b64, Stack};
 use georelay_transport::nats::{subject, NatsNamespace};
 use georelay_transport::Limits;
@@ -169,9 +170,11 @@ async fn publishing_handler(
     serve(app).await
 }
 
+/// Publishes `messages`, each carrying `per_message` records.
 async fn raw_publish(
     client: async_nats::Client,
-    envelopes: &[Bytes],
+    messages: &[Bytes],
+    per_message: usize,
     window: usize,
     round: u64,
 ) -> Figures {
@@ -179,8 +182,8 @@ async fn raw_publish(
     let subject = subject("raw");
     let started = Instant::now();
     let mut in_flight = FuturesUnordered::new();
-    let mut latencies = Vec::with_capacity(envelopes.len());
-    for (i, payload) in envelopes.iter().enumerate() {
+    let mut latencies = Vec::with_capacity(messages.len());
+    for (i, payload) in messages.iter().enumerate() {
         if in_flight.len() >= window {
             latencies.push(in_flight.next().await.unwrap());
         }
@@ -190,7 +193,7 @@ async fn raw_publish(
                 subject.clone(),
                 Publish::build()
                     .payload(payload.clone())
-                    .message_id(format!("raw/{round}/{i}")),
+                    .message_id(format!("raw/{per_message}/{round}/{i}")),
             )
             .await
             .unwrap();
@@ -203,7 +206,7 @@ async fn raw_publish(
         latencies.push(l);
     }
     Figures {
-        records: envelopes.len(),
+        records: messages.len() * per_message,
         seconds: started.elapsed().as_secs_f64(),
         latencies,
     }
@@ -281,6 +284,10 @@ async fn main() {
     }
     .encode();
     let envelopes: Vec<Bytes> = (0..records).map(|_| envelope.clone()).collect();
+    let bundle = envelope::bundle(&vec![envelope.clone(); envelope::MAX_BUNDLE]);
+    let bundles: Vec<Bytes> = (0..records / envelope::MAX_BUNDLE)
+        .map(|_| bundle.clone())
+        .collect();
     let nats = NatsNamespace::connect(&region.url(), Limits::default())
         .await
         .unwrap();
@@ -297,6 +304,7 @@ async fn main() {
     let mut ratios_single = Vec::new();
     let mut ratios_floor = Vec::new();
     let mut ratios_batch = Vec::new();
+    let mut ratios_bundles = Vec::new();
     for round in 0..3u64 {
         println!("-- round {}", round + 1);
         let mut bare = load(single(&bare_url, 0), 1).await;
@@ -307,25 +315,41 @@ async fn main() {
         one.print("ingest, single record");
         let mut many = load(batches(&ingest_url, 10_000_000 * (round + 1)), batch).await;
         many.print(&format!("ingest, batches of {batch}"));
-        let mut raw = raw_publish(nats.client().clone(), &envelopes, window, round).await;
+        let mut raw = raw_publish(nats.client().clone(), &envelopes, 1, window, round).await;
         raw.print("raw JetStream publish");
+        let mut raw_bundles = raw_publish(
+            nats.client().clone(),
+            &bundles,
+            envelope::MAX_BUNDLE,
+            window,
+            round,
+        )
+        .await;
+        raw_bundles.print("raw publish, 64 a message");
         ratios_single.push(one.rate() / bare.rate());
         ratios_floor.push(one.rate() / floor.rate());
         ratios_batch.push(many.rate() / raw.rate());
+        ratios_bundles.push(many.rate() / raw_bundles.rate());
         println!(
-            "single / bare = {:.3}   single / (bare + one publish) = {:.3}   (bare + one publish) / bare = {:.3}   batch / raw publish = {:.3}",
+            "single / bare = {:.3}   single / (bare + one publish) = {:.3}   (bare + one publish) / bare = {:.3}   batch / raw publish = {:.3}   batch / raw bundles = {:.3}",
             one.rate() / bare.rate(),
             one.rate() / floor.rate(),
             floor.rate() / bare.rate(),
-            many.rate() / raw.rate()
+            many.rate() / raw.rate(),
+            many.rate() / raw_bundles.rate()
         );
     }
-    for r in [&mut ratios_single, &mut ratios_floor, &mut ratios_batch] {
+    for r in [
+        &mut ratios_single,
+        &mut ratios_floor,
+        &mut ratios_batch,
+        &mut ratios_bundles,
+    ] {
         r.sort_by(f64::total_cmp);
     }
     println!(
-        "median over 3 rounds: single / bare = {:.3} (target >= 0.50)   single / (bare + one publish) = {:.3}   batch / raw publish = {:.3} (target >= 0.80)",
-        ratios_single[1], ratios_floor[1], ratios_batch[1]
+        "median over 3 rounds: single / bare = {:.3} (target >= 0.50)   single / (bare + one publish) = {:.3}   batch / raw publish = {:.3} (target >= 0.80)   batch / raw bundles = {:.3}",
+        ratios_single[1], ratios_floor[1], ratios_batch[1], ratios_bundles[1]
     );
     floor_stop.cancel();
     bare_stop.cancel();
