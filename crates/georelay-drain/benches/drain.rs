@@ -13,7 +13,8 @@
 //!
 //! Prints, for each of BENCH_ROUNDS rounds (3): raw multi-row INSERT rows/s (statements of the
 //! worker's batch size into telemetry itself, emptied afterwards), drain rows/s from a full queue
-//! of the same records and their ratio; the median ratio; then, with
+//! of the same records and their ratio, and the worker's CPU per 1,000 records
+//! (this process's, while it drains); the median ratio; then, with
 //! records published at BENCH_RATE/s for BENCH_SECONDS, the queue depth each
 //! second and the p50/p99 of stored_at - received_at.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -68,6 +69,18 @@ fn messages(
         }
     }
     out
+}
+
+/// CPU time this process has used (user + system), from /proc/self/stat:
+/// while the worker drains a full queue, it is the worker's.
+fn cpu_used() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name in parentheses; utime and stime are
+    // the 14th and 15th fields, in clock ticks (100 a second on Linux).
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
 }
 
 async fn count(db: &TestDb) -> i64 {
@@ -201,16 +214,18 @@ async fn main() {
         let last_device = devices.last().unwrap().id.to_string();
         let last_seq = *seqs.end() as i64;
         let started = Instant::now();
+        let cpu_before = cpu_used();
         while !stored(db, &last_device, last_seq).await {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let drain_rate = total as f64 / started.elapsed().as_secs_f64();
+        let drain_cpu = (cpu_used() - cpu_before).as_secs_f64() * 1e6 / total as f64;
         stop.cancel();
         worker.await.unwrap().unwrap();
         assert_eq!(count(db).await, total as i64, "every record stored once");
         ratios.push(drain_rate / raw_rate);
         println!(
-            "round {}: raw PostgreSQL insert ({batch}-row statements) {raw_rate:>8.0} rows/s   drain from a full queue {drain_rate:>8.0} rows/s   drain / raw = {:.3}",
+            "round {}: raw PostgreSQL insert ({batch}-row statements) {raw_rate:>8.0} rows/s   drain from a full queue {drain_rate:>8.0} rows/s   drain / raw = {:.3}   worker CPU {drain_cpu:.1} ms per 1,000 records",
             round + 1,
             drain_rate / raw_rate
         );
