@@ -1038,9 +1038,10 @@ impl Opened {
     }
 }
 
-/// Receives up to `max` messages of the epoch being drained, cuts them at the first
-/// message of a later epoch on the same namespace (a namespace can appear
-/// twice in a trail, A → B → A) and opens what comes before. Returns the
+/// Receives up to `max` messages of the epoch being drained, cuts them at
+/// the first message of a later epoch on the same namespace (a namespace can
+/// appear twice in a trail, A → B → A) and opens what comes before, each
+/// envelope of a bundle on its own. Returns the
 /// opened batch and the later messages, which the caller gives back once
 /// nothing it holds waits for an ack. Acks and nacks nothing itself, so it
 /// can run beside a store.

@@ -203,6 +203,8 @@ pub fn pack(
     (messages, firsts)
 }
 
+/// A lane's answer; none at all means its publishing task is gone (the
+/// runtime is shutting down).
 fn answered(answer: Result<Outcome, oneshot::error::RecvError>) -> Outcome {
     answer.unwrap_or_else(|_| {
         Err(TransportError::new(
