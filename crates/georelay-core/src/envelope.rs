@@ -165,6 +165,23 @@ pub fn bundle_len(envelope_lens: impl IntoIterator<Item = usize>) -> usize {
             .sum::<usize>()
 }
 
+/// How many of envelopes of these lengths, from the first, go in one
+/// message of at most `max_bytes`: the first always (alone it is itself,
+/// unframed); more while their bundle stays within [`MAX_BUNDLE`] envelopes
+/// and `max_bytes`.
+pub fn fitting(lens: impl IntoIterator<Item = usize>, max_bytes: usize) -> usize {
+    let mut size = BUNDLE_HEAD;
+    let mut n = 0;
+    for len in lens.into_iter().take(MAX_BUNDLE) {
+        size += PART_HEAD + len;
+        if n > 0 && size > max_bytes {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// One queue message carrying `envelopes` (1..=[`MAX_BUNDLE`] encoded
 /// envelopes, in the order the worker is to store them).
 pub fn bundle(envelopes: &[Bytes]) -> Bytes {

@@ -7,7 +7,7 @@
 //! - **Single-record requests** to one queue share a lane ([`Lanes`]): one
 //!   message of it is at the broker at a time, and the records that arrive
 //!   meanwhile wait and go together in the next. A lone record goes at once;
-//!   under load a bundle carries the records of up to [`MAX_BUNDLE`]
+//!   under load a bundle carries the records of up to [`envelope::MAX_BUNDLE`]
 //!   concurrent requests. No timer: nothing waits longer than the publish
 //!   before it.
 //!
@@ -26,7 +26,7 @@
 //! holding its flight ticket, which keeps its epoch from being sealed.
 
 use bytes::Bytes;
-use georelay_core::envelope::{self, MAX_BUNDLE};
+use georelay_core::envelope;
 use georelay_transport::{ErrorKind, Pooled, TransportError};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -79,17 +79,20 @@ impl Lanes {
         envelope: Bytes,
         deadline: Duration,
     ) -> Outcome {
-        let lane = self
-            .lanes
-            .lock()
-            .entry(queue.into())
-            .or_insert_with(|| {
-                Arc::new(Lane {
-                    queue: queue.into(),
-                    state: Mutex::default(),
-                })
-            })
-            .clone();
+        let lane = {
+            let mut lanes = self.lanes.lock();
+            match lanes.get(queue) {
+                Some(lane) => lane.clone(),
+                None => {
+                    let lane = Arc::new(Lane {
+                        queue: queue.into(),
+                        state: Mutex::default(),
+                    });
+                    lanes.insert(queue.into(), lane.clone());
+                    lane
+                }
+            }
+        };
         let (done, mut outcome) = oneshot::channel();
         let (number, start) = {
             let mut state = lane.state.lock();
@@ -156,20 +159,10 @@ impl Lane {
     }
 }
 
-/// How many of these envelopes, from the first, go in one message: the
-/// first always; more while the bundle stays within [`MAX_BUNDLE`]
-/// envelopes and `max_payload` bytes.
+/// How many of these envelopes go in the next message: a namespace whose
+/// limit is not known yet gets them one by one.
 fn fitting(lens: impl Iterator<Item = usize>, max_payload: Option<usize>) -> usize {
-    let max = max_payload.unwrap_or(0);
-    let mut taken = Vec::with_capacity(MAX_BUNDLE);
-    for len in lens.take(MAX_BUNDLE) {
-        taken.push(len);
-        if taken.len() > 1 && envelope::bundle_len(taken.iter().copied()) > max {
-            taken.pop();
-            break;
-        }
-    }
-    taken.len()
+    envelope::fitting(lens, max_payload.unwrap_or(0))
 }
 
 /// The broker message of records `(message id, envelope)`: a lone record's

@@ -26,7 +26,7 @@ pub struct NsRuntime {
     /// This namespace's publish latency histogram (label looked up once).
     pub publish_seconds: Histogram,
     /// Single-record publishes, joined per queue into bundles.
-    pub lanes: Arc<Lanes>,
+    pub lanes: Lanes,
 }
 
 impl NsRuntime {
@@ -130,7 +130,7 @@ impl Namespaces {
                 .metrics
                 .publish_seconds
                 .with_label_values(&[&info.name]),
-            lanes: Arc::default(),
+            lanes: Lanes::default(),
         });
         runtimes.insert(info.id, rt.clone());
         rt
