@@ -211,7 +211,7 @@ fn answered(answer: Result<Outcome, oneshot::error::RecvError>) -> Outcome {
 mod tests {
     use super::*;
     use georelay_core::{DeviceKey, Envelope};
-    use georelay_testkit::{NatsRegion, TestDevice};
+    use georelay_testkit::{wait_until, NatsRegion, TestDevice};
     use georelay_transport::{Limits, NamespacePool, Triplet};
 
     const QUEUE: &str = "bundles";
@@ -271,20 +271,44 @@ mod tests {
             })
         };
         let long = Duration::from_secs(10);
+        // Until `n` records have joined the lane, and `waiting` of them wait.
+        let joined = |n: u64, waiting: usize| {
+            let lanes = lanes.clone();
+            async move {
+                let state = || {
+                    let lane = lanes.lanes.lock().get(QUEUE).cloned();
+                    lane.map(|l| {
+                        let s = l.state.lock();
+                        (s.joined, s.waiting.len())
+                    })
+                };
+                let ok = wait_until(Duration::from_secs(5), || async {
+                    state() == Some((n, waiting))
+                })
+                .await;
+                assert!(ok, "lane is {:?}, not ({n}, {waiting})", state());
+            }
+        };
         region.pause().unwrap();
-        let first = publish(1, 1, Duration::from_millis(100));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut rest = vec![publish(2, 1, long), publish(3, 1, long)];
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Taken at once, and at the broker, which does not answer.
+        let first = publish(1, 1, Duration::from_millis(50));
+        joined(1, 0).await;
+        let mut rest = vec![publish(2, 1, long)];
+        joined(2, 1).await;
+        rest.push(publish(3, 1, long));
+        joined(3, 2).await;
         let gives_up = publish(5, 1, Duration::from_millis(50));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        joined(4, 3).await;
         rest.push(publish(4, 2, long));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        region.resume().unwrap();
+        joined(5, 4).await;
+        // Gave up while waiting: left out. The first record's deadline,
+        // which began before, has passed too.
         assert_eq!(
             gives_up.await.unwrap().map_err(|e| e.kind()),
             Err(ErrorKind::Timeout)
         );
+        joined(5, 3).await;
+        region.resume().unwrap();
         assert!(first.await.unwrap().is_ok(), "taken, then answered late");
         for r in rest {
             r.await.unwrap().unwrap();
