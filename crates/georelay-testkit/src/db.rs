@@ -27,7 +27,7 @@ impl TestDb {
         let name = format!("georelay_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url).await.with_context(|| {
             format!(
-                "cannot connect to the test PostgreSQL ({}); is it running? ./dev test starts it",
+                "cannot connect to the test PostgreSQL ({}); is it running, with that role and database? ./dev test (or ./dev up) starts it and creates them",
                 redact(&admin_url)
             )
         })?;
