@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct NatsRegion {
     name: String,
+    /// `-n`: unique, so the region knows its own server on its port.
+    server_name: String,
     port: u16,
     dir: PathBuf,
     /// Added to the command line (credentials, TLS).
@@ -37,21 +39,28 @@ impl NatsRegion {
         name: &str,
         extra: impl FnOnce(&std::path::Path) -> Vec<String>,
     ) -> anyhow::Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = std::env::temp_dir().join(format!(
-            "georelay-region-{name}-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("georelay-region-{name}-{unique}"));
         std::fs::create_dir_all(&dir)?;
         let mut region = Self {
             name: name.to_owned(),
-            port,
+            server_name: format!("{name}-{unique}"),
+            port: 0,
             extra: extra(&dir),
             dir,
             child: None,
         };
-        region.spawn()?;
-        Ok(region)
+        // A free port can be handed to a test beside this one too before
+        // either server binds it: then the one that lost starts again on
+        // another.
+        for _ in 0..5 {
+            region.port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            match region.spawn() {
+                Err(e) if e.is::<PortTaken>() => region.kill(),
+                started => return started.map(|()| region),
+            }
+        }
+        bail!("region {name}: five free ports in a row were taken by other servers")
     }
 
     pub fn name(&self) -> &str {
@@ -124,7 +133,7 @@ impl NatsRegion {
                 &self.port.to_string(),
                 "-js",
                 "-n",
-                &self.name,
+                &self.server_name,
             ])
             .arg("-sd")
             .arg(self.dir.join("store"))
@@ -139,8 +148,11 @@ impl NatsRegion {
         self.child = Some(child);
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                return match server_name(stream).as_deref() == Some(self.server_name.as_str()) {
+                    true => Ok(()),
+                    false => Err(PortTaken.into()),
+                };
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -151,6 +163,28 @@ impl NatsRegion {
             self.dir.join("nats.log").display()
         )
     }
+}
+
+/// Another process answers on the region's port.
+#[derive(Debug)]
+struct PortTaken;
+
+impl std::fmt::Display for PortTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("another server answers on the region's port")
+    }
+}
+
+impl std::error::Error for PortTaken {}
+
+/// The `server_name` of the `INFO` a NATS server greets a connection with.
+fn server_name(stream: TcpStream) -> Option<String> {
+    use std::io::BufRead as _;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut line).ok()?;
+    let info: serde_json::Value = serde_json::from_str(line.strip_prefix("INFO ")?).ok()?;
+    info.get("server_name")?.as_str().map(str::to_owned)
 }
 
 impl Drop for NatsRegion {
