@@ -25,7 +25,7 @@ mod common;
 
 use common::{env_num, status_mib};
 use georelay_agent::buffer::Buffer;
-use georelay_testkit::{Georelay, Service, Stack};
+use georelay_testkit::{cpu_seconds, Georelay, Service, Stack};
 use std::io::Read as _;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -45,17 +45,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-/// User + system CPU seconds of a process (`/proc/PID/stat`, fields 14 and
-/// 15, in USER_HZ = 100 ticks a second on Linux).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name, which is in parentheses and may hold spaces;
-    // the first field there is the state (field 3).
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
 
 /// CPU seconds of every process whose command is `comm`.

@@ -21,7 +21,7 @@
 
 use bytes::Bytes;
 use georelay_core::{envelope, MasterKey};
-use georelay_testkit::{master_key_b64, Stack, TestDb, TestDevice, QUEUE};
+use georelay_testkit::{cpu_seconds, master_key_b64, Stack, TestDb, TestDevice, QUEUE};
 use georelay_transport::{Limits, Namespace, Triplet};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -69,18 +69,6 @@ fn messages(
         }
     }
     out
-}
-
-/// CPU time this process has used (user + system), from /proc/self/stat:
-/// while the worker drains a full queue, it is the worker's.
-fn cpu_used() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    // Fields after the command name in parentheses; utime and stime are
-    // the 14th and 15th fields, in clock ticks (100 a second on Linux).
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
 }
 
 async fn count(db: &TestDb) -> i64 {
@@ -214,12 +202,14 @@ async fn main() {
         let last_device = devices.last().unwrap().id.to_string();
         let last_seq = *seqs.end() as i64;
         let started = Instant::now();
-        let cpu_before = cpu_used();
+        // This process's CPU while the worker drains a full queue: the worker's.
+        let cpu = || cpu_seconds(std::process::id()).expect("this process is running");
+        let cpu_before = cpu();
         while !stored(db, &last_device, last_seq).await {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let drain_rate = total as f64 / started.elapsed().as_secs_f64();
-        let drain_cpu = (cpu_used() - cpu_before).as_secs_f64() * 1e6 / total as f64;
+        let drain_cpu = (cpu() - cpu_before) * 1e6 / total as f64;
         stop.cancel();
         worker.await.unwrap().unwrap();
         assert_eq!(count(db).await, total as i64, "every record stored once");

@@ -108,6 +108,18 @@ pub fn admin_status(db: &TestDb) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// User + system CPU seconds of a process (`/proc/PID/stat`, fields 14 and
+/// 15, in USER_HZ = 100 ticks a second on Linux); `None` once it is gone.
+/// For benchmarks' CPU figures.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which is in parentheses and may hold spaces;
+    // the first field there is the state (field 3).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// Polls `condition` every 20 ms until it holds or `timeout` passes; returns
 /// whether it held. Tests wait for conditions, never for fixed sleeps.
 pub async fn wait_until<F, Fut>(timeout: std::time::Duration, mut condition: F) -> bool
