@@ -55,10 +55,10 @@ impl NatsRegion {
         // another.
         for _ in 0..5 {
             region.port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            match region.spawn() {
-                Err(e) if e.is::<PortTaken>() => region.kill(),
-                started => return started.map(|()| region),
+            if region.spawn()? {
+                return Ok(region);
             }
+            region.kill();
         }
         bail!("region {name}: five free ports in a row were taken by other servers")
     }
@@ -114,7 +114,14 @@ impl NatsRegion {
     /// Starts the server again on the same port and store (after a kill).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.spawn()
+        if !self.spawn()? {
+            bail!(
+                "region {}: another server took port {}",
+                self.name,
+                self.port
+            );
+        }
+        Ok(())
     }
 
     fn signal(&self, signal: Signal) -> anyhow::Result<()> {
@@ -124,7 +131,9 @@ impl NatsRegion {
             .with_context(|| format!("cannot send {signal} to region {}", self.name))
     }
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
+    /// Starts `nats-server` and waits until its port answers: `true` if
+    /// it is this region's server, `false` if another one answers there.
+    fn spawn(&mut self) -> anyhow::Result<bool> {
         let child = Command::new("nats-server")
             .args([
                 "-a",
@@ -149,10 +158,7 @@ impl NatsRegion {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
             if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
-                return match server_name(stream).as_deref() == Some(self.server_name.as_str()) {
-                    true => Ok(()),
-                    false => Err(PortTaken.into()),
-                };
+                return Ok(server_name(stream).as_deref() == Some(self.server_name.as_str()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -164,18 +170,6 @@ impl NatsRegion {
         )
     }
 }
-
-/// Another process answers on the region's port.
-#[derive(Debug)]
-struct PortTaken;
-
-impl std::fmt::Display for PortTaken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("another server answers on the region's port")
-    }
-}
-
-impl std::error::Error for PortTaken {}
 
 /// The `server_name` of the `INFO` a NATS server greets a connection with.
 fn server_name(stream: TcpStream) -> Option<String> {

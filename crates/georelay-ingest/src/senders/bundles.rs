@@ -414,6 +414,7 @@ mod tests {
             tasks.push(publish(seq, Some(socket)));
             bodies.push(body);
         }
+        // One turn: each of them runs and waits on its socket.
         tokio::task::yield_now().await;
         // Their bodies arrive, and request 1, read already, finds the lane free.
         for body in &bodies {
