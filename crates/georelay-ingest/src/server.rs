@@ -21,7 +21,7 @@ use crate::Config;
 /// A connection's read buffer grows to at most this (hyper's default is
 /// about 400 KiB: at 10,000 connections, 4 GiB outside the bytes-in-flight
 /// budget). A request head must fit in it, else 431.
-pub(crate) const READ_BUFFER: usize = 64 * 1024;
+const READ_BUFFER: usize = 64 * 1024;
 
 pub async fn serve(
     listener: TcpListener,
