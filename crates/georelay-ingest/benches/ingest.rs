@@ -31,6 +31,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// CPU seconds this process has used so far.
+fn cpu_seconds() -> f64 {
+    georelay_testkit::cpu_seconds(std::process::id()).unwrap()
+}
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -42,6 +47,8 @@ struct Figures {
     records: usize,
     seconds: f64,
     latencies: Vec<Duration>,
+    /// CPU seconds this process (load clients and handlers alike) spent.
+    cpu: f64,
 }
 
 impl Figures {
@@ -57,10 +64,11 @@ impl Figures {
     fn print(&mut self, what: &str) {
         let (p50, p99) = (self.pct(0.5), self.pct(0.99));
         println!(
-            "{what:<28} {:>10.0} records/s   p50 {:>9.3} ms   p99 {:>9.3} ms",
+            "{what:<28} {:>10.0} records/s   p50 {:>9.3} ms   p99 {:>9.3} ms   CPU {:>6.1} µs/request",
             self.rate(),
             p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3
+            p99.as_secs_f64() * 1e3,
+            self.cpu * 1e6 / self.latencies.len() as f64
         );
     }
 }
@@ -71,6 +79,7 @@ async fn load(work: Vec<Vec<(String, String)>>, records_per_request: usize) -> F
         .pool_max_idle_per_host(work.len())
         .build()
         .unwrap();
+    let cpu = cpu_seconds();
     let started = Instant::now();
     let tasks: Vec<_> = work
         .into_iter()
@@ -109,6 +118,7 @@ async fn load(work: Vec<Vec<(String, String)>>, records_per_request: usize) -> F
         records: latencies.len() * records_per_request,
         seconds,
         latencies,
+        cpu: cpu_seconds() - cpu,
     }
 }
 
@@ -180,6 +190,7 @@ async fn raw_publish(
 ) -> Figures {
     let js = async_nats::jetstream::new(client);
     let subject = subject("raw");
+    let cpu = cpu_seconds();
     let started = Instant::now();
     let mut in_flight = FuturesUnordered::new();
     let mut latencies = Vec::with_capacity(messages.len());
@@ -209,6 +220,7 @@ async fn raw_publish(
         records: messages.len() * per_message,
         seconds: started.elapsed().as_secs_f64(),
         latencies,
+        cpu: cpu_seconds() - cpu,
     }
 }
 
