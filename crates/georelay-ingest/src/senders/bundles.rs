@@ -332,6 +332,11 @@ mod tests {
             })
         };
         let long = Duration::from_secs(10);
+        // Long enough that the lane takes the first record, and that the
+        // look at the lane below sees the last one waiting, on a busy
+        // machine too (50 ms was not: the first record could give up
+        // before the lane's task ran).
+        let short = Duration::from_secs(1);
         // Until `n` records have joined the lane, and `waiting` of them wait.
         let joined = |n: u64, waiting: usize| {
             let lanes = lanes.clone();
@@ -352,13 +357,13 @@ mod tests {
         };
         region.pause().unwrap();
         // Taken at once, and at the broker, which does not answer.
-        let first = publish(1, 1, Duration::from_millis(50));
+        let first = publish(1, 1, short);
         joined(1, 0).await;
         let mut rest = vec![publish(2, 1, long)];
         joined(2, 1).await;
         rest.push(publish(3, 1, long));
         joined(3, 2).await;
-        let gives_up = publish(5, 1, Duration::from_millis(50));
+        let gives_up = publish(5, 1, short);
         joined(4, 3).await;
         rest.push(publish(4, 2, long));
         joined(5, 4).await;
