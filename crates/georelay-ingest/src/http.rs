@@ -17,9 +17,8 @@
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
@@ -35,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::task::TaskTracker;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::metrics::Metrics;
+use crate::metrics::{CountRequests, Metrics};
 use crate::senders::{Placement, Senders};
 use crate::Config;
 use georelay_store::keys::Devices;
@@ -79,10 +78,7 @@ pub fn app(state: AppState, with_metrics: bool) -> axum::Router {
     }
     app.fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            count_requests,
-        ))
+        .layer(CountRequests(state.metrics.requests.clone()))
         .with_state(state)
 }
 
@@ -148,10 +144,12 @@ impl Drop for DeviceShare {
 async fn admit_and_read(
     state: &AppState,
     device: &DeviceId,
-    headers: &HeaderMap,
-    body: Body,
+    request: Request,
     limit: usize,
 ) -> Result<(Vec<u8>, Admitted), ApiError> {
+    // The request's own headers: a `HeaderMap` extractor would copy them.
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -201,28 +199,6 @@ async fn admit_and_read(
     ))
 }
 
-async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| match p.as_str() {
-            "/v1/devices/{device_id}/telemetry" => "telemetry",
-            "/v1/devices/{device_id}/telemetry/batch" => "batch",
-            "/v1/devices/{device_id}/progress" => "progress",
-            "/healthz" => "healthz",
-            "/readyz" => "readyz",
-            "/metrics" => "metrics",
-            _ => "other",
-        });
-    let response = next.run(request).await;
-    state
-        .metrics
-        .requests
-        .with_label_values(&[route, response.status().as_str()])
-        .inc();
-    response
-}
-
 #[derive(Debug, serde::Serialize)]
 struct Accepted {
     device_id: String,
@@ -249,12 +225,10 @@ struct BatchBody {
 async fn post_one(
     State(state): State<AppState>,
     device_id: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let device = parse_device(device_id)?;
-    let (bytes, admitted) =
-        admit_and_read(&state, &device, &headers, body, state.config.max_body).await?;
+    let (bytes, admitted) = admit_and_read(&state, &device, request, state.config.max_body).await?;
     let record: RecordBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             ErrorCode::MalformedJson,
@@ -285,12 +259,11 @@ async fn post_one(
 async fn post_batch(
     State(state): State<AppState>,
     device_id: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
     let device = parse_device(device_id)?;
     let (bytes, admitted) =
-        admit_and_read(&state, &device, &headers, body, state.config.max_batch_body).await?;
+        admit_and_read(&state, &device, request, state.config.max_batch_body).await?;
     let batch: BatchBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             ErrorCode::MalformedJson,

@@ -2,10 +2,14 @@
 //! routes and status codes are fixed sets; namespace and group names come
 //! from the control plane, not from requests.
 
+use axum::extract::MatchedPath;
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -145,4 +149,91 @@ impl Metrics {
             .encode_to_string(&self.registry.gather())
             .unwrap_or_default()
     }
+}
+
+/// Counts every HTTP answer by route and status
+/// (`georelay_ingest_requests_total`); a layer of the whole app, 404s
+/// included. Its future wraps the route's own, so a request costs no
+/// allocation here (axum's `from_fn` middleware boxes one future and
+/// clones the inner service per request).
+#[derive(Debug, Clone)]
+pub struct CountRequests(pub IntCounterVec);
+
+impl<S> tower::Layer<S> for CountRequests {
+    type Service = Counting<S>;
+    fn layer(&self, inner: S) -> Counting<S> {
+        Counting {
+            inner,
+            requests: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Counting<S> {
+    inner: S,
+    requests: IntCounterVec,
+}
+
+impl<S> tower::Service<axum::extract::Request> for Counting<S>
+where
+    S: tower::Service<axum::extract::Request, Response = axum::response::Response>,
+{
+    type Response = axum::response::Response;
+    type Error = S::Error;
+    type Future = Counted<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        let route = route_label(request.extensions().get::<MatchedPath>());
+        Counted {
+            inner: self.inner.call(request),
+            route,
+            requests: self.requests.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A route's answer, counted when it is ready.
+    pub struct Counted<F> {
+        #[pin]
+        inner: F,
+        route: &'static str,
+        requests: IntCounterVec,
+    }
+}
+
+impl<F, E> Future for Counted<F>
+where
+    F: Future<Output = Result<axum::response::Response, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let answer = std::task::ready!(this.inner.poll(cx));
+        if let Ok(response) = &answer {
+            this.requests
+                .with_label_values(&[this.route, response.status().as_str()])
+                .inc();
+        }
+        Poll::Ready(answer)
+    }
+}
+
+/// The `route` label: a fixed set, whatever the path asked for.
+fn route_label(matched: Option<&MatchedPath>) -> &'static str {
+    matched.map_or("unmatched", |p| match p.as_str() {
+        "/v1/devices/{device_id}/telemetry" => "telemetry",
+        "/v1/devices/{device_id}/telemetry/batch" => "batch",
+        "/v1/devices/{device_id}/progress" => "progress",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        _ => "other",
+    })
 }
