@@ -133,9 +133,7 @@ impl SealedRecord {
         let mut id = String::with_capacity(device.as_str().len() + 22 + MESSAGE_ID_DIGEST_HEX);
         // Writing to a String cannot fail.
         let _ = write!(id, "{device}/{}/", self.seq);
-        for byte in &digest[..MESSAGE_ID_DIGEST_HEX / 2] {
-            let _ = write!(id, "{byte:02x}");
-        }
+        crate::ids::push_hex(&mut id, &digest[..MESSAGE_ID_DIGEST_HEX / 2]);
         id
     }
 
@@ -227,24 +225,86 @@ impl SealedRecord {
     /// digit (a parse into `f64` and back would round them).
     pub fn open_object(&self, key: &DeviceKey, device: &DeviceId) -> Result<String, RecordError> {
         let mut plaintext = self.open(key, device)?;
-        let map = match serde_json::from_slice(&plaintext) {
-            Ok(serde_json::Value::Object(map)) => map,
+        match serde_json::from_slice(&plaintext) {
+            Ok(Walked {
+                object: true,
+                nul: false,
+            }) => {}
+            Ok(Walked {
+                object: true,
+                nul: true,
+            }) => return Err(RecordError::NulCharacter),
             _ => return Err(RecordError::NotJsonObject),
-        };
-        if map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
-            return Err(RecordError::NulCharacter);
         }
         // Parsed as JSON, so UTF-8; taken out without a copy.
         String::from_utf8(std::mem::take(&mut *plaintext)).map_err(|_| RecordError::NotJsonObject)
     }
 }
 
-fn has_nul(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(a) => a.iter().any(has_nul),
-        serde_json::Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
+/// What walking a JSON value found, without building it (a record is
+/// checked on every request; a `serde_json::Value` would allocate every
+/// key, string and map of it): whether it is an object, and whether any
+/// string or key in it holds U+0000.
+struct Walked {
+    object: bool,
+    nul: bool,
+}
+
+impl<'de> Deserialize<'de> for Walked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Walk)
+    }
+}
+
+struct Walk;
+
+impl Walk {
+    const SCALAR: Walked = Walked {
+        object: false,
+        nul: false,
+    };
+}
+
+impl<'de> serde::de::Visitor<'de> for Walk {
+    type Value = Walked;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Walked, E> {
+        Ok(Self::SCALAR)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Walked, E> {
+        Ok(Self::SCALAR)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Walked, E> {
+        Ok(Self::SCALAR)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Walked, E> {
+        Ok(Self::SCALAR)
+    }
+    fn visit_unit<E>(self) -> Result<Walked, E> {
+        Ok(Self::SCALAR)
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Walked, E> {
+        Ok(Walked {
+            object: false,
+            nul: v.contains('\0'),
+        })
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Walked, A::Error> {
+        let mut nul = false;
+        while let Some(item) = seq.next_element::<Walked>()? {
+            nul |= item.nul;
+        }
+        Ok(Walked { object: false, nul })
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Walked, A::Error> {
+        let mut nul = false;
+        while let Some((k, v)) = map.next_entry::<Walked, Walked>()? {
+            nul |= k.nul || v.nul;
+        }
+        Ok(Walked { object: true, nul })
     }
 }
 
@@ -357,7 +417,16 @@ mod tests {
     fn plaintext_must_be_a_json_object() {
         let key = DeviceKey::generate();
         let dev = device("plug-1");
-        for bad in [&b"[1,2]"[..], b"42", b"\"s\"", b"not json", b""] {
+        for bad in [
+            &b"[1,2]"[..],
+            b"42",
+            b"\"s\"",
+            b"not json",
+            b"",
+            br#"{"a":1} x"#,
+            br#"{"a":1e999}"#,
+            br#"{"a":[1,}"#,
+        ] {
             let rec = SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], bad).unwrap();
             assert_eq!(rec.open_object(&key, &dev), Err(RecordError::NotJsonObject));
         }
@@ -371,6 +440,8 @@ mod tests {
             &br#"{"a":"x\u0000y"}"#[..],
             br#"{"\u0000":1}"#,
             br#"{"a":[{"b":"\u0000"}]}"#,
+            br#"{"a":{"b":{"\u0000":[]}}}"#,
+            br#"{"a":[[1,"\u0000"]]}"#,
         ] {
             let rec = SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], bad).unwrap();
             assert_eq!(rec.open_object(&key, &dev), Err(RecordError::NulCharacter));
@@ -379,6 +450,9 @@ mod tests {
         let fine =
             SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], br#"{"a":"\\u0000"}"#).unwrap();
         let text = fine.open_object(&key, &dev).unwrap();
+        let nested = br#"{"a":{"b":[1,-2,2.5,null,true,"x"]},"c":{}}"#;
+        let rec = SealedRecord::seal(&key, &dev, 1, [1; NONCE_LEN], nested).unwrap();
+        assert_eq!(rec.open_object(&key, &dev).unwrap().as_bytes(), nested);
         assert_eq!(
             serde_json::from_str::<serde_json::Value>(&text).unwrap()["a"],
             "\\u0000"
