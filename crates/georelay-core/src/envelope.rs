@@ -207,17 +207,13 @@ pub fn bundle(envelopes: &[Bytes]) -> Bytes {
 /// broker's duplicate window never hides a record behind another bundle.
 pub fn bundle_id<'a>(ids: impl IntoIterator<Item = &'a str>) -> String {
     use sha2::{Digest, Sha256};
-    use std::fmt::Write as _;
     let mut hash = Sha256::new();
     for id in ids {
         hash.update((id.len() as u64).to_be_bytes());
         hash.update(id.as_bytes());
     }
     let mut out = String::from("bundle/");
-    for byte in &hash.finalize()[..16] {
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{byte:02x}");
-    }
+    crate::ids::push_hex(&mut out, &hash.finalize()[..16]);
     out
 }
 

@@ -67,6 +67,17 @@ impl FromStr for DeviceId {
     }
 }
 
+/// Appends `bytes` in lowercase hex (message ids are built per record on
+/// the publish path: a table, not a `write!` per byte).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +111,13 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn hex_is_two_lowercase_digits_a_byte() {
+        let mut s = String::from("x/");
+        push_hex(&mut s, &[0x00, 0xab, 0x0f, 0xf0, 0x9c]);
+        assert_eq!(s, "x/00ab0ff09c");
     }
 
     #[test]

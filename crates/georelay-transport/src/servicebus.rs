@@ -1075,15 +1075,11 @@ pub const MAX_MESSAGE_ID: usize = 128;
 /// characters for a 128-character device id.
 fn message_id(id: &str) -> String {
     use sha2::Digest as _;
-    use std::fmt::Write as _;
     if id.len() <= MAX_MESSAGE_ID {
         return id.to_owned();
     }
     let mut out = String::from("sha256:");
-    for byte in Sha256::digest(id.as_bytes()) {
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{byte:02x}");
-    }
+    georelay_core::ids::push_hex(&mut out, &Sha256::digest(id.as_bytes()));
     out
 }
 
