@@ -293,7 +293,7 @@ impl Senders {
     /// Queues `records` of `device` (verified, in seq order) to the group's
     /// namespace, failing over as needed. `Ok` once durably queued. Its
     /// future is spawned per request: the branches taken rarely (failover,
-    /// the first publish to an epoch, a batch's publish) are boxed, so it
+    /// recording the first publish to an epoch, a batch's publish) are boxed, so it
     /// stays small (`tests::a_publish_future_stays_small`).
     pub async fn deliver(
         &self,
@@ -393,8 +393,14 @@ impl Senders {
         if target.flight.recorded(epoch) {
             return Ok(());
         }
-        let record =
-            georelay_store::routing::record_publishing(&self.pool, group_id, epoch, self.instance);
+        // Boxed, as `Pooled::ensure_queue` boxes creating a queue: every
+        // publish's future would carry this database call's size otherwise.
+        let record = Box::pin(georelay_store::routing::record_publishing(
+            &self.pool,
+            group_id,
+            epoch,
+            self.instance,
+        ));
         match tokio::time::timeout(self.config.limits.request_deadline, record).await {
             Ok(Ok(())) => {
                 target.flight.set_recorded(epoch);
@@ -430,9 +436,7 @@ impl Senders {
             if let Err(e) = conn.ensure_queue(queue).await {
                 return Err(self.failed(entry, e));
             }
-            if !target.flight.recorded(target.epoch) {
-                Box::pin(self.record_publishing(target)).await?;
-            }
+            self.record_publishing(target).await?;
             let started = Instant::now();
             let result = match items {
                 [(id, envelope)] => rt
