@@ -290,10 +290,9 @@ async fn digest(path: &Path) -> Result<String, InputError> {
         }
         hasher.update(&chunk[..n]);
     }
-    Ok(hasher.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    let mut hex = String::new();
+    georelay_core::ids::push_hex(&mut hex, &hasher.finalize()[..16]);
+    Ok(hex)
 }
 
 /// Moves `path` into `dir/sub/`, under a name not taken there yet.

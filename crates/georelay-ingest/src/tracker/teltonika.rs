@@ -205,7 +205,8 @@ fn record(r: &mut Reader<'_>, extended: bool, codec: u8) -> Option<TrackerRecord
             let id = r.uint(2)?;
             let len = usize::try_from(r.uint(2)?).ok()?;
             let bytes = r.take(len)?;
-            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut hex = String::new();
+            georelay_core::ids::push_hex(&mut hex, bytes);
             io.insert(id.to_string(), Value::String(hex));
         }
     }
